@@ -1,0 +1,23 @@
+//! `xlstm-forecast bench ...`: benchmarks that print their figures.
+
+mod ingest;
+mod kernels;
+
+use clap::Subcommand;
+
+use crate::config::Settings;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// xLSTM kernels and the whole stack: fused vs reference, one JSON line per case.
+    Kernels(kernels::KernelBenchArgs),
+    /// Bulk CSV ingest into Postgres and SQLite, and frame loading.
+    Ingest(ingest::IngestBenchArgs),
+}
+
+pub fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Kernels(args) => kernels::run(args),
+        BenchCommand::Ingest(args) => super::block_on(ingest::run(args, settings)),
+    }
+}

@@ -1,0 +1,64 @@
+//! The `xlstm-forecast` command. Each subcommand lives in its own file with its
+//! argument struct and a `run` function; this file only dispatches.
+
+mod bench;
+mod config_cmd;
+mod export;
+mod import;
+mod migrate;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+#[derive(Debug, Parser)]
+#[command(name = "xlstm-forecast", version, about = "Self-hosted xLSTM time-series forecasting")]
+pub struct Cli {
+    /// Optional TOML configuration file (environment variables override it).
+    #[arg(long, global = true, env = "XLSTM_FORECAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the effective settings (secrets masked).
+    Config(config_cmd::ConfigArgs),
+    /// Apply database migrations to the configured store.
+    Migrate(migrate::MigrateArgs),
+    /// Import a CSV file into a series (one transaction; idempotent upsert).
+    Import(import::ImportArgs),
+    /// Export a series as a regularised wide CSV.
+    Export(export::ExportArgs),
+    /// Benchmarks that print figures (JSON lines with --json).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_tracing();
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Config(args) => config_cmd::run(args, &settings),
+        Command::Migrate(args) => block_on(migrate::run(args, &settings)),
+        Command::Import(args) => block_on(import::run(args, &settings)),
+        Command::Export(args) => block_on(export::run(args, &settings)),
+        Command::Bench(cmd) => bench::run(cmd, &settings),
+    }
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(fut)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("XLSTM_FORECAST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

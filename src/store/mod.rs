@@ -1,0 +1,1 @@
+//! The `Store` interface and its Postgres and SQLite implementations: queries only.
