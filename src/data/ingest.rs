@@ -61,6 +61,7 @@ impl ImportOptions {
     }
 }
 
+#[derive(Debug)]
 pub struct ImportReport {
     /// Data records read from the file (blank lines are not records).
     pub rows: u64,
