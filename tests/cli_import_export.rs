@@ -231,3 +231,45 @@ async fn postgres_failures() {
     let database = common::fresh_postgres().await;
     failures(database.url());
 }
+
+/// The ingest benchmark runs end to end on a small input and reports one JSON object per
+/// backend with consistent counts (its speed is for people to judge, not this test).
+#[test]
+fn bench_ingest_reports_both_backends() {
+    let mut args = vec![
+        "bench",
+        "ingest",
+        "--rows",
+        "300",
+        "--channels",
+        "3",
+        "--json",
+    ];
+    let postgres_url = std::env::var(common::POSTGRES_URL_VAR).ok();
+    if let Some(url) = &postgres_url {
+        args.extend(["--postgres-url", url.as_str()]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = succeed(
+        &format!("sqlite://{}", path(dir.path(), "unused.db")),
+        &args,
+    );
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect();
+    let backends: Vec<&str> = reports
+        .iter()
+        .map(|report| report["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(backends, vec!["postgres", "sqlite"]);
+    for report in &reports {
+        assert_eq!(report["observations"], 900);
+        assert_eq!(report["frame_rows"], 300);
+        assert!(
+            report["observations_per_second"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        assert!(report["peak_rss_mib"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}

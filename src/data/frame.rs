@@ -211,11 +211,11 @@ pub fn build_frame(
             value.len()
         )));
     }
-    // Frame column position of each series channel (None: not selected).
     let selected: Vec<String> = options
         .channels
         .clone()
         .unwrap_or_else(|| all_channels.clone());
+    // Frame column position of each series channel (None: not selected).
     let mut frame_column_of: Vec<Option<usize>> = vec![None; all_channels.len()];
     for (position, name) in selected.iter().enumerate() {
         if selected[..position].contains(name) {
