@@ -347,9 +347,18 @@ fn parse_chunk(
                 if (MIN_TS_MICROS..=MAX_TS_MICROS).contains(&micros) {
                     Ok(micros)
                 } else {
+                    let text = text.unwrap_or_default().trim();
+                    // Epoch milliseconds are the usual way to get here.
+                    let hint = if text
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+                    {
+                        " (epoch numbers are read as seconds)"
+                    } else {
+                        ""
+                    };
                     Err(format!(
-                        "timestamp '{}' lies outside the years 1 to 9999",
-                        text.unwrap_or_default().trim()
+                        "timestamp '{text}' lies outside the years 1 to 9999{hint}"
                     ))
                 }
             })
@@ -543,7 +552,10 @@ mod tests {
             "line 2, column 'b': value must be finite, found '-inf'"
         );
         assert!(err(",1,2\n").starts_with("line 2, column 'ts': timestamp is empty"));
-        assert!(err("300000000000,1,2\n").contains("outside the years 1 to 9999"));
+        assert!(
+            err("1700000000000,1,2\n")
+                .ends_with("outside the years 1 to 9999 (epoch numbers are read as seconds)")
+        );
     }
 
     #[test]
