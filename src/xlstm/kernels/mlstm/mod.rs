@@ -19,6 +19,7 @@
 //! state returned by [`chunkwise`] carries gradients for `C` and `n` under the same
 //! convention; the initial state receives gradients for `C`, `n` and `m`.
 
+pub mod fused_cpu;
 pub mod reference;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
@@ -61,6 +62,7 @@ pub fn parallel(
     fgate: &Tensor,
 ) -> Result<Tensor> {
     match q.device() {
+        Device::Cpu => fused_cpu::parallel(q, k, v, igate, fgate),
         _ => reference::parallel(q, k, v, igate, fgate),
     }
 }
@@ -77,6 +79,7 @@ pub fn chunkwise(
     initial: Option<&MlstmState>,
 ) -> Result<(Tensor, MlstmState)> {
     match q.device() {
+        Device::Cpu => fused_cpu::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
         _ => reference::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
     }
 }
@@ -92,6 +95,7 @@ pub fn step(
     state: &MlstmState,
 ) -> Result<(Tensor, MlstmState)> {
     match q.device() {
+        Device::Cpu => fused_cpu::step(q, k, v, igate, fgate, state),
         _ => reference::step(q, k, v, igate, fgate, state),
     }
 }
