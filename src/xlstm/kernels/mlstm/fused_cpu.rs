@@ -1004,7 +1004,7 @@ impl CustomOp3 for StepOp {
     }
 }
 
-/// Packs a state into records `[B, NH, DH·DH + DH + 1]`.
+/// Packs a state into contiguous records `[B, NH, DH·DH + DH + 1]`.
 fn pack_state(state: &MlstmState) -> Result<Tensor> {
     Tensor::cat(
         &[
@@ -1013,7 +1013,8 @@ fn pack_state(state: &MlstmState) -> Result<Tensor> {
             state.m.unsqueeze(2)?,
         ],
         2,
-    )
+    )?
+    .contiguous()
 }
 
 /// Splits records `[B, NH, DH·DH + DH + 1]` into a state.
@@ -1041,8 +1042,8 @@ pub fn parallel(
         head_dim: dims.head_dim,
         chunk_size: dims.seq_len,
     };
-    let qkv = Tensor::cat(&[q, k, v], 3)?;
-    let gates = Tensor::stack(&[igate, fgate], 3)?;
+    let qkv = Tensor::cat(&[q, k, v], 3)?.contiguous()?;
+    let gates = Tensor::stack(&[igate, fgate], 3)?.contiguous()?;
     let rows = qkv.apply_op2(&gates, ParallelOp { geometry })?;
     rows.narrow(3, 0, dims.head_dim)?.contiguous()
 }
@@ -1076,8 +1077,8 @@ pub fn chunkwise(
             q.device(),
         )?,
     };
-    let qkv = Tensor::cat(&[q, k, v], 3)?;
-    let gates = Tensor::stack(&[igate, fgate], 3)?;
+    let qkv = Tensor::cat(&[q, k, v], 3)?.contiguous()?;
+    let gates = Tensor::stack(&[igate, fgate], 3)?.contiguous()?;
     let out = qkv.apply_op3(&gates, &initial, ChunkwiseOp { geometry })?;
     let h = out
         .narrow(2, 0, geometry.rows_len())?
@@ -1102,8 +1103,8 @@ pub fn step(
     state: &MlstmState,
 ) -> Result<(Tensor, MlstmState)> {
     let dims = check_step_inputs("mlstm step", q, k, v, igate, fgate, state)?;
-    let qkv = Tensor::cat(&[q, k, v], 2)?;
-    let gates = Tensor::stack(&[igate, fgate], 2)?;
+    let qkv = Tensor::cat(&[q, k, v], 2)?.contiguous()?;
+    let gates = Tensor::stack(&[igate, fgate], 2)?.contiguous()?;
     let out = qkv.apply_op3(
         &gates,
         &pack_state(state)?,
