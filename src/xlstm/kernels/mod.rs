@@ -1,3 +1,5 @@
 //! Exponential-gating kernels. Each kernel has a candle-ops reference (the test
 //! oracle) and a fused CPU custom op with a hand-written backward; the public
 //! function of each kernel dispatches by device.
+
+pub mod slstm;
