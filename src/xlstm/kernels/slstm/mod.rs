@@ -18,6 +18,7 @@
 //! backward that treats the stabiliser m as a constant, which is exact for losses on h); every
 //! other device runs [`reference::scan`] until a device kernel exists.
 
+mod fused_cpu;
 pub mod reference;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
@@ -78,7 +79,10 @@ pub fn scan(
     bias: &Tensor,
     initial: Option<&SlstmState>,
 ) -> Result<(Tensor, SlstmState)> {
-    reference::scan(x, r, bias, initial)
+    match x.device() {
+        Device::Cpu => fused_cpu::scan(x, r, bias, initial),
+        _ => reference::scan(x, r, bias, initial),
+    }
 }
 
 /// Sizes of one scan call, validated from the argument shapes.
