@@ -14,6 +14,7 @@
 //! does get its exact gradient (it sets the weight of the initial c₀, n₀ against new inputs).
 //! Gradients reaching the final m are ignored; the final h, c, n pass theirs on.
 
+use super::simd::{BackwardStep, Kernels, UnitState};
 use super::{NUM_GATES, ScanDims, SlstmState};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
@@ -24,15 +25,15 @@ use std::sync::OnceLock;
 const STATE_ROWS: usize = 4;
 
 /// Per step and unit the tape holds these values (index into a `[TAPE_VALUES, DH]` block).
-const TAPE_C: usize = 0;
-const TAPE_N: usize = 1;
-const TAPE_I: usize = 2;
-const TAPE_F: usize = 3;
-const TAPE_Z: usize = 4;
-const TAPE_O: usize = 5;
+pub(super) const TAPE_C: usize = 0;
+pub(super) const TAPE_N: usize = 1;
+pub(super) const TAPE_I: usize = 2;
+pub(super) const TAPE_F: usize = 3;
+pub(super) const TAPE_Z: usize = 4;
+pub(super) const TAPE_O: usize = 5;
 /// σ(−f̃) = d logσ(f̃) / d f̃.
-const TAPE_SIG_NEG_F: usize = 6;
-const TAPE_VALUES: usize = 7;
+pub(super) const TAPE_SIG_NEG_F: usize = 6;
+pub(super) const TAPE_VALUES: usize = 7;
 
 pub(super) fn scan(
     x: &Tensor,
@@ -168,12 +169,14 @@ impl CustomOp3 for ScanForward {
             tape.chunks_mut(tape_block).map(Some).collect()
         };
         let r_block = (head_dim + 1) * NUM_GATES * head_dim;
+        let kernels = Kernels::detect();
         out.par_chunks_mut(out_block)
             .zip(tape_blocks.into_par_iter())
             .enumerate()
             .for_each(|(pair, (out, tape))| {
                 let (b, head) = (pair / heads, pair % heads);
                 forward_pair(
+                    kernels,
                     &self.dims,
                     b,
                     head,
@@ -239,46 +242,11 @@ impl CustomOp3 for ScanForward {
     }
 }
 
-/// logσ(v) and σ(−v), both finite for any finite v.
-#[inline]
-fn log_sigmoid_and_complement(v: f32) -> (f32, f32) {
-    let e = (-v.abs()).exp();
-    let log_sigmoid = v.min(0.0) - e.ln_1p();
-    let sig_neg = if v >= 0.0 {
-        e / (1.0 + e)
-    } else {
-        1.0 / (1.0 + e)
-    };
-    (log_sigmoid, sig_neg)
-}
-
-#[inline]
-fn sigmoid(v: f32) -> f32 {
-    let e = (-v.abs()).exp();
-    if v >= 0.0 {
-        1.0 / (1.0 + e)
-    } else {
-        e / (1.0 + e)
-    }
-}
-
-/// `acc += scale · row`.
-#[inline]
-fn axpy(acc: &mut [f32], scale: f32, row: &[f32]) {
-    for (a, &r) in acc.iter_mut().zip(row) {
-        *a += scale * r;
-    }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(&p, &q)| p * q).sum()
-}
-
 /// Scans one (batch row, head) pair; `out` is its `[S + 4, DH]` block, `tape` its
 /// `[S, TAPE_VALUES, DH]` block when gradients are tracked.
 #[allow(clippy::too_many_arguments)]
 fn forward_pair(
+    kernels: Kernels,
     dims: &ScanDims,
     b: usize,
     head: usize,
@@ -301,65 +269,31 @@ fn forward_pair(
         init[start..start + dh].to_vec()
     };
     let (mut h, mut c, mut n, mut m) = (state_at(0), state_at(1), state_at(2), state_at(3));
-    let bias_row = &r_head[dh * gates_width..(dh + 1) * gates_width];
+    let (recurrent_rows, bias_row) = r_head.split_at(dh * gates_width);
     let mut pre = vec![0f32; gates_width];
+    let (h_rows, state_rows) = out.split_at_mut(seq_len * dh);
 
-    for t in 0..seq_len {
+    for (t, h_out) in h_rows.chunks_exact_mut(dh).enumerate() {
         pre.copy_from_slice(bias_row);
         let x_t = &x[(b * seq_len + t) * NUM_GATES * hidden..];
-        for g in 0..NUM_GATES {
+        for (g, pre_gate) in pre.chunks_exact_mut(dh).enumerate() {
             let x_gate = &x_t[g * hidden + head * dh..g * hidden + (head + 1) * dh];
-            for (p, &v) in pre[g * dh..(g + 1) * dh].iter_mut().zip(x_gate) {
-                *p += v;
-            }
+            kernels.accumulate_rows(pre_gate, &[1.0], x_gate);
         }
-        for (k, &h_k) in h.iter().enumerate() {
-            axpy(
-                &mut pre,
-                h_k,
-                &r_head[k * gates_width..(k + 1) * gates_width],
-            );
-        }
-        let mut tape_t = tape
+        kernels.accumulate_rows(&mut pre, &h, recurrent_rows);
+        let tape_t = tape
             .as_deref_mut()
             .map(|tape| &mut tape[t * TAPE_VALUES * dh..(t + 1) * TAPE_VALUES * dh]);
-        for j in 0..dh {
-            let (i_pre, f_pre, z_pre, o_pre) =
-                (pre[j], pre[dh + j], pre[2 * dh + j], pre[3 * dh + j]);
-            let (log_f, sig_neg_f) = log_sigmoid_and_complement(f_pre);
-            let log_f_plus_m = m[j] + log_f;
-            // Per-element empty-state rule (see the module docs of `slstm`).
-            let m_new = if n[j] == 0.0 {
-                i_pre
-            } else {
-                i_pre.max(log_f_plus_m)
-            };
-            let i = (i_pre - m_new).exp().min(1.0);
-            let f = (log_f_plus_m - m_new).exp().min(1.0);
-            let z = z_pre.tanh();
-            let o = sigmoid(o_pre);
-            let c_new = f * c[j] + i * z;
-            let n_new = f * n[j] + i;
-            let h_new = o * c_new / n_new;
-            out[t * dh + j] = h_new;
-            if let Some(tape_t) = tape_t.as_deref_mut() {
-                tape_t[TAPE_C * dh + j] = c_new;
-                tape_t[TAPE_N * dh + j] = n_new;
-                tape_t[TAPE_I * dh + j] = i;
-                tape_t[TAPE_F * dh + j] = f;
-                tape_t[TAPE_Z * dh + j] = z;
-                tape_t[TAPE_O * dh + j] = o;
-                tape_t[TAPE_SIG_NEG_F * dh + j] = sig_neg_f;
-            }
-            h[j] = h_new;
-            c[j] = c_new;
-            n[j] = n_new;
-            m[j] = m_new;
-        }
+        let mut state = UnitState {
+            h: &mut h,
+            c: &mut c,
+            n: &mut n,
+            m: &mut m,
+        };
+        kernels.forward_step(&pre, &mut state, h_out, tape_t);
     }
-    for (row, state) in [&h, &c, &n, &m].into_iter().enumerate() {
-        let start = (seq_len + row) * dh;
-        out[start..start + dh].copy_from_slice(state);
+    for (row, state) in state_rows.chunks_exact_mut(dh).zip([&h, &c, &n, &m]) {
+        row.copy_from_slice(state);
     }
 }
 
@@ -412,6 +346,7 @@ impl CustomOp3 for ScanBackward<'_> {
         let (dx, rest) = grads.split_at_mut(batch * dx_row);
         let (dinit, dr) = rest.split_at_mut(batch * dinit_row);
         let mut dr_per_row = vec![0f32; batch * heads * r_block];
+        let kernels = Kernels::detect();
         dx.par_chunks_mut(dx_row)
             .zip(dinit.par_chunks_mut(dinit_row))
             .zip(dr_per_row.par_chunks_mut(heads * r_block))
@@ -419,6 +354,7 @@ impl CustomOp3 for ScanBackward<'_> {
             .for_each(|(b, ((dx, dinit), dr))| {
                 for head in 0..heads {
                     backward_pair(
+                        kernels,
                         &self.dims,
                         b,
                         head,
@@ -447,6 +383,7 @@ impl CustomOp3 for ScanBackward<'_> {
 /// `[DH + 1, 4, DH]` block for row b).
 #[allow(clippy::too_many_arguments)]
 fn backward_pair(
+    kernels: Kernels,
     dims: &ScanDims,
     b: usize,
     head: usize,
@@ -469,29 +406,30 @@ fn backward_pair(
     let pair = b * heads + head;
     let grad_block =
         &grad_out[pair * (seq_len + STATE_ROWS) * dh..(pair + 1) * (seq_len + STATE_ROWS) * dh];
-    let tape_block =
-        &tape[pair * seq_len * TAPE_VALUES * dh..(pair + 1) * seq_len * TAPE_VALUES * dh];
+    let tape_step = TAPE_VALUES * dh;
+    let tape_block = &tape[pair * seq_len * tape_step..(pair + 1) * seq_len * tape_step];
     let init_at = |row: usize| {
         let start = (row * batch + b) * hidden + head * dh;
         &init[start..start + dh]
     };
     let final_grad =
         |row: usize| grad_block[(seq_len + row) * dh..(seq_len + row + 1) * dh].to_vec();
-    // Gradients flowing into h_t (through the recurrence), c_t and n_t from later steps;
-    // seeded by the gradient of the final state (its m row is ignored: m is a constant).
+    // Gradients reaching h_t through the recurrence, c_t and n_t from later steps; seeded by
+    // the gradient of the final state (its m row is ignored: m is a constant).
     let (mut dh_next, mut dc, mut dn) = (final_grad(0), final_grad(1), final_grad(2));
+    let mut dh_prev = vec![0f32; dh];
     let mut dm0 = vec![0f32; dh];
     let mut dp = vec![0f32; gates_width];
     let mut h_prev = vec![0f32; dh];
+    let (dr_recurrent, dr_bias) = dr.split_at_mut(dh * gates_width);
+    let recurrent_rows = &r_head[..dh * gates_width];
 
     for t in (0..seq_len).rev() {
-        let tape_t = &tape_block[t * TAPE_VALUES * dh..(t + 1) * TAPE_VALUES * dh];
-        let value = |slot: usize, j: usize| tape_t[slot * dh + j];
         let (c_prev, n_prev): (&[f32], &[f32]) = if t > 0 {
-            let prev = &tape_block[(t - 1) * TAPE_VALUES * dh..t * TAPE_VALUES * dh];
-            for j in 0..dh {
+            let prev = &tape_block[(t - 1) * tape_step..t * tape_step];
+            for (j, h) in h_prev.iter_mut().enumerate() {
                 // Same expression as the forward pass, so the same value.
-                h_prev[j] = prev[TAPE_O * dh + j] * prev[TAPE_C * dh + j] / prev[TAPE_N * dh + j];
+                *h = prev[TAPE_O * dh + j] * prev[TAPE_C * dh + j] / prev[TAPE_N * dh + j];
             }
             (
                 &prev[TAPE_C * dh..(TAPE_C + 1) * dh],
@@ -501,43 +439,24 @@ fn backward_pair(
             h_prev.copy_from_slice(init_at(0));
             (init_at(1), init_at(2))
         };
-        for j in 0..dh {
-            let (c, n, i, f, z, o) = (
-                value(TAPE_C, j),
-                value(TAPE_N, j),
-                value(TAPE_I, j),
-                value(TAPE_F, j),
-                value(TAPE_Z, j),
-                value(TAPE_O, j),
-            );
-            let grad_h = grad_block[t * dh + j] + dh_next[j];
-            let inv_n = 1.0 / n;
-            let c_over_n = c * inv_n;
-            let dc_t = dc[j] + grad_h * o * inv_n;
-            let dn_t = dn[j] - grad_h * o * c_over_n * inv_n;
-            let d_forget = dc_t * c_prev[j] + dn_t * n_prev[j];
-            dp[j] = (dc_t * z + dn_t) * i;
-            dp[dh + j] = d_forget * f * value(TAPE_SIG_NEG_F, j);
-            dp[2 * dh + j] = dc_t * i * (1.0 - z * z);
-            dp[3 * dh + j] = grad_h * c_over_n * o * (1.0 - o);
-            dc[j] = dc_t * f;
-            dn[j] = dn_t * f;
-            if t == 0 {
-                // f₁ = exp(m₀ + logσ(f̃₁) − m₁) with m₁ held constant.
-                dm0[j] = d_forget * f;
-            }
-        }
+        kernels.backward_step(&mut BackwardStep {
+            tape: &tape_block[t * tape_step..(t + 1) * tape_step],
+            c_prev,
+            n_prev,
+            grad_h: &grad_block[t * dh..(t + 1) * dh],
+            grad_h_recurrent: &dh_next,
+            dc: &mut dc,
+            dn: &mut dn,
+            dp: &mut dp,
+            dm0: (t == 0).then_some(&mut dm0[..]),
+        });
         let dx_t = &mut dx[t * NUM_GATES * hidden..(t + 1) * NUM_GATES * hidden];
-        for g in 0..NUM_GATES {
-            dx_t[g * hidden + head * dh..g * hidden + (head + 1) * dh]
-                .copy_from_slice(&dp[g * dh..(g + 1) * dh]);
+        for (g, dp_gate) in dp.chunks_exact(dh).enumerate() {
+            dx_t[g * hidden + head * dh..g * hidden + (head + 1) * dh].copy_from_slice(dp_gate);
         }
-        axpy(&mut dr[dh * gates_width..], 1.0, &dp);
-        for k in 0..dh {
-            let row = k * gates_width..(k + 1) * gates_width;
-            axpy(&mut dr[row.clone()], h_prev[k], &dp);
-            dh_next[k] = dot(&r_head[row], &dp);
-        }
+        kernels.accumulate_rows(dr_bias, &[1.0], &dp);
+        kernels.rows_backward(dr_recurrent, recurrent_rows, &h_prev, &dp, &mut dh_prev);
+        std::mem::swap(&mut dh_next, &mut dh_prev);
     }
     for (row, grad) in [&dh_next, &dc, &dn, &dm0].into_iter().enumerate() {
         dinit[row * hidden + head * dh..row * hidden + (head + 1) * dh].copy_from_slice(grad);

@@ -20,6 +20,7 @@
 
 mod fused_cpu;
 pub mod reference;
+mod simd;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
 
