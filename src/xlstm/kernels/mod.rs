@@ -3,3 +3,4 @@
 //! function of each kernel dispatches by device.
 
 pub mod mlstm;
+pub mod slstm;

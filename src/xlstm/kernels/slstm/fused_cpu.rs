@@ -1,0 +1,464 @@
+//! Fused CPU sLSTM scan: one custom op for the forward pass over the whole sequence and one
+//! for its hand-written backward pass.
+//!
+//! The recurrence is block-diagonal per head, so every (batch row, head) pair is an independent
+//! scan; the forward pass runs those pairs in parallel with rayon, each keeping its head's
+//! `[DH + 1, 4, DH]` weights (recurrent rows plus the bias row) hot in cache. While gradients
+//! are tracked it records, per step and unit, the values the backward pass needs (a "tape",
+//! kept inside the op like torch's `ctx.save_for_backward`), so the backward pass evaluates no
+//! transcendental function. The backward pass runs one task per batch row (its slice of the
+//! input gradient is contiguous) and reduces the per-row weight gradients at the end.
+//!
+//! Gradients treat the stabiliser m as a constant (like the official CUDA kernel), which is
+//! exact for losses on h: h does not depend on the stabiliser. The initial m₀ is an input and
+//! does get its exact gradient (it sets the weight of the initial c₀, n₀ against new inputs).
+//! Gradients reaching the final m are ignored; the final h, c, n pass theirs on.
+
+use super::simd::{BackwardStep, Kernels, UnitState};
+use super::{NUM_GATES, ScanDims, SlstmState};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows of the packed output per (batch, head) after the S rows of h: final h, c, n, m.
+const STATE_ROWS: usize = 4;
+
+/// Per step and unit the tape holds these values (index into a `[TAPE_VALUES, DH]` block).
+pub(super) const TAPE_C: usize = 0;
+pub(super) const TAPE_N: usize = 1;
+pub(super) const TAPE_I: usize = 2;
+pub(super) const TAPE_F: usize = 3;
+pub(super) const TAPE_Z: usize = 4;
+pub(super) const TAPE_O: usize = 5;
+/// σ(−f̃) = d logσ(f̃) / d f̃.
+pub(super) const TAPE_SIG_NEG_F: usize = 6;
+pub(super) const TAPE_VALUES: usize = 7;
+
+pub(super) fn scan(
+    x: &Tensor,
+    r: &Tensor,
+    bias: &Tensor,
+    initial: Option<&SlstmState>,
+) -> Result<(Tensor, SlstmState)> {
+    let dims = ScanDims::check("slstm fused CPU scan", x, r, bias, initial)?;
+    if x.dtype() != DType::F32 {
+        return Err(Error::Msg(format!(
+            "slstm fused CPU scan: inputs have dtype {:?}; this kernel computes in f32 only, \
+             convert with to_dtype(DType::F32)",
+            x.dtype()
+        )));
+    }
+    let ScanDims {
+        batch,
+        seq_len,
+        heads,
+        head_dim,
+    } = dims;
+    let x = x.contiguous()?;
+    // The bias becomes an extra input row of the recurrent weights (for a constant input 1),
+    // so the op needs only three inputs; autodiff through `cat` routes its gradient back.
+    let r_aug = Tensor::cat(&[r, &bias.unsqueeze(1)?], 1)?.contiguous()?;
+    let init = match initial {
+        Some(state) => state.stacked()?.contiguous()?,
+        None => Tensor::zeros((4, batch, dims.hidden()), DType::F32, x.device())?,
+    };
+    let needs_tape = x.track_op() || r_aug.track_op() || init.track_op();
+    let op = ScanForward {
+        dims,
+        tape: needs_tape.then(OnceLock::new),
+    };
+    let packed = x.apply_op3(&r_aug, &init, op)?; // [B, NH, S + 4, DH]
+    let h = packed.narrow(2, 0, seq_len)?;
+    let final_state = packed
+        .narrow(2, seq_len, STATE_ROWS)?
+        .permute((2, 0, 1, 3))?
+        .reshape((STATE_ROWS, batch, heads * head_dim))?;
+    Ok((h, SlstmState::from_stacked(&final_state)?))
+}
+
+/// The f32 contents of a contiguous CPU tensor argument.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+    expected_len: usize,
+) -> Result<&'a [f32]> {
+    let all = match storage {
+        CpuStorage::F32(values) => values.as_slice(),
+        other => {
+            return Err(Error::Msg(format!(
+                "slstm fused CPU scan: {what} has dtype {:?}, expected f32",
+                other.dtype()
+            )));
+        }
+    };
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        Error::Msg(format!(
+            "slstm fused CPU scan: {what} is not contiguous (layout {layout:?})"
+        ))
+    })?;
+    if end - start != expected_len {
+        return Err(Error::Msg(format!(
+            "slstm fused CPU scan: {what} has {} elements, expected {expected_len}",
+            end - start
+        )));
+    }
+    Ok(&all[start..end])
+}
+
+/// Forward op: inputs x `[B, S, 4H]`, r_aug `[NH, DH + 1, 4, DH]`, initial state `[4, B, H]`;
+/// output `[B, NH, S + 4, DH]` (h for every step, then the final h, c, n, m).
+struct ScanForward {
+    dims: ScanDims,
+    /// `Some` when gradients are tracked: filled by the forward pass, read by the backward pass;
+    /// layout `[B, NH, S, TAPE_VALUES, DH]`.
+    tape: Option<OnceLock<Vec<f32>>>,
+}
+
+impl CustomOp3 for ScanForward {
+    fn name(&self) -> &'static str {
+        "slstm-scan-fused-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        r_storage: &CpuStorage,
+        r_layout: &Layout,
+        init_storage: &CpuStorage,
+        init_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ScanDims {
+            batch,
+            seq_len,
+            heads,
+            head_dim,
+        } = self.dims;
+        let hidden = self.dims.hidden();
+        let x = contiguous_f32(
+            x_storage,
+            x_layout,
+            "x",
+            batch * seq_len * NUM_GATES * hidden,
+        )?;
+        let r_aug = contiguous_f32(
+            r_storage,
+            r_layout,
+            "r_aug",
+            heads * (head_dim + 1) * NUM_GATES * head_dim,
+        )?;
+        let init = contiguous_f32(
+            init_storage,
+            init_layout,
+            "initial state",
+            4 * batch * hidden,
+        )?;
+
+        let out_block = (seq_len + STATE_ROWS) * head_dim;
+        let tape_block = seq_len * TAPE_VALUES * head_dim;
+        let mut out = vec![0f32; batch * heads * out_block];
+        let mut tape = match self.tape {
+            Some(_) => vec![0f32; batch * heads * tape_block],
+            None => Vec::new(),
+        };
+        let tape_blocks: Vec<Option<&mut [f32]>> = if tape.is_empty() {
+            (0..batch * heads).map(|_| None).collect()
+        } else {
+            tape.chunks_mut(tape_block).map(Some).collect()
+        };
+        let r_block = (head_dim + 1) * NUM_GATES * head_dim;
+        let kernels = Kernels::detect();
+        out.par_chunks_mut(out_block)
+            .zip(tape_blocks.into_par_iter())
+            .enumerate()
+            .for_each(|(pair, (out, tape))| {
+                let (b, head) = (pair / heads, pair % heads);
+                forward_pair(
+                    kernels,
+                    &self.dims,
+                    b,
+                    head,
+                    x,
+                    &r_aug[head * r_block..(head + 1) * r_block],
+                    init,
+                    out,
+                    tape,
+                );
+            });
+        if let Some(slot) = &self.tape {
+            slot.set(tape).map_err(|_| {
+                Error::Msg("slstm fused CPU scan: forward op ran twice on one tape".into())
+            })?;
+        }
+        let shape = Shape::from((batch, heads, seq_len + STATE_ROWS, head_dim));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r_aug: &Tensor,
+        init: &Tensor,
+        _packed: &Tensor,
+        grad_packed: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let tape = self.tape.as_ref().and_then(OnceLock::get).ok_or_else(|| {
+            Error::Msg(
+                "slstm fused CPU scan: backward pass requested for a forward pass that ran \
+                     without gradient tracking"
+                    .into(),
+            )
+        })?;
+        let ScanDims {
+            batch,
+            seq_len,
+            heads,
+            head_dim,
+        } = self.dims;
+        let hidden = self.dims.hidden();
+        let grad_packed = grad_packed.contiguous()?;
+        let grads = grad_packed.apply_op3_no_bwd(
+            r_aug,
+            init,
+            &ScanBackward {
+                dims: self.dims,
+                tape,
+            },
+        )?;
+        let dx_len = batch * seq_len * NUM_GATES * hidden;
+        let dinit_len = 4 * batch * hidden;
+        let dr_len = heads * (head_dim + 1) * NUM_GATES * head_dim;
+        let dx = grads.narrow(0, 0, dx_len)?.reshape(x.shape())?;
+        let dinit = grads
+            .narrow(0, dx_len, dinit_len)?
+            .reshape((batch, 4, hidden))?
+            .transpose(0, 1)?;
+        let dr = grads
+            .narrow(0, dx_len + dinit_len, dr_len)?
+            .reshape(r_aug.shape())?;
+        Ok((Some(dx), Some(dr), Some(dinit)))
+    }
+}
+
+/// Scans one (batch row, head) pair; `out` is its `[S + 4, DH]` block, `tape` its
+/// `[S, TAPE_VALUES, DH]` block when gradients are tracked.
+#[allow(clippy::too_many_arguments)]
+fn forward_pair(
+    kernels: Kernels,
+    dims: &ScanDims,
+    b: usize,
+    head: usize,
+    x: &[f32],
+    r_head: &[f32],
+    init: &[f32],
+    out: &mut [f32],
+    mut tape: Option<&mut [f32]>,
+) {
+    let ScanDims {
+        batch,
+        seq_len,
+        head_dim: dh,
+        ..
+    } = *dims;
+    let hidden = dims.hidden();
+    let gates_width = NUM_GATES * dh;
+    let state_at = |row: usize| {
+        let start = (row * batch + b) * hidden + head * dh;
+        init[start..start + dh].to_vec()
+    };
+    let (mut h, mut c, mut n, mut m) = (state_at(0), state_at(1), state_at(2), state_at(3));
+    let (recurrent_rows, bias_row) = r_head.split_at(dh * gates_width);
+    let mut pre = vec![0f32; gates_width];
+    let (h_rows, state_rows) = out.split_at_mut(seq_len * dh);
+
+    for (t, h_out) in h_rows.chunks_exact_mut(dh).enumerate() {
+        pre.copy_from_slice(bias_row);
+        let x_t = &x[(b * seq_len + t) * NUM_GATES * hidden..];
+        for (g, pre_gate) in pre.chunks_exact_mut(dh).enumerate() {
+            let x_gate = &x_t[g * hidden + head * dh..g * hidden + (head + 1) * dh];
+            kernels.accumulate_rows(pre_gate, &[1.0], x_gate);
+        }
+        kernels.accumulate_rows(&mut pre, &h, recurrent_rows);
+        let tape_t = tape
+            .as_deref_mut()
+            .map(|tape| &mut tape[t * TAPE_VALUES * dh..(t + 1) * TAPE_VALUES * dh]);
+        let mut state = UnitState {
+            h: &mut h,
+            c: &mut c,
+            n: &mut n,
+            m: &mut m,
+        };
+        kernels.forward_step(&pre, &mut state, h_out, tape_t);
+    }
+    for (row, state) in state_rows.chunks_exact_mut(dh).zip([&h, &c, &n, &m]) {
+        row.copy_from_slice(state);
+    }
+}
+
+/// Backward op: inputs grad of the packed output `[B, NH, S + 4, DH]`, r_aug, initial state;
+/// output flat `[dx (B·S·4H) | d initial state as [B, 4, H] | d r_aug]`.
+struct ScanBackward<'a> {
+    dims: ScanDims,
+    tape: &'a [f32],
+}
+
+impl CustomOp3 for ScanBackward<'_> {
+    fn name(&self) -> &'static str {
+        "slstm-scan-fused-cpu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad_storage: &CpuStorage,
+        grad_layout: &Layout,
+        r_storage: &CpuStorage,
+        r_layout: &Layout,
+        init_storage: &CpuStorage,
+        init_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ScanDims {
+            batch,
+            seq_len,
+            heads,
+            head_dim,
+        } = self.dims;
+        let hidden = self.dims.hidden();
+        let grad_out = contiguous_f32(
+            grad_storage,
+            grad_layout,
+            "output gradient",
+            batch * heads * (seq_len + STATE_ROWS) * head_dim,
+        )?;
+        let r_block = (head_dim + 1) * NUM_GATES * head_dim;
+        let r_aug = contiguous_f32(r_storage, r_layout, "r_aug", heads * r_block)?;
+        let init = contiguous_f32(
+            init_storage,
+            init_layout,
+            "initial state",
+            4 * batch * hidden,
+        )?;
+
+        let dx_row = seq_len * NUM_GATES * hidden;
+        let dinit_row = 4 * hidden;
+        let mut grads = vec![0f32; batch * (dx_row + dinit_row) + heads * r_block];
+        let (dx, rest) = grads.split_at_mut(batch * dx_row);
+        let (dinit, dr) = rest.split_at_mut(batch * dinit_row);
+        let mut dr_per_row = vec![0f32; batch * heads * r_block];
+        let kernels = Kernels::detect();
+        dx.par_chunks_mut(dx_row)
+            .zip(dinit.par_chunks_mut(dinit_row))
+            .zip(dr_per_row.par_chunks_mut(heads * r_block))
+            .enumerate()
+            .for_each(|(b, ((dx, dinit), dr))| {
+                for head in 0..heads {
+                    backward_pair(
+                        kernels,
+                        &self.dims,
+                        b,
+                        head,
+                        grad_out,
+                        &r_aug[head * r_block..(head + 1) * r_block],
+                        init,
+                        self.tape,
+                        dx,
+                        dinit,
+                        &mut dr[head * r_block..(head + 1) * r_block],
+                    );
+                }
+            });
+        for row in dr_per_row.chunks(heads * r_block) {
+            for (total, &v) in dr.iter_mut().zip(row) {
+                *total += v;
+            }
+        }
+        let len = grads.len();
+        Ok((CpuStorage::F32(grads), Shape::from(len)))
+    }
+}
+
+/// Reverse-time scan of one (batch row, head) pair. Writes this head's slots of `dx` (the
+/// `[S, 4H]` slice of row b) and `dinit` (`[4, H]` of row b), accumulates into `dr` (the head's
+/// `[DH + 1, 4, DH]` block for row b).
+#[allow(clippy::too_many_arguments)]
+fn backward_pair(
+    kernels: Kernels,
+    dims: &ScanDims,
+    b: usize,
+    head: usize,
+    grad_out: &[f32],
+    r_head: &[f32],
+    init: &[f32],
+    tape: &[f32],
+    dx: &mut [f32],
+    dinit: &mut [f32],
+    dr: &mut [f32],
+) {
+    let ScanDims {
+        batch,
+        seq_len,
+        heads,
+        head_dim: dh,
+    } = *dims;
+    let hidden = dims.hidden();
+    let gates_width = NUM_GATES * dh;
+    let pair = b * heads + head;
+    let grad_block =
+        &grad_out[pair * (seq_len + STATE_ROWS) * dh..(pair + 1) * (seq_len + STATE_ROWS) * dh];
+    let tape_step = TAPE_VALUES * dh;
+    let tape_block = &tape[pair * seq_len * tape_step..(pair + 1) * seq_len * tape_step];
+    let init_at = |row: usize| {
+        let start = (row * batch + b) * hidden + head * dh;
+        &init[start..start + dh]
+    };
+    let final_grad =
+        |row: usize| grad_block[(seq_len + row) * dh..(seq_len + row + 1) * dh].to_vec();
+    // Gradients reaching h_t through the recurrence, c_t and n_t from later steps; seeded by
+    // the gradient of the final state (its m row is ignored: m is a constant).
+    let (mut dh_next, mut dc, mut dn) = (final_grad(0), final_grad(1), final_grad(2));
+    let mut dh_prev = vec![0f32; dh];
+    let mut dm0 = vec![0f32; dh];
+    let mut dp = vec![0f32; gates_width];
+    let mut h_prev = vec![0f32; dh];
+    let (dr_recurrent, dr_bias) = dr.split_at_mut(dh * gates_width);
+    let recurrent_rows = &r_head[..dh * gates_width];
+
+    for t in (0..seq_len).rev() {
+        let (c_prev, n_prev): (&[f32], &[f32]) = if t > 0 {
+            let prev = &tape_block[(t - 1) * tape_step..t * tape_step];
+            for (j, h) in h_prev.iter_mut().enumerate() {
+                // Same expression as the forward pass, so the same value.
+                *h = prev[TAPE_O * dh + j] * prev[TAPE_C * dh + j] / prev[TAPE_N * dh + j];
+            }
+            (
+                &prev[TAPE_C * dh..(TAPE_C + 1) * dh],
+                &prev[TAPE_N * dh..(TAPE_N + 1) * dh],
+            )
+        } else {
+            h_prev.copy_from_slice(init_at(0));
+            (init_at(1), init_at(2))
+        };
+        kernels.backward_step(&mut BackwardStep {
+            tape: &tape_block[t * tape_step..(t + 1) * tape_step],
+            c_prev,
+            n_prev,
+            grad_h: &grad_block[t * dh..(t + 1) * dh],
+            grad_h_recurrent: &dh_next,
+            dc: &mut dc,
+            dn: &mut dn,
+            dp: &mut dp,
+            dm0: (t == 0).then_some(&mut dm0[..]),
+        });
+        let dx_t = &mut dx[t * NUM_GATES * hidden..(t + 1) * NUM_GATES * hidden];
+        for (g, dp_gate) in dp.chunks_exact(dh).enumerate() {
+            dx_t[g * hidden + head * dh..g * hidden + (head + 1) * dh].copy_from_slice(dp_gate);
+        }
+        kernels.accumulate_rows(dr_bias, &[1.0], &dp);
+        kernels.rows_backward(dr_recurrent, recurrent_rows, &h_prev, &dp, &mut dh_prev);
+        std::mem::swap(&mut dh_next, &mut dh_prev);
+    }
+    for (row, grad) in [&dh_next, &dc, &dn, &dm0].into_iter().enumerate() {
+        dinit[row * hidden + head * dh..row * hidden + (head + 1) * dh].copy_from_slice(grad);
+    }
+}

@@ -1,0 +1,690 @@
+//! Inner loops of the fused sLSTM scan, with an AVX2+FMA implementation chosen at run time
+//! and a portable one for every other CPU.
+//!
+//! Explicit intrinsics rather than auto-vectorisation: the crate's dev profile builds with
+//! opt-level 1, where LLVM does not vectorise loops, and the scan is run from tests and
+//! benchmarks in that profile too. The vector transcendental functions (`exp`, `ln`) are the
+//! Cephes single-precision polynomials (about 2 ulp); tanh and sigmoid are built from `exp`
+//! in forms that cannot overflow.
+
+/// Per-unit state of one (batch row, head) pair, each slice `DH` long.
+pub(super) struct UnitState<'a> {
+    pub h: &'a mut [f32],
+    pub c: &'a mut [f32],
+    pub n: &'a mut [f32],
+    pub m: &'a mut [f32],
+}
+
+/// Values of one backward step of one pair, each slice `DH` long unless noted.
+pub(super) struct BackwardStep<'a> {
+    /// The forward tape of this step, `[TAPE_VALUES, DH]`.
+    pub tape: &'a [f32],
+    pub c_prev: &'a [f32],
+    pub n_prev: &'a [f32],
+    /// Gradient of the loss with respect to this step's output h.
+    pub grad_h: &'a [f32],
+    /// Gradient reaching h_t through the next step's recurrent input.
+    pub grad_h_recurrent: &'a [f32],
+    /// In: gradients of c_t, n_t from later steps; out: those of c_{t-1}, n_{t-1}.
+    pub dc: &'a mut [f32],
+    pub dn: &'a mut [f32],
+    /// Out: gradients of the gate pre-activations, `[4, DH]`.
+    pub dp: &'a mut [f32],
+    /// Out (first step only): gradient of the initial stabiliser m₀.
+    pub dm0: Option<&'a mut [f32]>,
+}
+
+/// Which implementation of the inner loops runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+}
+
+impl Kernels {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Kernels::Avx2Fma;
+        }
+        Kernels::Portable
+    }
+
+    /// `acc += Σ_k weights[k] · rows[k]`, rows of `acc.len()` values stored one after another.
+    pub fn accumulate_rows(self, acc: &mut [f32], weights: &[f32], rows: &[f32]) {
+        assert_eq!(
+            rows.len(),
+            weights.len() * acc.len(),
+            "accumulate_rows sizes"
+        );
+        match self {
+            Kernels::Portable => portable::accumulate_rows(acc, weights, rows),
+            // SAFETY: this variant is only constructed after detecting AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2Fma => unsafe { avx2::accumulate_rows(acc, weights, rows) },
+        }
+    }
+
+    /// For every row k: `grad_rows[k] += inputs[k] · upstream` and
+    /// `grad_inputs[k] = rows[k] · upstream` (the two halves of a matrix-vector backward pass).
+    pub fn rows_backward(
+        self,
+        grad_rows: &mut [f32],
+        rows: &[f32],
+        inputs: &[f32],
+        upstream: &[f32],
+        grad_inputs: &mut [f32],
+    ) {
+        let width = upstream.len();
+        assert!(
+            grad_rows.len() == inputs.len() * width
+                && rows.len() == inputs.len() * width
+                && grad_inputs.len() == inputs.len(),
+            "rows_backward sizes"
+        );
+        match self {
+            Kernels::Portable => {
+                portable::rows_backward(grad_rows, rows, inputs, upstream, grad_inputs)
+            }
+            // SAFETY: this variant is only constructed after detecting AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2Fma => unsafe {
+                avx2::rows_backward(grad_rows, rows, inputs, upstream, grad_inputs)
+            },
+        }
+    }
+
+    /// One forward step of every unit of a pair: from the gate pre-activations `pre` `[4, DH]`
+    /// updates `state`, writes h to `h_out` and, when given, the tape `[TAPE_VALUES, DH]`.
+    pub fn forward_step(
+        self,
+        pre: &[f32],
+        state: &mut UnitState,
+        h_out: &mut [f32],
+        tape: Option<&mut [f32]>,
+    ) {
+        let dh = h_out.len();
+        assert!(
+            pre.len() == 4 * dh
+                && state.h.len() == dh
+                && state.c.len() == dh
+                && state.n.len() == dh
+                && state.m.len() == dh
+                && tape
+                    .as_ref()
+                    .is_none_or(|t| t.len() == super::fused_cpu::TAPE_VALUES * dh),
+            "forward_step sizes"
+        );
+        let mut tape = tape;
+        let vector_units = match self {
+            Kernels::Portable => 0,
+            // SAFETY: this variant is only constructed after detecting AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2Fma => unsafe {
+                avx2::forward_step(pre, state, h_out, tape.as_deref_mut())
+            },
+        };
+        portable::forward_step(vector_units, pre, state, h_out, tape);
+    }
+
+    /// One backward step of every unit of a pair (stabiliser held constant).
+    pub fn backward_step(self, step: &mut BackwardStep) {
+        let dh = step.dc.len();
+        assert!(
+            step.tape.len() == super::fused_cpu::TAPE_VALUES * dh
+                && step.c_prev.len() == dh
+                && step.n_prev.len() == dh
+                && step.grad_h.len() == dh
+                && step.grad_h_recurrent.len() == dh
+                && step.dn.len() == dh
+                && step.dp.len() == 4 * dh
+                && step.dm0.as_ref().is_none_or(|d| d.len() == dh),
+            "backward_step sizes"
+        );
+        let vector_units = match self {
+            Kernels::Portable => 0,
+            // SAFETY: this variant is only constructed after detecting AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2Fma => unsafe { avx2::backward_step(step) },
+        };
+        portable::backward_step(vector_units, step);
+    }
+}
+
+mod portable {
+    use super::super::fused_cpu::{
+        TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_VALUES, TAPE_Z,
+    };
+    use super::{BackwardStep, UnitState};
+
+    pub fn accumulate_rows(acc: &mut [f32], weights: &[f32], rows: &[f32]) {
+        for (&w, row) in weights.iter().zip(rows.chunks_exact(acc.len())) {
+            for (a, &r) in acc.iter_mut().zip(row) {
+                *a += w * r;
+            }
+        }
+    }
+
+    pub fn rows_backward(
+        grad_rows: &mut [f32],
+        rows: &[f32],
+        inputs: &[f32],
+        upstream: &[f32],
+        grad_inputs: &mut [f32],
+    ) {
+        let width = upstream.len();
+        for (k, (grad_row, row)) in grad_rows
+            .chunks_exact_mut(width)
+            .zip(rows.chunks_exact(width))
+            .enumerate()
+        {
+            for (g, &u) in grad_row.iter_mut().zip(upstream) {
+                *g += inputs[k] * u;
+            }
+            grad_inputs[k] = row.iter().zip(upstream).map(|(&r, &u)| r * u).sum();
+        }
+    }
+
+    /// logσ(v) and σ(−v), finite for any finite v.
+    fn log_sigmoid_and_complement(v: f32) -> (f32, f32) {
+        let e = (-v.abs()).exp();
+        let log_sigmoid = v.min(0.0) - e.ln_1p();
+        let sig_neg = if v >= 0.0 {
+            e / (1.0 + e)
+        } else {
+            1.0 / (1.0 + e)
+        };
+        (log_sigmoid, sig_neg)
+    }
+
+    fn sigmoid(v: f32) -> f32 {
+        let e = (-v.abs()).exp();
+        if v >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        }
+    }
+
+    /// Units `first..DH` of [`super::Kernels::forward_step`].
+    pub fn forward_step(
+        first: usize,
+        pre: &[f32],
+        state: &mut UnitState,
+        h_out: &mut [f32],
+        mut tape: Option<&mut [f32]>,
+    ) {
+        let dh = h_out.len();
+        for j in first..dh {
+            let (i_pre, f_pre, z_pre, o_pre) =
+                (pre[j], pre[dh + j], pre[2 * dh + j], pre[3 * dh + j]);
+            let (log_f, sig_neg_f) = log_sigmoid_and_complement(f_pre);
+            let log_f_plus_m = state.m[j] + log_f;
+            // Per-element empty-state rule (see the module docs of `slstm`).
+            let m_new = if state.n[j] == 0.0 {
+                i_pre
+            } else {
+                i_pre.max(log_f_plus_m)
+            };
+            let i = (i_pre - m_new).exp().min(1.0);
+            let f = (log_f_plus_m - m_new).exp().min(1.0);
+            let z = z_pre.tanh();
+            let o = sigmoid(o_pre);
+            let c_new = f * state.c[j] + i * z;
+            let n_new = f * state.n[j] + i;
+            let h_new = o * c_new / n_new;
+            h_out[j] = h_new;
+            if let Some(tape) = tape.as_deref_mut() {
+                tape[TAPE_C * dh + j] = c_new;
+                tape[TAPE_N * dh + j] = n_new;
+                tape[TAPE_I * dh + j] = i;
+                tape[TAPE_F * dh + j] = f;
+                tape[TAPE_Z * dh + j] = z;
+                tape[TAPE_O * dh + j] = o;
+                tape[TAPE_SIG_NEG_F * dh + j] = sig_neg_f;
+            }
+            state.h[j] = h_new;
+            state.c[j] = c_new;
+            state.n[j] = n_new;
+            state.m[j] = m_new;
+        }
+        debug_assert!(tape.is_none_or(|t| t.len() == TAPE_VALUES * dh));
+    }
+
+    /// Units `first..DH` of [`super::Kernels::backward_step`].
+    pub fn backward_step(first: usize, s: &mut BackwardStep) {
+        let dh = s.dc.len();
+        let value = |slot: usize, j: usize| s.tape[slot * dh + j];
+        for j in first..dh {
+            let (c, n, i, f, z, o) = (
+                value(TAPE_C, j),
+                value(TAPE_N, j),
+                value(TAPE_I, j),
+                value(TAPE_F, j),
+                value(TAPE_Z, j),
+                value(TAPE_O, j),
+            );
+            let grad_h = s.grad_h[j] + s.grad_h_recurrent[j];
+            let inv_n = 1.0 / n;
+            let c_over_n = c * inv_n;
+            let dc_t = s.dc[j] + grad_h * o * inv_n;
+            let dn_t = s.dn[j] - grad_h * o * c_over_n * inv_n;
+            let d_forget = dc_t * s.c_prev[j] + dn_t * s.n_prev[j];
+            s.dp[j] = (dc_t * z + dn_t) * i;
+            s.dp[dh + j] = d_forget * f * value(TAPE_SIG_NEG_F, j);
+            s.dp[2 * dh + j] = dc_t * i * (1.0 - z * z);
+            s.dp[3 * dh + j] = grad_h * c_over_n * o * (1.0 - o);
+            s.dc[j] = dc_t * f;
+            s.dn[j] = dn_t * f;
+            if let Some(dm0) = s.dm0.as_deref_mut() {
+                // f₁ = exp(m₀ + logσ(f̃₁) − m₁) with m₁ held constant.
+                dm0[j] = d_forget * f;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! Written with raw pointers and plain locals (no iterator adaptors, no arrays of vectors)
+    //! so that opt-level 1 keeps the accumulators in registers. Every function here relies on
+    //! the length checks of its caller in `Kernels`.
+    use super::super::fused_cpu::{TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_Z};
+    use super::{BackwardStep, UnitState};
+    use std::arch::x86_64::*;
+
+    const LANES: usize = 8;
+
+    /// Unaligned load of 8 floats. Not `_mm256_loadu_ps`: that goes through
+    /// `ptr::copy_nonoverlapping`, whose debug-build precondition checks (this crate's dev
+    /// profile keeps debug assertions) cost more than the arithmetic of these loops.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_ptr(p: *const f32) -> __m256 {
+        // SAFETY: caller guarantees 8 readable floats; `[f32; 8]` needs only f32 alignment.
+        unsafe { std::mem::transmute::<[f32; LANES], __m256>(*(p as *const [f32; LANES])) }
+    }
+
+    /// Unaligned store of 8 floats (see [`load_ptr`]).
+    ///
+    /// # Safety
+    /// `p..p + 8` must be writable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_ptr(p: *mut f32, v: __m256) {
+        // SAFETY: caller guarantees 8 writable floats; `[f32; 8]` needs only f32 alignment.
+        unsafe { *(p as *mut [f32; LANES]) = std::mem::transmute::<__m256, [f32; LANES]>(v) }
+    }
+
+    /// # Safety
+    /// `at + 8 <= s.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(s: &[f32], at: usize) -> __m256 {
+        debug_assert!(at + LANES <= s.len());
+        unsafe { load_ptr(s.as_ptr().add(at)) }
+    }
+
+    /// # Safety
+    /// `at + 8 <= s.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(s: &mut [f32], at: usize, v: __m256) {
+        debug_assert!(at + LANES <= s.len());
+        unsafe { store_ptr(s.as_mut_ptr().add(at), v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn horizontal_sum(v: __m256) -> f32 {
+        let sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+        let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
+        _mm_cvtss_f32(sum1)
+    }
+
+    /// e^x (Cephes `expf`); NaN stays NaN, large negative x gives 0, large positive saturates.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        // NaN is the second operand of min/max, so it passes through.
+        let x = _mm256_max_ps(
+            _mm256_set1_ps(-88.376_26),
+            _mm256_min_ps(_mm256_set1_ps(88.376_26), x),
+        );
+        let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+        let y = _mm256_set1_ps(1.987_569_1e-4);
+        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.398_199_9e-3));
+        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.333_452e-3));
+        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.166_579_6e-2));
+        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.166_666_65));
+        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.5));
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(x, x),
+            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
+        );
+        let exponent = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
+        _mm256_mul_ps(y, scale)
+    }
+
+    /// ln x for x ≥ 1 (Cephes `logf`; here only ln(1 + e) with 0 ≤ e ≤ 1 is needed).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn ln_at_least_one(x: __m256) -> __m256 {
+        let bits = _mm256_castps_si256(x);
+        let e = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+            _mm256_srli_epi32(bits, 23),
+            _mm256_set1_epi32(126),
+        ));
+        // Mantissa in [0.5, 1).
+        let mantissa = _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+            _mm256_set1_epi32(0x3f00_0000),
+        ));
+        let below = _mm256_cmp_ps(
+            mantissa,
+            _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+            _CMP_LT_OQ,
+        );
+        let m = _mm256_add_ps(
+            _mm256_sub_ps(mantissa, _mm256_set1_ps(1.0)),
+            _mm256_and_ps(mantissa, below),
+        );
+        let e = _mm256_sub_ps(e, _mm256_and_ps(_mm256_set1_ps(1.0), below));
+        let z = _mm256_mul_ps(m, m);
+        let y = _mm256_set1_ps(7.037_683_6e-2);
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.151_461e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.167_699_9e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.242_014_1e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.424_932_3e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.666_805_8e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.000_071_4e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.499_999_4e-1));
+        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.333_333e-1));
+        let y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+        let y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.121_944_4e-4), y);
+        let y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5), y);
+        _mm256_fmadd_ps(e, _mm256_set1_ps(0.693_359_4), _mm256_add_ps(m, y))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn abs(x: __m256) -> __m256 {
+        _mm256_andnot_ps(_mm256_set1_ps(-0.0), x)
+    }
+
+    /// # Safety
+    /// `rows.len() == weights.len() * acc.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn accumulate_rows(acc: &mut [f32], weights: &[f32], rows: &[f32]) {
+        let width = acc.len();
+        let count = weights.len();
+        let acc_ptr = acc.as_mut_ptr();
+        let rows_ptr = rows.as_ptr();
+        let mut col = 0;
+        // SAFETY: all offsets stay below `width` within a row of `width` values, and below
+        // `count` rows.
+        unsafe {
+            // Four accumulator vectors stay in registers across all rows.
+            while col + 4 * LANES <= width {
+                let mut a0 = load_ptr(acc_ptr.add(col));
+                let mut a1 = load_ptr(acc_ptr.add(col + LANES));
+                let mut a2 = load_ptr(acc_ptr.add(col + 2 * LANES));
+                let mut a3 = load_ptr(acc_ptr.add(col + 3 * LANES));
+                let mut k = 0;
+                while k < count {
+                    let w = _mm256_set1_ps(*weights.get_unchecked(k));
+                    let row = rows_ptr.add(k * width + col);
+                    a0 = _mm256_fmadd_ps(w, load_ptr(row), a0);
+                    a1 = _mm256_fmadd_ps(w, load_ptr(row.add(LANES)), a1);
+                    a2 = _mm256_fmadd_ps(w, load_ptr(row.add(2 * LANES)), a2);
+                    a3 = _mm256_fmadd_ps(w, load_ptr(row.add(3 * LANES)), a3);
+                    k += 1;
+                }
+                store_ptr(acc_ptr.add(col), a0);
+                store_ptr(acc_ptr.add(col + LANES), a1);
+                store_ptr(acc_ptr.add(col + 2 * LANES), a2);
+                store_ptr(acc_ptr.add(col + 3 * LANES), a3);
+                col += 4 * LANES;
+            }
+            while col + LANES <= width {
+                let mut a = load_ptr(acc_ptr.add(col));
+                let mut k = 0;
+                while k < count {
+                    let w = _mm256_set1_ps(*weights.get_unchecked(k));
+                    a = _mm256_fmadd_ps(w, load_ptr(rows_ptr.add(k * width + col)), a);
+                    k += 1;
+                }
+                store_ptr(acc_ptr.add(col), a);
+                col += LANES;
+            }
+            while col < width {
+                let mut a = *acc_ptr.add(col);
+                let mut k = 0;
+                while k < count {
+                    a += *weights.get_unchecked(k) * *rows_ptr.add(k * width + col);
+                    k += 1;
+                }
+                *acc_ptr.add(col) = a;
+                col += 1;
+            }
+        }
+    }
+
+    /// # Safety
+    /// `grad_rows.len() == rows.len() == inputs.len() * upstream.len()` and
+    /// `grad_inputs.len() == inputs.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_backward(
+        grad_rows: &mut [f32],
+        rows: &[f32],
+        inputs: &[f32],
+        upstream: &[f32],
+        grad_inputs: &mut [f32],
+    ) {
+        let width = upstream.len();
+        let grad_ptr = grad_rows.as_mut_ptr();
+        let rows_ptr = rows.as_ptr();
+        let up = upstream.as_ptr();
+        let mut k = 0;
+        // SAFETY: offsets stay within row k (`k * width + col < (k + 1) * width`).
+        unsafe {
+            while k < inputs.len() {
+                let scale = _mm256_set1_ps(*inputs.get_unchecked(k));
+                let grad_row = grad_ptr.add(k * width);
+                let row = rows_ptr.add(k * width);
+                // Four independent dot-product chains hide the FMA latency.
+                let mut d0 = _mm256_setzero_ps();
+                let mut d1 = _mm256_setzero_ps();
+                let mut d2 = _mm256_setzero_ps();
+                let mut d3 = _mm256_setzero_ps();
+                let mut col = 0;
+                while col + 4 * LANES <= width {
+                    let u0 = load_ptr(up.add(col));
+                    let u1 = load_ptr(up.add(col + LANES));
+                    let u2 = load_ptr(up.add(col + 2 * LANES));
+                    let u3 = load_ptr(up.add(col + 3 * LANES));
+                    let g = grad_row.add(col);
+                    store_ptr(g, _mm256_fmadd_ps(scale, u0, load_ptr(g)));
+                    let g = g.add(LANES);
+                    store_ptr(g, _mm256_fmadd_ps(scale, u1, load_ptr(g)));
+                    let g = g.add(LANES);
+                    store_ptr(g, _mm256_fmadd_ps(scale, u2, load_ptr(g)));
+                    let g = g.add(LANES);
+                    store_ptr(g, _mm256_fmadd_ps(scale, u3, load_ptr(g)));
+                    let r = row.add(col);
+                    d0 = _mm256_fmadd_ps(load_ptr(r), u0, d0);
+                    d1 = _mm256_fmadd_ps(load_ptr(r.add(LANES)), u1, d1);
+                    d2 = _mm256_fmadd_ps(load_ptr(r.add(2 * LANES)), u2, d2);
+                    d3 = _mm256_fmadd_ps(load_ptr(r.add(3 * LANES)), u3, d3);
+                    col += 4 * LANES;
+                }
+                while col + LANES <= width {
+                    let u = load_ptr(up.add(col));
+                    let g = grad_row.add(col);
+                    store_ptr(g, _mm256_fmadd_ps(scale, u, load_ptr(g)));
+                    d0 = _mm256_fmadd_ps(load_ptr(row.add(col)), u, d0);
+                    col += LANES;
+                }
+                let mut total =
+                    horizontal_sum(_mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)));
+                let input = *inputs.get_unchecked(k);
+                while col < width {
+                    *grad_row.add(col) += input * *up.add(col);
+                    total += *row.add(col) * *up.add(col);
+                    col += 1;
+                }
+                *grad_inputs.get_unchecked_mut(k) = total;
+                k += 1;
+            }
+        }
+    }
+
+    /// Vector part of `Kernels::forward_step`; returns the number of units handled.
+    ///
+    /// # Safety
+    /// The slice lengths checked by `Kernels::forward_step`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn forward_step(
+        pre: &[f32],
+        state: &mut UnitState,
+        h_out: &mut [f32],
+        mut tape: Option<&mut [f32]>,
+    ) -> usize {
+        let dh = h_out.len();
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        let mut j = 0;
+        // SAFETY: j + 8 <= dh and every slice holds whole [.., DH] blocks (caller's checks).
+        unsafe {
+            while j + LANES <= dh {
+                let i_pre = load(pre, j);
+                let f_pre = load(pre, dh + j);
+                let z_pre = load(pre, 2 * dh + j);
+                let o_pre = load(pre, 3 * dh + j);
+                let c = load(state.c, j);
+                let n = load(state.n, j);
+                let m = load(state.m, j);
+
+                // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) from the same e^{−|f̃|}.
+                let e_f = exp(_mm256_sub_ps(zero, abs(f_pre)));
+                let one_plus_e_f = _mm256_add_ps(one, e_f);
+                let log_f =
+                    _mm256_sub_ps(_mm256_min_ps(f_pre, zero), ln_at_least_one(one_plus_e_f));
+                let f_non_negative = _mm256_cmp_ps(f_pre, zero, _CMP_GE_OQ);
+                let sig_neg_f =
+                    _mm256_div_ps(_mm256_blendv_ps(one, e_f, f_non_negative), one_plus_e_f);
+
+                let log_f_plus_m = _mm256_add_ps(m, log_f);
+                // Per-element empty-state rule (see the module docs of `slstm`).
+                let empty = _mm256_cmp_ps(n, zero, _CMP_EQ_OQ);
+                let m_new = _mm256_blendv_ps(_mm256_max_ps(log_f_plus_m, i_pre), i_pre, empty);
+                let i = _mm256_min_ps(exp(_mm256_sub_ps(i_pre, m_new)), one);
+                let f = _mm256_min_ps(exp(_mm256_sub_ps(log_f_plus_m, m_new)), one);
+
+                // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
+                let e_z = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), abs(z_pre)));
+                let tanh_abs = _mm256_div_ps(_mm256_sub_ps(one, e_z), _mm256_add_ps(one, e_z));
+                let z = _mm256_or_ps(tanh_abs, _mm256_and_ps(z_pre, _mm256_set1_ps(-0.0)));
+
+                let e_o = exp(_mm256_sub_ps(zero, abs(o_pre)));
+                let o_non_negative = _mm256_cmp_ps(o_pre, zero, _CMP_GE_OQ);
+                let o = _mm256_div_ps(
+                    _mm256_blendv_ps(e_o, one, o_non_negative),
+                    _mm256_add_ps(one, e_o),
+                );
+
+                let c_new = _mm256_fmadd_ps(f, c, _mm256_mul_ps(i, z));
+                let n_new = _mm256_fmadd_ps(f, n, i);
+                let h_new = _mm256_div_ps(_mm256_mul_ps(o, c_new), n_new);
+
+                store(h_out, j, h_new);
+                if let Some(tape) = tape.as_deref_mut() {
+                    store(tape, TAPE_C * dh + j, c_new);
+                    store(tape, TAPE_N * dh + j, n_new);
+                    store(tape, TAPE_I * dh + j, i);
+                    store(tape, TAPE_F * dh + j, f);
+                    store(tape, TAPE_Z * dh + j, z);
+                    store(tape, TAPE_O * dh + j, o);
+                    store(tape, TAPE_SIG_NEG_F * dh + j, sig_neg_f);
+                }
+                store(state.h, j, h_new);
+                store(state.c, j, c_new);
+                store(state.n, j, n_new);
+                store(state.m, j, m_new);
+                j += LANES;
+            }
+        }
+        j
+    }
+
+    /// Vector part of `Kernels::backward_step`; returns the number of units handled.
+    ///
+    /// # Safety
+    /// The slice lengths checked by `Kernels::backward_step`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn backward_step(s: &mut BackwardStep) -> usize {
+        let dh = s.dc.len();
+        let one = _mm256_set1_ps(1.0);
+        let mut j = 0;
+        // SAFETY: j + 8 <= dh and every slice holds whole [.., DH] blocks (caller's checks).
+        unsafe {
+            while j + LANES <= dh {
+                let c = load(s.tape, TAPE_C * dh + j);
+                let n = load(s.tape, TAPE_N * dh + j);
+                let i = load(s.tape, TAPE_I * dh + j);
+                let f = load(s.tape, TAPE_F * dh + j);
+                let z = load(s.tape, TAPE_Z * dh + j);
+                let o = load(s.tape, TAPE_O * dh + j);
+                let sig_neg_f = load(s.tape, TAPE_SIG_NEG_F * dh + j);
+                let grad_h = _mm256_add_ps(load(s.grad_h, j), load(s.grad_h_recurrent, j));
+                let inv_n = _mm256_div_ps(one, n);
+                let c_over_n = _mm256_mul_ps(c, inv_n);
+                let grad_h_o = _mm256_mul_ps(grad_h, o);
+                let dc_t = _mm256_fmadd_ps(grad_h_o, inv_n, load(s.dc, j));
+                let dn_t =
+                    _mm256_fnmadd_ps(_mm256_mul_ps(grad_h_o, c_over_n), inv_n, load(s.dn, j));
+                let d_forget = _mm256_fmadd_ps(
+                    dc_t,
+                    load(s.c_prev, j),
+                    _mm256_mul_ps(dn_t, load(s.n_prev, j)),
+                );
+                store(s.dp, j, _mm256_mul_ps(_mm256_fmadd_ps(dc_t, z, dn_t), i));
+                let d_forget_f = _mm256_mul_ps(d_forget, f);
+                store(s.dp, dh + j, _mm256_mul_ps(d_forget_f, sig_neg_f));
+                store(
+                    s.dp,
+                    2 * dh + j,
+                    _mm256_mul_ps(_mm256_mul_ps(dc_t, i), _mm256_fnmadd_ps(z, z, one)),
+                );
+                store(
+                    s.dp,
+                    3 * dh + j,
+                    _mm256_mul_ps(
+                        _mm256_mul_ps(grad_h, c_over_n),
+                        _mm256_mul_ps(o, _mm256_sub_ps(one, o)),
+                    ),
+                );
+                store(s.dc, j, _mm256_mul_ps(dc_t, f));
+                store(s.dn, j, _mm256_mul_ps(dn_t, f));
+                if let Some(dm0) = s.dm0.as_deref_mut() {
+                    store(dm0, j, d_forget_f);
+                }
+                j += LANES;
+            }
+        }
+        j
+    }
+}
