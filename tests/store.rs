@@ -603,7 +603,22 @@ mod reconnect {
 
     #[tokio::test]
     async fn unreachable_postgres_is_unavailable() {
-        let result = store::connect("postgres://postgres@127.0.0.1:1/none").await;
-        assert!(matches!(result.err(), Some(StoreError::Unavailable(_))));
+        let started = std::time::Instant::now();
+        let result = store::connect("postgres://postgres:pw@127.0.0.1:1/none").await;
+        match result.err() {
+            Some(StoreError::Unavailable(message)) => {
+                assert!(message.contains("127.0.0.1:1"), "{message}");
+                assert!(!message.contains("pw@"), "the password leaked: {message}");
+                assert!(
+                    !message.contains("timed out"),
+                    "the cause is hidden: {message}"
+                );
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "a refused connection fails fast"
+        );
     }
 }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row, Transaction};
 
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
@@ -65,17 +65,26 @@ impl PostgresStore {
         let options: PgConnectOptions = url.parse().map_err(|err| {
             StoreError::invalid("database_url", format!("{}: {err}", mask_database_url(url)))
         })?;
+        let unavailable = |err: sqlx::Error| {
+            StoreError::Unavailable(format!(
+                "cannot connect to {}: {err}",
+                mask_database_url(url)
+            ))
+        };
+        // One direct attempt first: the pool retries until its timeout and
+        // then reports only "timed out", hiding why (refused, auth, no such database).
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(unavailable)?
+            .close()
+            .await
+            .map_err(unavailable)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|err| {
-                StoreError::Unavailable(format!(
-                    "cannot connect to {}: {err}",
-                    mask_database_url(url)
-                ))
-            })?;
+            .map_err(unavailable)?;
         Ok(Self { pool })
     }
 
