@@ -14,10 +14,10 @@ use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_po
 use super::validate::{max_option, min_option};
 use super::{
     Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
-    MigrationReport, ModelVersion, ModelVersionSummary, NewForecast, NewModelVersion, NewRun,
-    ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome, Schedule, ScheduleSpec, Series,
-    SeriesSpec, Store, StoreError, apply_migrations, datetime_from_micros, join_spans,
-    series_named, split_time_span, validate,
+    MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary, NewForecast,
+    NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome,
+    Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError, apply_migrations,
+    datetime_from_micros, join_spans, series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
@@ -530,8 +530,8 @@ impl Store for PostgresStore {
             .await?
             .ok_or_else(|| StoreError::not_found(format!("model version {id}")))?;
         let series_id: i64 = row.try_get(0)?;
-        let status: super::ModelVersionStatus = row.try_get::<&str, _>(1)?.parse()?;
-        if status == super::ModelVersionStatus::Rejected {
+        let status: ModelVersionStatus = row.try_get::<&str, _>(1)?.parse()?;
+        if status == ModelVersionStatus::Rejected {
             return Err(StoreError::Conflict(format!(
                 "model version {id} was rejected and cannot become the champion"
             )));
