@@ -198,13 +198,34 @@ store_tests! {
             ts_micros: batch.ts_micros[5..].to_vec(),
             values: vec![batch.values[1][5..].to_vec()],
         };
+        // Overlaps both earlier batches: hours 3..=6 of channel a, new values.
+        let overlapping = ObservationBatch {
+            channels: vec!["a".into()],
+            ts_micros: batch.ts_micros[3..7].to_vec(),
+            values: vec![vec![Some(-1.0), Some(-2.0), Some(-3.0), Some(-4.0)]],
+        };
         assert_eq!(session.write(&first_half).await.unwrap(), 10);
         assert_eq!(session.write(&second_half).await.unwrap(), 5);
+        assert_eq!(session.write(&overlapping).await.unwrap(), 4);
         let summary = session.commit().await.unwrap();
-        assert_eq!(summary.cells_written, 15);
+        assert_eq!(summary.cells_written, 19);
         assert_eq!(summary.first_ts_micros, Some(batch.ts_micros[0]));
         assert_eq!(summary.last_ts_micros, Some(batch.ts_micros[9]));
-        assert_eq!(store.observation_range("multi").await.unwrap().count, 15);
+        assert_eq!(store.observation_range("multi").await.unwrap().count, 17);
+        let a = store
+            .load_observations("multi", None, None, Some(&["a".to_string()]))
+            .await
+            .unwrap();
+        assert_eq!(a.value, vec![0.0, 1.0, 2.0, -1.0, -2.0, -3.0, -4.0]);
+
+        // A later session that goes back in time upserts; one that goes past
+        // the end appends.
+        let mut session = store.begin_import(&spec).await.unwrap();
+        session.write(&hourly_batch(&["a", "b"], 12)).await.unwrap();
+        session.commit().await.unwrap();
+        let loaded = store.load_observations("multi", None, None, None).await.unwrap();
+        assert_eq!(loaded.value.len(), 24);
+        assert_eq!(loaded.value[6], 3.0, "hour 3 of channel a is back to its original value");
     }
 
     async fn dropped_import_session_writes_nothing(store) {

@@ -270,9 +270,91 @@ pub(crate) async fn apply_migrations<C: sqlx::migrate::Migrate>(
     })
 }
 
+/// How many time spans a large load is split into; each span is read on its
+/// own connection and decoded on its own task, so loading a long series uses
+/// several cores.
+pub(crate) const LOAD_SPANS: i64 = 4;
+
+/// Splits the inclusive range `first..=last` into at most `parts` contiguous,
+/// non-overlapping inclusive ranges covering it exactly.
+pub(crate) fn split_time_span(first: i64, last: i64, parts: i64) -> Vec<(i64, i64)> {
+    let width = i128::from(last) - i128::from(first) + 1;
+    let parts = i128::from(parts.max(1)).min(width.max(1));
+    let boundary = |part: i128| (i128::from(first) + width * part / parts) as i64;
+    (0..parts)
+        .map(|part| (boundary(part), boundary(part + 1) - 1))
+        .collect()
+}
+
+/// Waits for the span-loading tasks in order and concatenates their rows
+/// (spans are in time order, so the result stays ordered by ts then channel).
+pub(crate) async fn join_spans(
+    channels: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<Result<LongObservations, StoreError>>>,
+) -> Result<LongObservations, StoreError> {
+    let mut observations = LongObservations {
+        channels,
+        ..LongObservations::default()
+    };
+    for task in tasks {
+        let part = match task.await {
+            Ok(part) => part?,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(err) => {
+                return Err(StoreError::Unavailable(format!(
+                    "loading observations was cancelled: {err}"
+                )));
+            }
+        };
+        if observations.value.is_empty() {
+            observations.channel = part.channel;
+            observations.ts_micros = part.ts_micros;
+            observations.value = part.value;
+        } else {
+            observations.channel.extend(part.channel);
+            observations.ts_micros.extend(part.ts_micros);
+            observations.value.extend(part.value);
+        }
+    }
+    Ok(observations)
+}
+
 /// The `what` of a `NotFound` for a series named `name`.
 pub(crate) fn series_named(name: &str) -> String {
     format!("series '{name}'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_time_span;
+
+    #[test]
+    fn time_spans_cover_the_range_exactly_once() {
+        for (first, last, parts) in [
+            (0, 99, 4),
+            (10, 12, 4),
+            (5, 5, 4),
+            (-7, 1_000_003, 4),
+            (0, 10, 1),
+        ] {
+            let spans = split_time_span(first, last, parts);
+            assert!(spans.len() as i64 <= parts);
+            assert_eq!(spans.first().unwrap().0, first);
+            assert_eq!(spans.last().unwrap().1, last);
+            for (start, end) in &spans {
+                assert!(start <= end, "{spans:?}");
+            }
+            for pair in spans.windows(2) {
+                assert_eq!(pair[0].1 + 1, pair[1].0, "{spans:?}");
+            }
+        }
+        assert_eq!(
+            split_time_span(0, 99, 4),
+            vec![(0, 24), (25, 49), (50, 74), (75, 99)]
+        );
+        let extreme = split_time_span(super::MIN_TS_MICROS, super::MAX_TS_MICROS, 4);
+        assert_eq!(extreme.len(), 4);
+    }
 }
 
 /// Converts epoch microseconds already checked to lie in the stored range.

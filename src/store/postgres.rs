@@ -13,10 +13,11 @@ use sqlx::{Postgres, Row, Transaction};
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
 use super::{
-    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LongObservations,
+    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
     MigrationReport, ModelVersion, ModelVersionSummary, NewForecast, NewModelVersion, NewRun,
     ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome, Schedule, ScheduleSpec, Series,
-    SeriesSpec, Store, StoreError, apply_migrations, datetime_from_micros, series_named, validate,
+    SeriesSpec, Store, StoreError, apply_migrations, datetime_from_micros, join_spans,
+    series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
@@ -286,13 +287,24 @@ impl Store for PostgresStore {
     }
 
     async fn delete_series(&self, name: &str) -> Result<(), StoreError> {
-        let deleted = sqlx::query("DELETE FROM series WHERE name = $1")
+        let mut tx = self.pool.begin().await?;
+        // Observations carry no foreign key (see the migration), so they are
+        // deleted here; the row lock waits for running imports of the series
+        // and keeps new ones out until this commits.
+        let series_id: i64 = sqlx::query_scalar("SELECT id FROM series WHERE name = $1 FOR UPDATE")
             .bind(name)
-            .execute(&self.pool)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::not_found(series_named(name)))?;
+        sqlx::query("DELETE FROM observations WHERE series_id = $1")
+            .bind(series_id)
+            .execute(&mut *tx)
             .await?;
-        if deleted.rows_affected() == 0 {
-            return Err(StoreError::not_found(series_named(name)));
-        }
+        sqlx::query("DELETE FROM series WHERE id = $1")
+            .bind(series_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -311,18 +323,29 @@ impl Store for PostgresStore {
         .bind(&spec.channels)
         .fetch_optional(&mut *tx)
         .await?;
-        let (series_id, channels, created_series) = match inserted {
-            Some(row) => (row.try_get(0)?, spec.channels.clone(), true),
+        let (series_id, channels, created_series, stored_until) = match inserted {
+            Some(row) => (row.try_get(0)?, spec.channels.clone(), true, None),
             None => {
-                // KEY SHARE keeps the series from being deleted while we import.
-                let row =
-                    sqlx::query("SELECT id, channels FROM series WHERE name = $1 FOR KEY SHARE")
-                        .bind(&spec.name)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                // NO KEY UPDATE serialises imports of one series (so the
+                // latest stored timestamp read here stays true until commit)
+                // and keeps the series from being deleted meanwhile, without
+                // blocking foreign-key checks of runs or model versions.
+                let row = sqlx::query(
+                    "SELECT id, channels, (SELECT max(ts) FROM observations WHERE series_id = series.id) \
+                     FROM series WHERE name = $1 FOR NO KEY UPDATE",
+                )
+                .bind(&spec.name)
+                .fetch_one(&mut *tx)
+                .await?;
                 let channels: Vec<String> = row.try_get(1)?;
                 validate::channel_indices(&spec.name, &channels, &spec.channels)?;
-                (row.try_get(0)?, channels, false)
+                let stored_until: Option<DateTime<Utc>> = row.try_get(2)?;
+                (
+                    row.try_get(0)?,
+                    channels,
+                    false,
+                    stored_until.map(|ts| ts.timestamp_micros()),
+                )
             }
         };
         Ok(Box::new(PostgresImport {
@@ -331,6 +354,7 @@ impl Store for PostgresStore {
             series_name: spec.name.clone(),
             channels,
             created_series,
+            stored_until,
             cells_written: 0,
             first_ts_micros: None,
             last_ts_micros: None,
@@ -346,37 +370,42 @@ impl Store for PostgresStore {
     ) -> Result<LongObservations, StoreError> {
         let (from, to) = validate::load_bounds(from_micros, to_micros)?;
         let (series_id, known) = self.series_id_and_channels(series).await?;
-        let from = datetime_from_micros("from", from)?;
-        let to = datetime_from_micros("to", to)?;
-        let query = match channels {
-            None => sqlx::query(
-                "SELECT ts, channel, value FROM observations \
-                 WHERE series_id = $1 AND ts >= $2 AND ts <= $3 ORDER BY ts, channel",
-            )
-            .bind(series_id)
-            .bind(from)
-            .bind(to),
-            Some(requested) => sqlx::query(
-                "SELECT ts, channel, value FROM observations \
-                 WHERE series_id = $1 AND ts >= $2 AND ts <= $3 AND channel = ANY($4) ORDER BY ts, channel",
-            )
-            .bind(series_id)
-            .bind(from)
-            .bind(to)
-            .bind(validate::channel_indices(series, &known, requested)?),
+        let channel_filter = channels
+            .map(|requested| validate::channel_indices(series, &known, requested))
+            .transpose()?;
+        let bounds = sqlx::query(
+            "SELECT min(ts), max(ts) FROM observations WHERE series_id = $1 AND ts >= $2 AND ts <= $3",
+        )
+        .bind(series_id)
+        .bind(datetime_from_micros("from", from)?)
+        .bind(datetime_from_micros("to", to)?)
+        .fetch_one(&self.pool)
+        .await?;
+        let first: Option<DateTime<Utc>> = bounds.try_get(0)?;
+        let last: Option<DateTime<Utc>> = bounds.try_get(1)?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(LongObservations {
+                channels: known,
+                ..LongObservations::default()
+            });
         };
-        let mut observations = LongObservations {
-            channels: known,
-            ..LongObservations::default()
-        };
-        let mut rows = query.fetch(&self.pool);
-        while let Some(row) = rows.try_next().await? {
-            let ts: DateTime<Utc> = row.try_get(0)?;
-            observations.ts_micros.push(ts.timestamp_micros());
-            observations.channel.push(row.try_get::<i16, _>(1)? as u32);
-            observations.value.push(row.try_get(2)?);
-        }
-        Ok(observations)
+        let tasks = split_time_span(
+            first.timestamp_micros(),
+            last.timestamp_micros(),
+            LOAD_SPANS,
+        )
+        .into_iter()
+        .map(|(span_from, span_to)| {
+            tokio::spawn(load_span(
+                self.pool.clone(),
+                series_id,
+                span_from,
+                span_to,
+                channel_filter.clone(),
+            ))
+        })
+        .collect();
+        join_spans(known, tasks).await
     }
 
     async fn observation_range(&self, series: &str) -> Result<ObservationRange, StoreError> {
@@ -798,12 +827,52 @@ impl Store for PostgresStore {
     }
 }
 
+/// One time span of a series' observations, ordered by ts then channel.
+async fn load_span(
+    pool: PgPool,
+    series_id: i64,
+    from: i64,
+    to: i64,
+    channel_filter: Option<Vec<i16>>,
+) -> Result<LongObservations, StoreError> {
+    let from = datetime_from_micros("from", from)?;
+    let to = datetime_from_micros("to", to)?;
+    let query = match channel_filter {
+        None => sqlx::query(
+            "SELECT ts, channel, value FROM observations \
+             WHERE series_id = $1 AND ts >= $2 AND ts <= $3 ORDER BY ts, channel",
+        )
+        .bind(series_id)
+        .bind(from)
+        .bind(to),
+        Some(filter) => sqlx::query(
+            "SELECT ts, channel, value FROM observations \
+             WHERE series_id = $1 AND ts >= $2 AND ts <= $3 AND channel = ANY($4) ORDER BY ts, channel",
+        )
+        .bind(series_id)
+        .bind(from)
+        .bind(to)
+        .bind(filter),
+    };
+    let mut span = LongObservations::default();
+    let mut rows = query.fetch(&pool);
+    while let Some(row) = rows.try_next().await? {
+        let ts: DateTime<Utc> = row.try_get(0)?;
+        span.ts_micros.push(ts.timestamp_micros());
+        span.channel.push(row.try_get::<i16, _>(1)? as u32);
+        span.value.push(row.try_get(2)?);
+    }
+    Ok(span)
+}
+
 struct PostgresImport {
     tx: Transaction<'static, Postgres>,
     series_id: i64,
     series_name: String,
     channels: Vec<String>,
     created_series: bool,
+    /// The latest timestamp the series holds, including this session's writes.
+    stored_until: Option<i64>,
     cells_written: u64,
     first_ts_micros: Option<i64>,
     last_ts_micros: Option<i64>,
@@ -813,27 +882,38 @@ struct PostgresImport {
 impl ImportSession for PostgresImport {
     async fn write(&mut self, batch: &ObservationBatch) -> Result<u64, StoreError> {
         let cells = validate::flatten_batch(&self.series_name, &self.channels, batch)?;
+        // Rows strictly after everything the series holds cannot conflict, and
+        // a plain insert skips the speculative-insertion work of ON CONFLICT.
+        let appends_only = match cells.first_ts_micros.zip(self.stored_until) {
+            Some((first, stored_until)) => first > stored_until,
+            None => true,
+        };
+        let statement = if appends_only {
+            "INSERT INTO observations (series_id, ts, channel, value) \
+             SELECT $1, * FROM UNNEST($2::timestamptz[], $3::int2[], $4::float8[])"
+        } else {
+            // Unchanged values are not rewritten, so re-importing the same
+            // data creates no dead rows.
+            "INSERT INTO observations (series_id, ts, channel, value) \
+             SELECT $1, * FROM UNNEST($2::timestamptz[], $3::int2[], $4::float8[]) \
+             ON CONFLICT (series_id, ts, channel) DO UPDATE SET value = EXCLUDED.value \
+             WHERE observations.value IS DISTINCT FROM EXCLUDED.value"
+        };
         for start in (0..cells.len()).step_by(UPSERT_CHUNK_ROWS) {
             let end = (start + UPSERT_CHUNK_ROWS).min(cells.len());
             let ts = cells.ts_micros[start..end]
                 .iter()
                 .map(|&micros| datetime_from_micros("ts_micros", micros))
                 .collect::<Result<Vec<_>, _>>()?;
-            // Unchanged values are not rewritten, so re-importing the same data
-            // creates no dead rows.
-            sqlx::query(
-                "INSERT INTO observations (series_id, ts, channel, value) \
-                 SELECT $1, * FROM UNNEST($2::timestamptz[], $3::int2[], $4::float8[]) \
-                 ON CONFLICT (series_id, ts, channel) DO UPDATE SET value = EXCLUDED.value \
-                 WHERE observations.value IS DISTINCT FROM EXCLUDED.value",
-            )
-            .bind(self.series_id)
-            .bind(ts)
-            .bind(&cells.channel[start..end])
-            .bind(&cells.value[start..end])
-            .execute(&mut *self.tx)
-            .await?;
+            sqlx::query(statement)
+                .bind(self.series_id)
+                .bind(ts)
+                .bind(&cells.channel[start..end])
+                .bind(&cells.value[start..end])
+                .execute(&mut *self.tx)
+                .await?;
         }
+        self.stored_until = max_option(self.stored_until, cells.last_ts_micros);
         let written = cells.len() as u64;
         self.cells_written += written;
         self.first_ts_micros = min_option(self.first_ts_micros, cells.first_ts_micros);

@@ -22,20 +22,20 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
 use super::{
-    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LongObservations,
+    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
     MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary, NewForecast,
     NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome,
     Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError, apply_migrations,
-    datetime_from_micros, series_named, validate,
+    datetime_from_micros, join_spans, series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Observation rows per multi-row upsert: 1 + 3 × 4096 bind parameters, well
-/// under SQLite's limit of 32766, and few enough statements per million rows.
+/// Observation rows per multi-row upsert: 4 × 4096 bind parameters, well under
+/// SQLite's limit of 32766, and few enough statements per million rows.
 const UPSERT_CHUNK_ROWS: usize = 4096;
-/// Forecast point rows per multi-row insert (1 + 5 × 1024 parameters).
+/// Forecast point rows per multi-row insert (6 × 1024 parameters).
 const FORECAST_CHUNK_ROWS: usize = 1024;
 
 macro_rules! series_columns {
@@ -87,7 +87,11 @@ impl SqliteStore {
             .foreign_keys(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
+            .busy_timeout(Duration::from_secs(30))
+            // Rows cross from SQLite's worker thread in this many per hand-off;
+            // the default (50) makes loading a million observations pay for
+            // tens of thousands of thread wake-ups.
+            .row_buffer_size(8192);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         if !in_memory
             && let Some(parent) = options.get_filename().parent()
@@ -279,22 +283,14 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// `(?1, ?2, …, ?k), (?1, ?k+1, …)`: `rows` tuples that share parameter 1 and
-/// take `per_row` fresh parameters each.
-fn shared_first_values(rows: usize, per_row: usize) -> String {
-    let mut sql = String::with_capacity(rows * per_row * 8);
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?1");
-        for column in 0..per_row {
-            let parameter = 2 + row * per_row + column;
-            sql.push_str(&format!(", ?{parameter}"));
-        }
-        sql.push(')');
-    }
-    sql
+/// `(?, ?, …), (?, ?, …), …`: `rows` tuples of `per_row` parameters.
+///
+/// Only anonymous `?` parameters: sqlx looks up each numbered parameter's
+/// name, and SQLite answers that with a linear scan, which makes binding a
+/// statement with thousands of numbered parameters quadratic.
+fn anonymous_values(rows: usize, per_row: usize) -> String {
+    let tuple = format!("({})", vec!["?"; per_row].join(", "));
+    vec![tuple; rows].join(", ")
 }
 
 /// The observation upsert for `rows` rows. The statement text is a pure
@@ -305,7 +301,7 @@ fn observation_upsert_sql(rows: usize) -> String {
         "INSERT INTO observations (series_id, ts, channel, value) VALUES {} \
          ON CONFLICT (series_id, ts, channel) DO UPDATE SET value = excluded.value \
          WHERE observations.value IS NOT excluded.value",
-        shared_first_values(rows, 3)
+        anonymous_values(rows, 4)
     )
 }
 
@@ -454,38 +450,38 @@ impl Store for SqliteStore {
     ) -> Result<LongObservations, StoreError> {
         let (from, to) = validate::load_bounds(from_micros, to_micros)?;
         let (series_id, known) = self.series_id_and_channels(series).await?;
-        let query = match channels {
-            None => sqlx::query(
-                "SELECT ts, channel, value FROM observations \
-                 WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 ORDER BY ts, channel",
-            )
-            .bind(series_id)
-            .bind(from)
-            .bind(to),
-            Some(requested) => sqlx::query(
-                "SELECT ts, channel, value FROM observations \
-                 WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 \
-                 AND channel IN (SELECT value FROM json_each(?4)) ORDER BY ts, channel",
-            )
-            .bind(series_id)
-            .bind(from)
-            .bind(to)
-            .bind(to_json(
-                "channels",
-                &validate::channel_indices(series, &known, requested)?,
-            )?),
+        let channel_filter = channels
+            .map(|requested| validate::channel_indices(series, &known, requested))
+            .transpose()?
+            .map(|indices| to_json("channels", &indices))
+            .transpose()?;
+        let bounds = sqlx::query(
+            "SELECT min(ts), max(ts) FROM observations WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3",
+        )
+        .bind(series_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&self.pool)
+        .await?;
+        let (Some(first), Some(last)) = (bounds.try_get(0)?, bounds.try_get(1)?) else {
+            return Ok(LongObservations {
+                channels: known,
+                ..LongObservations::default()
+            });
         };
-        let mut observations = LongObservations {
-            channels: known,
-            ..LongObservations::default()
-        };
-        let mut rows = query.fetch(&self.pool);
-        while let Some(row) = rows.try_next().await? {
-            observations.ts_micros.push(row.try_get(0)?);
-            observations.channel.push(row.try_get::<i64, _>(1)? as u32);
-            observations.value.push(row.try_get(2)?);
-        }
-        Ok(observations)
+        let tasks = split_time_span(first, last, LOAD_SPANS)
+            .into_iter()
+            .map(|(span_from, span_to)| {
+                tokio::spawn(load_span(
+                    self.pool.clone(),
+                    series_id,
+                    span_from,
+                    span_to,
+                    channel_filter.clone(),
+                ))
+            })
+            .collect();
+        join_spans(known, tasks).await
     }
 
     async fn observation_range(&self, series: &str) -> Result<ObservationRange, StoreError> {
@@ -869,11 +865,12 @@ impl Store for SqliteStore {
             let end = (start + FORECAST_CHUNK_ROWS).min(rows.value.len());
             let sql = format!(
                 "INSERT INTO forecast_points (forecast_id, step, ts, channel, quantile, value) VALUES {}",
-                shared_first_values(end - start, 5)
+                anonymous_values(end - start, 6)
             );
-            let mut insert = sqlx::query(AssertSqlSafe(sql)).bind(stored.id);
+            let mut insert = sqlx::query(AssertSqlSafe(sql));
             for row in start..end {
                 insert = insert
+                    .bind(stored.id)
                     .bind(rows.step[row])
                     .bind(rows.ts[row].timestamp_micros())
                     .bind(&rows.channel[row])
@@ -923,6 +920,43 @@ impl Store for SqliteStore {
     }
 }
 
+/// One time span of a series' observations, ordered by ts then channel.
+/// `channel_filter` is a JSON array of channel indices.
+async fn load_span(
+    pool: SqlitePool,
+    series_id: i64,
+    from: i64,
+    to: i64,
+    channel_filter: Option<String>,
+) -> Result<LongObservations, StoreError> {
+    let query = match channel_filter {
+        None => sqlx::query(
+            "SELECT ts, channel, value FROM observations \
+             WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 ORDER BY ts, channel",
+        )
+        .bind(series_id)
+        .bind(from)
+        .bind(to),
+        Some(filter) => sqlx::query(
+            "SELECT ts, channel, value FROM observations \
+             WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 \
+             AND channel IN (SELECT value FROM json_each(?4)) ORDER BY ts, channel",
+        )
+        .bind(series_id)
+        .bind(from)
+        .bind(to)
+        .bind(filter),
+    };
+    let mut span = LongObservations::default();
+    let mut rows = query.fetch(&pool);
+    while let Some(row) = rows.try_next().await? {
+        span.ts_micros.push(row.try_get(0)?);
+        span.channel.push(row.try_get::<i64, _>(1)? as u32);
+        span.value.push(row.try_get(2)?);
+    }
+    Ok(span)
+}
+
 struct SqliteImport {
     tx: Transaction<'static, Sqlite>,
     series_id: i64,
@@ -945,9 +979,10 @@ impl ImportSession for SqliteImport {
             } else {
                 AssertSqlSafe(std::borrow::Cow::Owned(observation_upsert_sql(end - start)))
             };
-            let mut upsert = sqlx::query(sql).bind(self.series_id);
+            let mut upsert = sqlx::query(sql);
             for row in start..end {
                 upsert = upsert
+                    .bind(self.series_id)
                     .bind(cells.ts_micros[row])
                     .bind(i64::from(cells.channel[row]))
                     .bind(cells.value[row]);
