@@ -156,19 +156,18 @@ pub async fn load_frame(
                 "series '{series}' has an unusable frequency: {err}"
             ))
         })?;
-    if let Some(wanted) = &options.channels {
-        if let Some(unknown) = wanted
+    if let Some(wanted) = &options.channels
+        && let Some(unknown) = wanted
             .iter()
             .find(|channel| !record.channels.contains(channel))
-        {
-            return Err(DataError::invalid_column(
-                unknown,
-                format!(
-                    "not a channel of series '{series}' (its channels: {})",
-                    record.channels.join(", ")
-                ),
-            ));
-        }
+    {
+        return Err(DataError::invalid_column(
+            unknown,
+            format!(
+                "not a channel of series '{series}' (its channels: {})",
+                record.channels.join(", ")
+            ),
+        ));
     }
     let observations = store
         .load_observations(
