@@ -37,7 +37,7 @@ pub struct Settings {
     /// Where each key's effective value came from (key → source); keys absent
     /// here hold their built-in default.
     #[serde(skip)]
-    pub origins: BTreeMap<&'static str, SettingOrigin>,
+    pub origins: BTreeMap<String, SettingOrigin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,15 +143,16 @@ impl Settings {
 
         if let Some(url) = env_value(ENV_DATABASE_URL) {
             settings.store.database_url = Some(url.to_string());
-            settings
-                .origins
-                .insert("store.database_url", SettingOrigin::Env(ENV_DATABASE_URL));
+            settings.origins.insert(
+                "store.database_url".into(),
+                SettingOrigin::Env(ENV_DATABASE_URL),
+            );
         }
         if let Some(dir) = env_value(ENV_DATA_DIR) {
             settings.store.data_dir = PathBuf::from(dir);
             settings
                 .origins
-                .insert("store.data_dir", SettingOrigin::Env(ENV_DATA_DIR));
+                .insert("store.data_dir".into(), SettingOrigin::Env(ENV_DATA_DIR));
         }
         if let Some(bind) = env_value(ENV_BIND) {
             settings.server.bind = bind.parse().map_err(|_| {
@@ -159,36 +160,32 @@ impl Settings {
             })?;
             settings
                 .origins
-                .insert("server.bind", SettingOrigin::Env(ENV_BIND));
+                .insert("server.bind".into(), SettingOrigin::Env(ENV_BIND));
         }
         if let Some(key) = env_value(ENV_API_KEY) {
             settings.server.api_key = Some(key.to_string());
             settings
                 .origins
-                .insert("server.api_key", SettingOrigin::Env(ENV_API_KEY));
+                .insert("server.api_key".into(), SettingOrigin::Env(ENV_API_KEY));
         }
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Records which keys the file set, by reading its table structure (the
-    /// typed parse above has already rejected unknown keys).
+    /// Records which keys the file set, as `section.key` (the typed parse
+    /// above has already rejected unknown keys, so every key found is real).
     fn with_file_origins(mut self, label: &str, text: &str) -> anyhow::Result<Self> {
         let table: toml::Table = toml::from_str(text)
             .map_err(|err| anyhow::anyhow!("configuration file {label}: {err}"))?;
-        for (key, origin_key) in [
-            (("server", "bind"), "server.bind"),
-            (("server", "api_key"), "server.api_key"),
-            (("store", "data_dir"), "store.data_dir"),
-            (("store", "database_url"), "store.database_url"),
-        ] {
-            let present = table
-                .get(key.0)
-                .and_then(|section| section.get(key.1))
-                .is_some();
-            if present {
-                self.origins
-                    .insert(origin_key, SettingOrigin::File(label.to_string()));
+        for (section_name, section) in &table {
+            let Some(section) = section.as_table() else {
+                continue;
+            };
+            for key in section.keys() {
+                self.origins.insert(
+                    format!("{section_name}.{key}"),
+                    SettingOrigin::File(label.to_string()),
+                );
             }
         }
         Ok(self)
@@ -222,7 +219,7 @@ impl Settings {
 
     /// The name a user would look for when a value is wrong: the environment
     /// variable when one set it, else the TOML key.
-    fn origin_label(&self, key: &'static str) -> String {
+    fn origin_label(&self, key: &str) -> String {
         match self.origins.get(key) {
             Some(SettingOrigin::Env(var)) => (*var).to_string(),
             Some(SettingOrigin::File(path)) => format!("{key} (in {path})"),

@@ -228,6 +228,61 @@ store_tests! {
         assert_eq!(loaded.value[6], 3.0, "hour 3 of channel a is back to its original value");
     }
 
+    async fn concurrent_imports_of_a_new_series_both_land(store) {
+        let spec = spec("race", &["a"]);
+        let batch = hourly_batch(&["a"], 6);
+        let early = ObservationBatch {
+            channels: batch.channels.clone(),
+            ts_micros: batch.ts_micros[..4].to_vec(),
+            values: vec![batch.values[0][..4].to_vec()],
+        };
+        let late = ObservationBatch {
+            channels: batch.channels.clone(),
+            ts_micros: batch.ts_micros[2..].to_vec(),
+            values: vec![vec![Some(-2.0), Some(-3.0), Some(-4.0), Some(-5.0)]],
+        };
+        let mut first = store.begin_import(&spec).await.unwrap();
+        first.write(&early).await.unwrap();
+        let second = {
+            let store = store.clone();
+            let spec = spec.clone();
+            tokio::spawn(async move {
+                let mut session = store.begin_import(&spec).await?;
+                session.write(&late).await?;
+                session.commit().await
+            })
+        };
+        // Give the second import time to reach the point where it waits.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let first = first.commit().await.unwrap();
+        let second = second.await.unwrap().unwrap();
+        assert!(first.created_series);
+        assert!(!second.created_series);
+        let loaded = store.load_observations("race", None, None, None).await.unwrap();
+        assert_eq!(loaded.value, vec![0.0, 1.0, -2.0, -3.0, -4.0, -5.0], "the later commit wins the overlap");
+    }
+
+    async fn concurrent_promotions_leave_one_champion(store) {
+        let series = create(&store, "energy").await;
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let version = model_version(series.id, ModelVersionStatus::Ready, None);
+            ids.push(store.insert_model_version(&version).await.unwrap().id);
+        }
+        let promotions: Vec<_> = (0..12)
+            .map(|round| {
+                let store = store.clone();
+                let id = ids[round % ids.len()];
+                tokio::spawn(async move { store.promote_model_version(id).await })
+            })
+            .collect();
+        for promotion in promotions {
+            promotion.await.unwrap().unwrap();
+        }
+        let versions = store.list_model_versions(series.id).await.unwrap();
+        assert_eq!(versions.iter().filter(|version| version.is_champion).count(), 1);
+    }
+
     async fn dropped_import_session_writes_nothing(store) {
         let spec = spec("ghost", &["a"]);
         {
@@ -603,7 +658,22 @@ mod reconnect {
 
     #[tokio::test]
     async fn unreachable_postgres_is_unavailable() {
-        let result = store::connect("postgres://postgres@127.0.0.1:1/none").await;
-        assert!(matches!(result.err(), Some(StoreError::Unavailable(_))));
+        let started = std::time::Instant::now();
+        let result = store::connect("postgres://postgres:pw@127.0.0.1:1/none").await;
+        match result.err() {
+            Some(StoreError::Unavailable(message)) => {
+                assert!(message.contains("127.0.0.1:1"), "{message}");
+                assert!(!message.contains("pw@"), "the password leaked: {message}");
+                assert!(
+                    !message.contains("timed out"),
+                    "the cause is hidden: {message}"
+                );
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "a refused connection fails fast"
+        );
     }
 }

@@ -7,17 +7,17 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row, Transaction};
 
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
 use super::{
     Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
-    MigrationReport, ModelVersion, ModelVersionSummary, NewForecast, NewModelVersion, NewRun,
-    ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome, Schedule, ScheduleSpec, Series,
-    SeriesSpec, Store, StoreError, apply_migrations, datetime_from_micros, join_spans,
-    series_named, split_time_span, validate,
+    MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary, NewForecast,
+    NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome,
+    Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError, apply_migrations,
+    datetime_from_micros, join_spans, series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
@@ -65,17 +65,26 @@ impl PostgresStore {
         let options: PgConnectOptions = url.parse().map_err(|err| {
             StoreError::invalid("database_url", format!("{}: {err}", mask_database_url(url)))
         })?;
+        let unavailable = |err: sqlx::Error| {
+            StoreError::Unavailable(format!(
+                "cannot connect to {}: {err}",
+                mask_database_url(url)
+            ))
+        };
+        // One direct attempt first: the pool retries until its timeout and
+        // then reports only "timed out", hiding why (refused, auth, no such database).
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(unavailable)?
+            .close()
+            .await
+            .map_err(unavailable)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|err| {
-                StoreError::Unavailable(format!(
-                    "cannot connect to {}: {err}",
-                    mask_database_url(url)
-                ))
-            })?;
+            .map_err(unavailable)?;
         Ok(Self { pool })
     }
 
@@ -521,8 +530,8 @@ impl Store for PostgresStore {
             .await?
             .ok_or_else(|| StoreError::not_found(format!("model version {id}")))?;
         let series_id: i64 = row.try_get(0)?;
-        let status: super::ModelVersionStatus = row.try_get::<&str, _>(1)?.parse()?;
-        if status == super::ModelVersionStatus::Rejected {
+        let status: ModelVersionStatus = row.try_get::<&str, _>(1)?.parse()?;
+        if status == ModelVersionStatus::Rejected {
             return Err(StoreError::Conflict(format!(
                 "model version {id} was rejected and cannot become the champion"
             )));

@@ -17,7 +17,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection, Transaction};
 
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
@@ -115,13 +115,24 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new().max_connections(8)
         };
+        let unavailable = |err: sqlx::Error| {
+            StoreError::Unavailable(format!("cannot open {}: {err}", mask_database_url(url)))
+        };
+        // One direct attempt first: the pool retries until its timeout and
+        // then reports only "timed out", hiding why (permissions, not a database).
+        if !in_memory {
+            SqliteConnection::connect_with(&options)
+                .await
+                .map_err(unavailable)?
+                .close()
+                .await
+                .map_err(unavailable)?;
+        }
         let pool = pool_options
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
-            .map_err(|err| {
-                StoreError::Unavailable(format!("cannot open {}: {err}", mask_database_url(url)))
-            })?;
+            .map_err(unavailable)?;
         Ok(Self { pool })
     }
 
