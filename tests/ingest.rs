@@ -155,7 +155,7 @@ store_tests! {
                 batch_rows: 2,
                 ..options("s")
             };
-            let err = import(store.as_ref(), csv, &opts).await.err().expect(expected).to_string();
+            let err = import(store.as_ref(), csv, &opts).await.expect_err(expected).to_string();
             assert!(err.starts_with(expected), "expected '{expected}', got '{err}'");
             assert_eq!(load(store.as_ref(), "s").await, before, "after '{expected}'");
         }
@@ -173,7 +173,7 @@ store_tests! {
         ];
         for (csv, expected) in cases {
             let opts = ImportOptions { batch_rows: 2, ..options("fresh") };
-            let err = import(store.as_ref(), csv, &opts).await.err().expect(expected).to_string();
+            let err = import(store.as_ref(), csv, &opts).await.expect_err(expected).to_string();
             assert!(err.starts_with(expected), "expected '{expected}', got '{err}'");
             assert!(store.get_series("fresh").await.unwrap().is_none(), "series created by '{expected}'");
         }

@@ -2,8 +2,8 @@
 //!
 //! Long observations (channel, ts, value) are pivoted to one column per channel on a regular
 //! time grid:
-//! - the step is the series' frequency, else `FrameOptions::frequency`, else inferred (the
-//!   most common positive step between distinct timestamps);
+//! - the step is `FrameOptions::frequency` (to resample), else the series' frequency, else
+//!   inferred (the most common positive step between distinct timestamps);
 //! - buckets are aligned to the Unix epoch in UTC and labelled by their start; a bucket holds
 //!   the mean of the observations inside it (so duplicates and sub-step jitter average out);
 //! - the grid runs from the first to the last bucket holding data, with empty buckets
@@ -44,8 +44,8 @@ pub const CALENDAR_COLUMNS: [&str; 6] = [
 
 #[derive(Debug, Clone)]
 pub struct FrameOptions {
-    /// Grid step when the series records none; inferred from the data when this is `None`
-    /// too. A series' recorded frequency always wins, so frames of one series agree.
+    /// Grid step, to resample (e.g. an hourly series to 1d); default: the series' recorded
+    /// frequency, else inferred from the data.
     pub frequency: Option<Frequency>,
     /// Longest run of empty buckets filled by linear interpolation; 0 disables filling.
     pub interpolation_limit: usize,
@@ -156,19 +156,18 @@ pub async fn load_frame(
                 "series '{series}' has an unusable frequency: {err}"
             ))
         })?;
-    if let Some(wanted) = &options.channels {
-        if let Some(unknown) = wanted
+    if let Some(wanted) = &options.channels
+        && let Some(unknown) = wanted
             .iter()
             .find(|channel| !record.channels.contains(channel))
-        {
-            return Err(DataError::invalid_column(
-                unknown,
-                format!(
-                    "not a channel of series '{series}' (its channels: {})",
-                    record.channels.join(", ")
-                ),
-            ));
-        }
+    {
+        return Err(DataError::invalid_column(
+            unknown,
+            format!(
+                "not a channel of series '{series}' (its channels: {})",
+                record.channels.join(", ")
+            ),
+        ));
     }
     let observations = store
         .load_observations(
@@ -245,7 +244,7 @@ pub fn build_frame(
         }
     }
 
-    let frequency = match recorded_frequency.or(options.frequency) {
+    let frequency = match options.frequency.or(recorded_frequency) {
         Some(frequency) => frequency,
         None => {
             let mut distinct = ts_micros.clone();
@@ -256,7 +255,7 @@ pub fn build_frame(
             infer_frequency(&distinct).ok_or_else(|| {
                 DataError::invalid(format!(
                     "cannot infer the frequency of series '{series}': it needs observations at \
-                     two or more distinct times in the range; record a frequency on the series"
+                     two or more distinct times in the range, or a frequency given explicitly"
                 ))
             })?
         }
@@ -549,23 +548,25 @@ mod tests {
     }
 
     #[test]
-    fn recorded_frequency_wins_over_the_option() {
-        let observations = long(&["a"], &[(0, 0, 1.0), (0, 2 * HOUR, 3.0)]);
+    fn the_option_resamples_over_the_recorded_frequency() {
+        let observations = long(&["a"], &[(0, 0, 1.0), (0, HOUR, 3.0), (0, 2 * HOUR, 8.0)]);
+        let recorded = Frequency::from_micros(HOUR);
+        let frame = build_frame(
+            "s",
+            recorded,
+            Tz::UTC,
+            &observations,
+            &FrameOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(frame.height(), 3);
         let options = FrameOptions {
             frequency: Frequency::from_micros(2 * HOUR),
             ..FrameOptions::default()
         };
-        let frame = build_frame(
-            "s",
-            Frequency::from_micros(HOUR),
-            Tz::UTC,
-            &observations,
-            &options,
-        )
-        .unwrap();
-        assert_eq!(frame.height(), 3);
-        let frame = build_frame("s", None, Tz::UTC, &observations, &options).unwrap();
-        assert_eq!(frame.height(), 2);
+        let frame = build_frame("s", recorded, Tz::UTC, &observations, &options).unwrap();
+        assert_eq!(frame.frequency, options.frequency.unwrap());
+        assert_eq!(column(&frame, "a"), vec![Some(2.0), Some(8.0)]);
     }
 
     #[test]
