@@ -63,8 +63,11 @@ pub fn scan(
         let log_f_plus_m = state.m.add(&log_sigmoid(&f_pre)?)?;
         let empty = state.n.eq(0.0)?;
         let m = empty.where_cond(&i_pre, &i_pre.maximum(&log_f_plus_m)?)?;
-        let i = i_pre.sub(&m)?.exp()?.minimum(1.0)?;
-        let f = log_f_plus_m.sub(&m)?.exp()?.minimum(1.0)?;
+        // The official min(exp(·), 1), taken in the log domain: same values and the same
+        // gradients (ties split alike), but an exp that overflows in the empty-state case
+        // (m = ĩ far below logσ(f̃) + m₀) cannot become 0·∞ = NaN in the backward pass.
+        let i = i_pre.sub(&m)?.minimum(0.0)?.exp()?;
+        let f = log_f_plus_m.sub(&m)?.minimum(0.0)?.exp()?;
         let c = f.mul(&state.c)?.add(&i.mul(&z_pre.tanh()?)?)?;
         let n = f.mul(&state.n)?.add(&i)?;
         let h = candle_nn::ops::sigmoid(&o_pre)?.mul(&c)?.div(&n)?;
