@@ -1,8 +1,10 @@
 //! Plain candle-ops sLSTM scan: a time loop mirroring the official vanilla backend op for op,
 //! so that candle autodiff (which, like torch, splits the gradient evenly at ties of
 //! `maximum`/`minimum`) reproduces the official gradients, including those through the final
-//! c, n, m. This is the test oracle; it is slow (a few dozen small ops per time step).
-//! Works for any float dtype (the fused CPU kernel is f32 only).
+//! c, n, m. This is the test oracle; it is slow (a few dozen small ops per time step), and
+//! candle's backward pass walks its graph recursively, so back-propagating through ~1000 steps
+//! needs a thread stack of tens of MiB. Works for any float dtype (the fused CPU kernel is
+//! f32 only).
 
 use super::{NUM_GATES, ScanDims, SlstmState};
 use candle_core::{D, Result, Tensor};

@@ -446,50 +446,65 @@ mod avx2 {
         let width = acc.len();
         let count = weights.len();
         let acc_ptr = acc.as_mut_ptr();
-        let rows_ptr = rows.as_ptr();
         let mut col = 0;
-        // SAFETY: all offsets stay below `width` within a row of `width` values, and below
-        // `count` rows.
+        // SAFETY: every pointer read or written is `col + q < width` into `acc` or into one of
+        // the `count` rows of `width` values. Inner loops step pointers with `wrapping_add`
+        // (no debug-build overflow checks on the hot path).
         unsafe {
-            // Four accumulator vectors stay in registers across all rows.
-            while col + 4 * LANES <= width {
-                let mut a0 = load_ptr(acc_ptr.add(col));
-                let mut a1 = load_ptr(acc_ptr.add(col + LANES));
-                let mut a2 = load_ptr(acc_ptr.add(col + 2 * LANES));
-                let mut a3 = load_ptr(acc_ptr.add(col + 3 * LANES));
-                let mut k = 0;
-                while k < count {
-                    let w = _mm256_set1_ps(*weights.get_unchecked(k));
-                    let row = rows_ptr.add(k * width + col);
+            // Eight accumulator vectors (64 columns) stay in registers across all rows.
+            while col + 8 * LANES <= width {
+                let out = acc_ptr.add(col);
+                let mut a0 = load_ptr(out);
+                let mut a1 = load_ptr(out.wrapping_add(LANES));
+                let mut a2 = load_ptr(out.wrapping_add(2 * LANES));
+                let mut a3 = load_ptr(out.wrapping_add(3 * LANES));
+                let mut a4 = load_ptr(out.wrapping_add(4 * LANES));
+                let mut a5 = load_ptr(out.wrapping_add(5 * LANES));
+                let mut a6 = load_ptr(out.wrapping_add(6 * LANES));
+                let mut a7 = load_ptr(out.wrapping_add(7 * LANES));
+                let mut row = rows.as_ptr().add(col);
+                let mut weight = weights.as_ptr();
+                let weights_end = weight.wrapping_add(count);
+                while weight != weights_end {
+                    let w = _mm256_set1_ps(*weight);
                     a0 = _mm256_fmadd_ps(w, load_ptr(row), a0);
-                    a1 = _mm256_fmadd_ps(w, load_ptr(row.add(LANES)), a1);
-                    a2 = _mm256_fmadd_ps(w, load_ptr(row.add(2 * LANES)), a2);
-                    a3 = _mm256_fmadd_ps(w, load_ptr(row.add(3 * LANES)), a3);
-                    k += 1;
+                    a1 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(LANES)), a1);
+                    a2 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(2 * LANES)), a2);
+                    a3 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(3 * LANES)), a3);
+                    a4 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(4 * LANES)), a4);
+                    a5 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(5 * LANES)), a5);
+                    a6 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(6 * LANES)), a6);
+                    a7 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(7 * LANES)), a7);
+                    row = row.wrapping_add(width);
+                    weight = weight.wrapping_add(1);
                 }
-                store_ptr(acc_ptr.add(col), a0);
-                store_ptr(acc_ptr.add(col + LANES), a1);
-                store_ptr(acc_ptr.add(col + 2 * LANES), a2);
-                store_ptr(acc_ptr.add(col + 3 * LANES), a3);
-                col += 4 * LANES;
+                store_ptr(out, a0);
+                store_ptr(out.wrapping_add(LANES), a1);
+                store_ptr(out.wrapping_add(2 * LANES), a2);
+                store_ptr(out.wrapping_add(3 * LANES), a3);
+                store_ptr(out.wrapping_add(4 * LANES), a4);
+                store_ptr(out.wrapping_add(5 * LANES), a5);
+                store_ptr(out.wrapping_add(6 * LANES), a6);
+                store_ptr(out.wrapping_add(7 * LANES), a7);
+                col += 8 * LANES;
             }
             while col + LANES <= width {
-                let mut a = load_ptr(acc_ptr.add(col));
-                let mut k = 0;
-                while k < count {
-                    let w = _mm256_set1_ps(*weights.get_unchecked(k));
-                    a = _mm256_fmadd_ps(w, load_ptr(rows_ptr.add(k * width + col)), a);
-                    k += 1;
+                let out = acc_ptr.add(col);
+                let mut a = load_ptr(out);
+                let mut row = rows.as_ptr().add(col);
+                for &w in weights {
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(w), load_ptr(row), a);
+                    row = row.wrapping_add(width);
                 }
-                store_ptr(acc_ptr.add(col), a);
+                store_ptr(out, a);
                 col += LANES;
             }
             while col < width {
                 let mut a = *acc_ptr.add(col);
-                let mut k = 0;
-                while k < count {
-                    a += *weights.get_unchecked(k) * *rows_ptr.add(k * width + col);
-                    k += 1;
+                let mut row = rows.as_ptr().add(col);
+                for &w in weights {
+                    a += w * *row;
+                    row = row.wrapping_add(width);
                 }
                 *acc_ptr.add(col) = a;
                 col += 1;
