@@ -17,6 +17,16 @@ struct Dims {
     head_dim: usize,
 }
 
+/// Shorthand: `dims(batch, seq_len, heads, head_dim)`.
+fn dims(batch: usize, seq_len: usize, heads: usize, head_dim: usize) -> Dims {
+    Dims {
+        batch,
+        seq_len,
+        heads,
+        head_dim,
+    }
+}
+
 impl Dims {
     fn hidden(&self) -> usize {
         self.heads * self.head_dim
@@ -152,12 +162,7 @@ fn check_fused_matches_reference(seed: u64, d: Dims, given_init: bool, x_scale: 
 
 #[test]
 fn fused_matches_reference_single_step() {
-    let d = Dims {
-        batch: 3,
-        seq_len: 1,
-        heads: 2,
-        head_dim: 4,
-    };
+    let d = dims(3, 1, 2, 4);
     check_fused_matches_reference(1, d, false, 1.0);
     check_fused_matches_reference(2, d, true, 1.0);
 }
@@ -165,33 +170,11 @@ fn fused_matches_reference_single_step() {
 #[test]
 fn fused_matches_reference_short_sequences() {
     for (seed, d) in [
-        (
-            3,
-            Dims {
-                batch: 2,
-                seq_len: 7,
-                heads: 1,
-                head_dim: 1,
-            },
-        ),
-        (
-            4,
-            Dims {
-                batch: 4,
-                seq_len: 19,
-                heads: 3,
-                head_dim: 5,
-            },
-        ),
-        (
-            5,
-            Dims {
-                batch: 2,
-                seq_len: 33,
-                heads: 2,
-                head_dim: 16,
-            },
-        ),
+        (3, dims(2, 7, 1, 1)),
+        (4, dims(4, 19, 3, 5)),
+        (5, dims(2, 33, 2, 16)),
+        // One 8-wide vector block plus a scalar tail per head.
+        (6, dims(3, 21, 2, 12)),
     ] {
         check_fused_matches_reference(seed, d, false, 1.0);
         check_fused_matches_reference(seed + 100, d, true, 1.0);
@@ -205,12 +188,7 @@ fn fused_matches_reference_long_sequence() {
     std::thread::Builder::new()
         .stack_size(512 << 20)
         .spawn(|| {
-            let d = Dims {
-                batch: 2,
-                seq_len: 1024,
-                heads: 2,
-                head_dim: 2,
-            };
+            let d = dims(2, 1024, 2, 2);
             check_fused_matches_reference(6, d, false, 1.0);
             check_fused_matches_reference(7, d, true, 1.0);
         })
@@ -221,24 +199,15 @@ fn fused_matches_reference_long_sequence() {
 
 #[test]
 fn fused_matches_reference_with_extreme_preactivations() {
-    let d = Dims {
-        batch: 2,
-        seq_len: 40,
-        heads: 2,
-        head_dim: 3,
-    };
-    check_fused_matches_reference(8, d, false, 50.0);
-    check_fused_matches_reference(9, d, true, 50.0);
+    for d in [dims(2, 40, 2, 3), dims(2, 40, 2, 11)] {
+        check_fused_matches_reference(8, d, false, 50.0);
+        check_fused_matches_reference(9, d, true, 50.0);
+    }
 }
 
 #[test]
 fn fused_is_finite_for_saturated_gates_over_long_sequences() {
-    let d = Dims {
-        batch: 2,
-        seq_len: 2048,
-        heads: 2,
-        head_dim: 4,
-    };
+    let d = dims(2, 2048, 2, 12);
     let mut inputs = random_inputs(10, d, true, 1.0);
     // Every pre-activation at ±50: gates fully saturated, the stabiliser moving by ±50 a step.
     let signs = normal(&mut StdRng::seed_from_u64(11), inputs.x.dims(), 1.0)
@@ -281,12 +250,8 @@ fn with_element(t: &Tensor, idx: usize, delta: f32) -> Tensor {
 
 #[test]
 fn fused_gradients_match_finite_differences() {
-    let d = Dims {
-        batch: 2,
-        seq_len: 5,
-        heads: 2,
-        head_dim: 3,
-    };
+    // DH = 9: the vector kernels for units 0..8, the scalar ones for unit 8.
+    let d = dims(2, 4, 2, 9);
     let inputs = random_inputs(12, d, true, 1.0);
     let analytic = run(slstm::scan, &inputs).grads;
     let step = 5e-3f32;
@@ -336,12 +301,7 @@ fn state_carried_across_calls_matches_one_scan() {
     // Two chunks with the state handed over: outputs equal one scan over the whole sequence,
     // and the fused gradients (m constant, final-m gradient ignored) equal the reference's
     // (m differentiated) because the chained loss on h does not depend on the stabiliser.
-    let d = Dims {
-        batch: 2,
-        seq_len: 24,
-        heads: 2,
-        head_dim: 4,
-    };
+    let d = dims(2, 24, 2, 4);
     let inputs = random_inputs(13, d, true, 1.0);
     let split = 10;
     let chained = |scan: ScanFn| {
@@ -402,12 +362,7 @@ fn state_carried_across_calls_matches_one_scan() {
 
 #[test]
 fn inference_without_gradient_tracking_matches() {
-    let d = Dims {
-        batch: 3,
-        seq_len: 9,
-        heads: 2,
-        head_dim: 4,
-    };
+    let d = dims(3, 9, 2, 4);
     let inputs = random_inputs(14, d, true, 1.0);
     let initial = SlstmState::from_stacked(inputs.init.as_ref().unwrap()).unwrap();
     let (h, state) = slstm::scan(&inputs.x, &inputs.r, &inputs.bias, Some(&initial)).unwrap();
@@ -428,17 +383,7 @@ fn zero_state_helpers_round_trip() {
     let zeros = SlstmState::zeros(3, 8, &Device::Cpu).unwrap();
     let stacked = zeros.stacked().unwrap();
     assert_eq!(stacked.dims(), [4, 3, 8]);
-    let inputs = random_inputs(
-        15,
-        Dims {
-            batch: 3,
-            seq_len: 4,
-            heads: 2,
-            head_dim: 4,
-        },
-        false,
-        1.0,
-    );
+    let inputs = random_inputs(15, dims(3, 4, 2, 4), false, 1.0);
     let (h_none, _) = slstm::scan(&inputs.x, &inputs.r, &inputs.bias, None).unwrap();
     let (h_zero, _) = slstm::scan(&inputs.x, &inputs.r, &inputs.bias, Some(&zeros)).unwrap();
     assert_close("None vs explicit zero state", &h_none, &h_zero, 0.0, 0.0);
@@ -455,12 +400,7 @@ fn zero_state_helpers_round_trip() {
 
 #[test]
 fn argument_errors_name_the_argument() {
-    let d = Dims {
-        batch: 2,
-        seq_len: 3,
-        heads: 2,
-        head_dim: 4,
-    };
+    let d = dims(2, 3, 2, 4);
     let inputs = random_inputs(16, d, false, 1.0);
     let (x, r, bias) = (&inputs.x, &inputs.r, &inputs.bias);
     let cpu = &Device::Cpu;

@@ -1,8 +1,10 @@
 //! Plain candle-ops sLSTM scan: a time loop mirroring the official vanilla backend op for op,
 //! so that candle autodiff (which, like torch, splits the gradient evenly at ties of
 //! `maximum`/`minimum`) reproduces the official gradients, including those through the final
-//! c, n, m. This is the test oracle; it is slow (a few dozen small ops per time step).
-//! Works for any float dtype (the fused CPU kernel is f32 only).
+//! c, n, m. This is the test oracle; it is slow (a few dozen small ops per time step), and
+//! candle's backward pass walks its graph recursively, so back-propagating through ~1000 steps
+//! needs a thread stack of tens of MiB. Works for any float dtype (the fused CPU kernel is
+//! f32 only).
 
 use super::{NUM_GATES, ScanDims, SlstmState};
 use candle_core::{D, Result, Tensor};
@@ -63,8 +65,11 @@ pub fn scan(
         let log_f_plus_m = state.m.add(&log_sigmoid(&f_pre)?)?;
         let empty = state.n.eq(0.0)?;
         let m = empty.where_cond(&i_pre, &i_pre.maximum(&log_f_plus_m)?)?;
-        let i = i_pre.sub(&m)?.exp()?.minimum(1.0)?;
-        let f = log_f_plus_m.sub(&m)?.exp()?.minimum(1.0)?;
+        // The official min(exp(·), 1), taken in the log domain: same values and the same
+        // gradients (ties split alike), but an exp that overflows in the empty-state case
+        // (m = ĩ far below logσ(f̃) + m₀) cannot become 0·∞ = NaN in the backward pass.
+        let i = i_pre.sub(&m)?.minimum(0.0)?.exp()?;
+        let f = log_f_plus_m.sub(&m)?.minimum(0.0)?.exp()?;
         let c = f.mul(&state.c)?.add(&i.mul(&z_pre.tanh()?)?)?;
         let n = f.mul(&state.n)?.add(&i)?;
         let h = candle_nn::ops::sigmoid(&o_pre)?.mul(&c)?.div(&n)?;

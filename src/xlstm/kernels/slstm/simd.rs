@@ -198,6 +198,20 @@ mod portable {
         (log_sigmoid, sig_neg)
     }
 
+    /// `max` that keeps a NaN (like torch), where `f32::max` would drop it.
+    fn max_or_nan(a: f32, b: f32) -> f32 {
+        if a.is_nan() || b.is_nan() {
+            f32::NAN
+        } else {
+            a.max(b)
+        }
+    }
+
+    /// `min(v, 1)` that keeps a NaN.
+    fn at_most_one(v: f32) -> f32 {
+        if v > 1.0 { 1.0 } else { v }
+    }
+
     fn sigmoid(v: f32) -> f32 {
         let e = (-v.abs()).exp();
         if v >= 0.0 {
@@ -225,10 +239,10 @@ mod portable {
             let m_new = if state.n[j] == 0.0 {
                 i_pre
             } else {
-                i_pre.max(log_f_plus_m)
+                max_or_nan(i_pre, log_f_plus_m)
             };
-            let i = (i_pre - m_new).exp().min(1.0);
-            let f = (log_f_plus_m - m_new).exp().min(1.0);
+            let i = at_most_one((i_pre - m_new).exp());
+            let f = at_most_one((log_f_plus_m - m_new).exp());
             let z = z_pre.tanh();
             let o = sigmoid(o_pre);
             let c_new = f * state.c[j] + i * z;
@@ -432,50 +446,65 @@ mod avx2 {
         let width = acc.len();
         let count = weights.len();
         let acc_ptr = acc.as_mut_ptr();
-        let rows_ptr = rows.as_ptr();
         let mut col = 0;
-        // SAFETY: all offsets stay below `width` within a row of `width` values, and below
-        // `count` rows.
+        // SAFETY: every pointer read or written is `col + q < width` into `acc` or into one of
+        // the `count` rows of `width` values. Inner loops step pointers with `wrapping_add`
+        // (no debug-build overflow checks on the hot path).
         unsafe {
-            // Four accumulator vectors stay in registers across all rows.
-            while col + 4 * LANES <= width {
-                let mut a0 = load_ptr(acc_ptr.add(col));
-                let mut a1 = load_ptr(acc_ptr.add(col + LANES));
-                let mut a2 = load_ptr(acc_ptr.add(col + 2 * LANES));
-                let mut a3 = load_ptr(acc_ptr.add(col + 3 * LANES));
-                let mut k = 0;
-                while k < count {
-                    let w = _mm256_set1_ps(*weights.get_unchecked(k));
-                    let row = rows_ptr.add(k * width + col);
+            // Eight accumulator vectors (64 columns) stay in registers across all rows.
+            while col + 8 * LANES <= width {
+                let out = acc_ptr.add(col);
+                let mut a0 = load_ptr(out);
+                let mut a1 = load_ptr(out.wrapping_add(LANES));
+                let mut a2 = load_ptr(out.wrapping_add(2 * LANES));
+                let mut a3 = load_ptr(out.wrapping_add(3 * LANES));
+                let mut a4 = load_ptr(out.wrapping_add(4 * LANES));
+                let mut a5 = load_ptr(out.wrapping_add(5 * LANES));
+                let mut a6 = load_ptr(out.wrapping_add(6 * LANES));
+                let mut a7 = load_ptr(out.wrapping_add(7 * LANES));
+                let mut row = rows.as_ptr().add(col);
+                let mut weight = weights.as_ptr();
+                let weights_end = weight.wrapping_add(count);
+                while weight != weights_end {
+                    let w = _mm256_set1_ps(*weight);
                     a0 = _mm256_fmadd_ps(w, load_ptr(row), a0);
-                    a1 = _mm256_fmadd_ps(w, load_ptr(row.add(LANES)), a1);
-                    a2 = _mm256_fmadd_ps(w, load_ptr(row.add(2 * LANES)), a2);
-                    a3 = _mm256_fmadd_ps(w, load_ptr(row.add(3 * LANES)), a3);
-                    k += 1;
+                    a1 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(LANES)), a1);
+                    a2 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(2 * LANES)), a2);
+                    a3 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(3 * LANES)), a3);
+                    a4 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(4 * LANES)), a4);
+                    a5 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(5 * LANES)), a5);
+                    a6 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(6 * LANES)), a6);
+                    a7 = _mm256_fmadd_ps(w, load_ptr(row.wrapping_add(7 * LANES)), a7);
+                    row = row.wrapping_add(width);
+                    weight = weight.wrapping_add(1);
                 }
-                store_ptr(acc_ptr.add(col), a0);
-                store_ptr(acc_ptr.add(col + LANES), a1);
-                store_ptr(acc_ptr.add(col + 2 * LANES), a2);
-                store_ptr(acc_ptr.add(col + 3 * LANES), a3);
-                col += 4 * LANES;
+                store_ptr(out, a0);
+                store_ptr(out.wrapping_add(LANES), a1);
+                store_ptr(out.wrapping_add(2 * LANES), a2);
+                store_ptr(out.wrapping_add(3 * LANES), a3);
+                store_ptr(out.wrapping_add(4 * LANES), a4);
+                store_ptr(out.wrapping_add(5 * LANES), a5);
+                store_ptr(out.wrapping_add(6 * LANES), a6);
+                store_ptr(out.wrapping_add(7 * LANES), a7);
+                col += 8 * LANES;
             }
             while col + LANES <= width {
-                let mut a = load_ptr(acc_ptr.add(col));
-                let mut k = 0;
-                while k < count {
-                    let w = _mm256_set1_ps(*weights.get_unchecked(k));
-                    a = _mm256_fmadd_ps(w, load_ptr(rows_ptr.add(k * width + col)), a);
-                    k += 1;
+                let out = acc_ptr.add(col);
+                let mut a = load_ptr(out);
+                let mut row = rows.as_ptr().add(col);
+                for &w in weights {
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(w), load_ptr(row), a);
+                    row = row.wrapping_add(width);
                 }
-                store_ptr(acc_ptr.add(col), a);
+                store_ptr(out, a);
                 col += LANES;
             }
             while col < width {
                 let mut a = *acc_ptr.add(col);
-                let mut k = 0;
-                while k < count {
-                    a += *weights.get_unchecked(k) * *rows_ptr.add(k * width + col);
-                    k += 1;
+                let mut row = rows.as_ptr().add(col);
+                for &w in weights {
+                    a += w * *row;
+                    row = row.wrapping_add(width);
                 }
                 *acc_ptr.add(col) = a;
                 col += 1;
@@ -581,8 +610,9 @@ mod avx2 {
                 // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) from the same e^{−|f̃|}.
                 let e_f = exp(_mm256_sub_ps(zero, abs(f_pre)));
                 let one_plus_e_f = _mm256_add_ps(one, e_f);
+                // NaN as the second operand of minps passes through.
                 let log_f =
-                    _mm256_sub_ps(_mm256_min_ps(f_pre, zero), ln_at_least_one(one_plus_e_f));
+                    _mm256_sub_ps(_mm256_min_ps(zero, f_pre), ln_at_least_one(one_plus_e_f));
                 let f_non_negative = _mm256_cmp_ps(f_pre, zero, _CMP_GE_OQ);
                 let sig_neg_f =
                     _mm256_div_ps(_mm256_blendv_ps(one, e_f, f_non_negative), one_plus_e_f);
@@ -590,9 +620,17 @@ mod avx2 {
                 let log_f_plus_m = _mm256_add_ps(m, log_f);
                 // Per-element empty-state rule (see the module docs of `slstm`).
                 let empty = _mm256_cmp_ps(n, zero, _CMP_EQ_OQ);
-                let m_new = _mm256_blendv_ps(_mm256_max_ps(log_f_plus_m, i_pre), i_pre, empty);
-                let i = _mm256_min_ps(exp(_mm256_sub_ps(i_pre, m_new)), one);
-                let f = _mm256_min_ps(exp(_mm256_sub_ps(log_f_plus_m, m_new)), one);
+                // maxps/minps return their second operand when either is NaN; keep NaNs from
+                // both sides so that a diverged input shows in the output (as with torch).
+                let max = _mm256_max_ps(log_f_plus_m, i_pre);
+                let max = _mm256_blendv_ps(
+                    max,
+                    log_f_plus_m,
+                    _mm256_cmp_ps(log_f_plus_m, log_f_plus_m, _CMP_UNORD_Q),
+                );
+                let m_new = _mm256_blendv_ps(max, i_pre, empty);
+                let i = _mm256_min_ps(one, exp(_mm256_sub_ps(i_pre, m_new)));
+                let f = _mm256_min_ps(one, exp(_mm256_sub_ps(log_f_plus_m, m_new)));
 
                 // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
                 let e_z = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), abs(z_pre)));
@@ -686,5 +724,195 @@ mod avx2 {
             }
         }
         j
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The vector kernels against the portable ones on the same inputs (on CPUs without AVX2
+    //! and FMA only the portable kernels exist and there is nothing to compare).
+    use super::super::fused_cpu::TAPE_VALUES;
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-scale, scale] (xorshift).
+    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                scale * ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect()
+    }
+
+    fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (idx, (&x, &y)) in a.iter().zip(b).enumerate() {
+            let ok = (x - y).abs() <= tol * (1.0 + y.abs()) || (x.is_nan() && y.is_nan());
+            assert!(ok, "{what}[{idx}]: vector {x} vs portable {y}");
+        }
+    }
+
+    fn vector_kernels() -> Option<Kernels> {
+        let detected = Kernels::detect();
+        (detected != Kernels::Portable).then_some(detected)
+    }
+
+    #[test]
+    fn forward_step_matches_portable() {
+        let Some(vector) = vector_kernels() else {
+            return;
+        };
+        // DH = 19: two vector blocks and a scalar tail; pre-activations up to ±60 and a few
+        // exactly-zero normalisers (the empty-state rule).
+        let dh = 19;
+        for (seed, scale) in [(1, 3.0), (2, 60.0)] {
+            let pre = values(seed, 4 * dh, scale);
+            let mut n = values(seed + 10, dh, 1.0);
+            for v in n.iter_mut() {
+                *v = v.abs() * 5.0;
+            }
+            n[0] = 0.0;
+            n[9] = 0.0;
+            let c: Vec<f32> = n
+                .iter()
+                .zip(values(seed + 20, dh, 1.0))
+                .map(|(n, r)| n * r)
+                .collect();
+            let h = values(seed + 30, dh, 1.0);
+            let m = values(seed + 40, dh, 30.0);
+            let run = |kernels: Kernels| {
+                let (mut h, mut c, mut n, mut m) = (h.clone(), c.clone(), n.clone(), m.clone());
+                let mut h_out = vec![0f32; dh];
+                let mut tape = vec![0f32; TAPE_VALUES * dh];
+                let mut state = UnitState {
+                    h: &mut h,
+                    c: &mut c,
+                    n: &mut n,
+                    m: &mut m,
+                };
+                kernels.forward_step(&pre, &mut state, &mut h_out, Some(&mut tape));
+                [h_out, tape, h, c, n, m]
+            };
+            let (fast, portable) = (run(vector), run(Kernels::Portable));
+            for (name, (a, b)) in ["h_out", "tape", "h", "c", "n", "m"]
+                .iter()
+                .zip(fast.iter().zip(&portable))
+            {
+                assert!(a.iter().all(|v| v.is_finite()), "{name} not finite: {a:?}");
+                assert_close(name, a, b, 2e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn backward_step_matches_portable() {
+        let Some(vector) = vector_kernels() else {
+            return;
+        };
+        let dh = 21;
+        let mut tape = values(3, TAPE_VALUES * dh, 1.0);
+        for v in tape[dh..2 * dh].iter_mut() {
+            *v = 0.5 + v.abs(); // n > 0
+        }
+        let (c_prev, n_prev) = (values(4, dh, 1.0), values(5, dh, 2.0));
+        let (grad_h, grad_h_recurrent) = (values(6, dh, 1.0), values(7, dh, 1.0));
+        let run = |kernels: Kernels| {
+            let (mut dc, mut dn) = (values(8, dh, 1.0), values(9, dh, 1.0));
+            let mut dp = vec![0f32; 4 * dh];
+            let mut dm0 = vec![0f32; dh];
+            kernels.backward_step(&mut BackwardStep {
+                tape: &tape,
+                c_prev: &c_prev,
+                n_prev: &n_prev,
+                grad_h: &grad_h,
+                grad_h_recurrent: &grad_h_recurrent,
+                dc: &mut dc,
+                dn: &mut dn,
+                dp: &mut dp,
+                dm0: Some(&mut dm0),
+            });
+            [dc, dn, dp, dm0]
+        };
+        let (fast, portable) = (run(vector), run(Kernels::Portable));
+        for (name, (a, b)) in ["dc", "dn", "dp", "dm0"]
+            .iter()
+            .zip(fast.iter().zip(&portable))
+        {
+            assert_close(name, a, b, 1e-5);
+        }
+    }
+
+    #[test]
+    fn row_kernels_match_portable() {
+        let Some(vector) = vector_kernels() else {
+            return;
+        };
+        for width in [4 * 3, 4 * 8, 4 * 32, 4 * 13] {
+            let count = width / 4 + 1;
+            let rows = values(11, count * width, 1.0);
+            let weights = values(12, count, 1.0);
+            let start = values(13, width, 1.0);
+            let (mut fast, mut portable) = (start.clone(), start.clone());
+            vector.accumulate_rows(&mut fast, &weights, &rows);
+            Kernels::Portable.accumulate_rows(&mut portable, &weights, &rows);
+            assert_close("accumulate_rows", &fast, &portable, 1e-5);
+
+            let upstream = values(14, width, 1.0);
+            let grad_start = values(15, count * width, 1.0);
+            let (mut grad_fast, mut grad_portable) = (grad_start.clone(), grad_start);
+            let (mut inputs_fast, mut inputs_portable) = (vec![0f32; count], vec![0f32; count]);
+            vector.rows_backward(&mut grad_fast, &rows, &weights, &upstream, &mut inputs_fast);
+            Kernels::Portable.rows_backward(
+                &mut grad_portable,
+                &rows,
+                &weights,
+                &upstream,
+                &mut inputs_portable,
+            );
+            assert_close("rows_backward rows", &grad_fast, &grad_portable, 1e-5);
+            assert_close("rows_backward inputs", &inputs_fast, &inputs_portable, 1e-5);
+        }
+    }
+
+    #[test]
+    fn forward_step_propagates_nan() {
+        let dh = 8;
+        // A NaN in the input gate of unit 3, in the forget gate of unit 5.
+        let mut pre = values(16, 4 * dh, 1.0);
+        pre[3] = f32::NAN;
+        pre[dh + 5] = f32::NAN;
+        for kernels in [Some(Kernels::Portable), vector_kernels()]
+            .into_iter()
+            .flatten()
+        {
+            let (mut h, mut c, mut n, mut m) = (
+                vec![0f32; dh],
+                vec![0f32; dh],
+                vec![1f32; dh],
+                vec![0f32; dh],
+            );
+            let mut h_out = vec![0f32; dh];
+            let mut state = UnitState {
+                h: &mut h,
+                c: &mut c,
+                n: &mut n,
+                m: &mut m,
+            };
+            kernels.forward_step(&pre, &mut state, &mut h_out, None);
+            for (j, v) in h_out.iter().enumerate() {
+                assert_eq!(
+                    v.is_nan(),
+                    j == 3 || j == 5,
+                    "{kernels:?}: unit {j} gave {v}"
+                );
+            }
+            assert!(
+                m[3].is_nan() && m[5].is_nan(),
+                "{kernels:?}: stabiliser {m:?}"
+            );
+        }
     }
 }
