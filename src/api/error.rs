@@ -160,15 +160,16 @@ impl From<DataError> for ApiError {
 /// body 413, a wrong content type 415.
 pub fn json_error(err: JsonPayloadError, _request: &HttpRequest) -> actix_web::Error {
     let api_error = match &err {
-        JsonPayloadError::OverflowKnownLength { limit, .. } | JsonPayloadError::Overflow { limit } => {
-            ApiError::PayloadTooLarge {
-                limit_bytes: *limit,
-            }
-        }
+        JsonPayloadError::OverflowKnownLength { limit, .. }
+        | JsonPayloadError::Overflow { limit } => ApiError::PayloadTooLarge {
+            limit_bytes: *limit,
+        },
         JsonPayloadError::ContentType => ApiError::UnsupportedMediaType(
             "expected a JSON body with Content-Type: application/json".to_string(),
         ),
-        JsonPayloadError::Deserialize(json) => ApiError::BadRequest(format!("malformed JSON body: {json}")),
+        JsonPayloadError::Deserialize(json) => {
+            ApiError::BadRequest(format!("malformed JSON body: {json}"))
+        }
         other => ApiError::BadRequest(format!("cannot read the JSON body: {other}")),
     };
     api_error.into()

@@ -45,7 +45,10 @@ struct LatencyHistogram {
 impl HttpMetrics {
     pub fn record(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        let mut recorded = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut recorded = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *recorded
             .requests
             .entry((method.to_string(), route.to_string(), status))
@@ -65,7 +68,10 @@ impl HttpMetrics {
 
     /// Everything recorded so far in the Prometheus text exposition format (0.0.4).
     pub fn render(&self) -> String {
-        let recorded = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let recorded = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut text = String::new();
         text.push_str("# HELP http_requests_total HTTP requests answered, by method, route pattern and status.\n");
         text.push_str("# TYPE http_requests_total counter\n");
@@ -138,13 +144,28 @@ mod tests {
         metrics.record("GET", "/livez", 200, Duration::from_millis(20));
         metrics.record("GET", "/livez", 503, Duration::from_secs(30));
         let text = metrics.render();
-        assert!(text.contains("http_requests_total{method=\"GET\",route=\"/livez\",status=\"200\"} 2\n"), "{text}");
-        assert!(text.contains("http_requests_total{method=\"GET\",route=\"/livez\",status=\"503\"} 1\n"), "{text}");
+        assert!(
+            text.contains(
+                "http_requests_total{method=\"GET\",route=\"/livez\",status=\"200\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "http_requests_total{method=\"GET\",route=\"/livez\",status=\"503\"} 1\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("http_request_duration_seconds_bucket{method=\"GET\",route=\"/livez\",le=\"0.001\"} 1\n"), "{text}");
         assert!(text.contains("http_request_duration_seconds_bucket{method=\"GET\",route=\"/livez\",le=\"0.025\"} 2\n"), "{text}");
         assert!(text.contains("http_request_duration_seconds_bucket{method=\"GET\",route=\"/livez\",le=\"10\"} 2\n"), "{text}");
         assert!(text.contains("http_request_duration_seconds_bucket{method=\"GET\",route=\"/livez\",le=\"+Inf\"} 3\n"), "{text}");
-        assert!(text.contains("http_request_duration_seconds_count{method=\"GET\",route=\"/livez\"} 3\n"), "{text}");
+        assert!(
+            text.contains(
+                "http_request_duration_seconds_count{method=\"GET\",route=\"/livez\"} 3\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -157,13 +157,20 @@ async fn read_body(
 /// is refused here, naming the row and channel.
 fn rows_to_csv(series: &Series, rows: &ObservationRows) -> Result<Vec<u8>, ApiError> {
     if rows.rows.is_empty() {
-        return Err(ApiError::unprocessable("rows", "must hold at least one row"));
+        return Err(ApiError::unprocessable(
+            "rows",
+            "must hold at least one row",
+        ));
     }
     let mut channels: Vec<&str> = series
         .channels
         .iter()
         .map(String::as_str)
-        .filter(|channel| rows.rows.iter().any(|row| row.values.contains_key(*channel)))
+        .filter(|channel| {
+            rows.rows
+                .iter()
+                .any(|row| row.values.contains_key(*channel))
+        })
         .collect();
     for row in &rows.rows {
         for channel in row.values.keys() {
@@ -300,8 +307,9 @@ pub async fn read(
     let bound = |param: &str, text: &Option<String>| {
         text.as_deref()
             .map(|text| {
-                parse_timestamp_micros(text, timezone)
-                    .map_err(|message| ApiError::BadRequest(format!("query parameter {param}: {message}")))
+                parse_timestamp_micros(text, timezone).map_err(|message| {
+                    ApiError::BadRequest(format!("query parameter {param}: {message}"))
+                })
             })
             .transpose()
     };
@@ -347,7 +355,9 @@ fn widen(series: String, channels: &[String], long: LongObservations) -> WideObs
             }
         }
         if let Some(Some(position)) = output_position.get(*channel as usize) {
-            *columns[*position].last_mut().expect("pushed with its timestamp") = Some(*value);
+            *columns[*position]
+                .last_mut()
+                .expect("pushed with its timestamp") = Some(*value);
         }
     }
     WideObservations {
@@ -370,7 +380,10 @@ mod tests {
             value: vec![1.0, 2.0, 3.0],
         };
         let wide = widen("s".into(), &["b".into(), "a".into()], long);
-        assert_eq!(wide.timestamps, vec!["1970-01-01T00:00:00Z", "1970-01-01T00:00:01Z"]);
+        assert_eq!(
+            wide.timestamps,
+            vec!["1970-01-01T00:00:00Z", "1970-01-01T00:00:01Z"]
+        );
         assert_eq!(
             serde_json::to_string(&wide.channels).unwrap(),
             r#"{"b":[2.0,3.0],"a":[1.0,null]}"#
@@ -379,7 +392,11 @@ mod tests {
 
     #[test]
     fn csv_line_errors_become_row_fields() {
-        let err = json_row_error(DataError::invalid_at(4, Some("load"), "value must be finite"));
+        let err = json_row_error(DataError::invalid_at(
+            4,
+            Some("load"),
+            "value must be finite",
+        ));
         assert_eq!(err.to_string(), "rows[2].values.load: value must be finite");
         let err = json_row_error(DataError::invalid_at(2, Some("ts"), "timestamp is empty"));
         assert_eq!(err.to_string(), "rows[0].ts: timestamp is empty");

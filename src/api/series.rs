@@ -54,7 +54,9 @@ impl SeriesBody {
             frequency: series.frequency,
             timezone: series.timezone,
             channels: series.channels,
-            created_at: series.created_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            created_at: series
+                .created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
             observations: range.map(|range| ObservationRangeBody {
                 count: range.count,
                 first: range.first_ts_micros.map(rfc3339_micros),
@@ -78,7 +80,11 @@ pub async fn create(
         ),
         None => None,
     };
-    if request.channels.iter().any(|channel| channel == RESERVED_CHANNEL_NAME) {
+    if request
+        .channels
+        .iter()
+        .any(|channel| channel == RESERVED_CHANNEL_NAME)
+    {
         return Err(ApiError::unprocessable(
             "channels",
             format!("'{RESERVED_CHANNEL_NAME}' is reserved for the time column"),
@@ -138,7 +144,9 @@ fn check_series_name(name: &str) -> Result<(), ApiError> {
     let problem = if name.is_empty() {
         Some("must not be empty".to_string())
     } else if name.chars().count() > MAX_SERIES_NAME_CHARS {
-        Some(format!("must be at most {MAX_SERIES_NAME_CHARS} characters"))
+        Some(format!(
+            "must be at most {MAX_SERIES_NAME_CHARS} characters"
+        ))
     } else if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
