@@ -3,6 +3,7 @@
 //! Layers (see ARCHITECTURE.md): `xlstm` (model library, no I/O) ← `forecast` ←
 //! `jobs` ← `api`; `data` holds polars pipelines; `store` holds only queries.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -6,6 +6,7 @@ mod config_cmd;
 mod export;
 mod import;
 mod migrate;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Export a series as a regularised wide CSV.
     Export(export::ExportArgs),
+    /// Run the HTTP service.
+    Serve(serve::ServeArgs),
     /// Benchmarks that print figures (JSON lines with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => block_on(migrate::run(args, &settings)),
         Command::Import(args) => block_on(import::run(args, &settings)),
         Command::Export(args) => block_on(export::run(args, &settings)),
+        Command::Serve(args) => block_on(serve::run(args, &settings)),
         Command::Bench(cmd) => bench::run(cmd, &settings),
     }
 }

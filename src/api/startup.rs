@@ -1,0 +1,156 @@
+//! Builds the HTTP application: shared state, extractor limits and error
+//! handlers, middleware and routes; then binds and serves.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+
+use super::error;
+use super::metrics::HttpMetrics;
+use super::middleware::{observe_request, require_api_key};
+use super::{health, metrics, observations, series};
+use crate::config::Settings;
+use crate::store::Store;
+
+/// How the HTTP service runs: what the settings say plus limits.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Port 0 picks a free port (see `Application::port`).
+    pub bind: SocketAddr,
+    /// When set, every request that is not a read must present this key.
+    pub api_key: Option<String>,
+    pub limits: BodyLimits,
+    /// HTTP worker threads; `None` = one per CPU core.
+    pub workers: Option<usize>,
+}
+
+/// The largest request bodies accepted (larger ones are answered with 413).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Observation uploads (JSON rows or CSV).
+    pub observations_bytes: usize,
+    /// Every other JSON body.
+    pub json_bytes: usize,
+}
+
+impl BodyLimits {
+    pub const DEFAULT_OBSERVATIONS_BYTES: usize = 16 * 1024 * 1024;
+    pub const DEFAULT_JSON_BYTES: usize = 64 * 1024;
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            observations_bytes: Self::DEFAULT_OBSERVATIONS_BYTES,
+            json_bytes: Self::DEFAULT_JSON_BYTES,
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            bind: settings.server.bind,
+            api_key: settings.server.api_key.clone(),
+            limits: BodyLimits::default(),
+            workers: None,
+        }
+    }
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub metrics: HttpMetrics,
+    pub api_key: Option<String>,
+    pub limits: BodyLimits,
+}
+
+/// A bound, not yet running server.
+pub struct Application {
+    local_addr: SocketAddr,
+    server: Server,
+}
+
+impl Application {
+    /// Binds `config.bind` and prepares the server over `store` (already
+    /// connected and migrated).
+    pub fn build(config: &ApiConfig, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.bind)
+            .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.bind))?;
+        let local_addr = listener.local_addr()?;
+        let state = web::Data::new(AppState {
+            store,
+            metrics: HttpMetrics::default(),
+            api_key: config.api_key.clone(),
+            limits: config.limits,
+        });
+        let json_limit = config.limits.json_bytes;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(json_limit)
+                        .error_handler(error::json_error),
+                )
+                .app_data(web::QueryConfig::default().error_handler(error::query_error))
+                .app_data(web::PathConfig::default().error_handler(error::path_error))
+                .wrap(from_fn(require_api_key))
+                .wrap(from_fn(observe_request))
+                .configure(routes)
+                .default_service(web::to(error::no_route))
+        });
+        if let Some(workers) = config.workers {
+            server = server.workers(workers);
+        }
+        let server = server.listen(listener)?.run();
+        Ok(Self { local_addr, server })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// Serves until the server is stopped (SIGINT/SIGTERM stop it gracefully).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Every route. A path served with other methods answers 405 in the error shape.
+fn routes(config: &mut web::ServiceConfig) {
+    config
+        .service(resource("/livez").route(web::get().to(health::livez)))
+        .service(resource("/readyz").route(web::get().to(health::readyz)))
+        .service(resource("/metrics").route(web::get().to(metrics::metrics)))
+        .service(
+            web::scope("/api/v1")
+                .service(
+                    resource("/series")
+                        .route(web::get().to(series::list))
+                        .route(web::post().to(series::create)),
+                )
+                .service(
+                    resource("/series/{name}")
+                        .route(web::get().to(series::get))
+                        .route(web::delete().to(series::delete)),
+                )
+                .service(
+                    resource("/series/{name}/observations")
+                        .route(web::get().to(observations::read))
+                        .route(web::post().to(observations::upload)),
+                ),
+        );
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(error::method_not_allowed))
+}
