@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod forecast;
 pub mod store;
 pub mod xlstm;

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use crate::config::Settings;
 
 #[derive(Debug, Parser)]
-#[command(name = "xlstm-forecast", version, about = "Self-hosted xLSTM time-series forecasting")]
+#[command(
+    name = "xlstm-forecast",
+    version,
+    about = "Self-hosted xLSTM time-series forecasting"
+)]
 pub struct Cli {
     /// Optional TOML configuration file (environment variables override it).
     #[arg(long, global = true, env = "XLSTM_FORECAST_CONFIG")]
@@ -59,6 +63,10 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> anyh
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("XLSTM_FORECAST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        EnvFilter::try_from_env("XLSTM_FORECAST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
