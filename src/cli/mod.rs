@@ -3,7 +3,9 @@
 
 mod bench;
 mod config_cmd;
+mod eval;
 mod export;
+mod generate;
 mod import;
 mod migrate;
 
@@ -37,6 +39,10 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Export a series as a regularised wide CSV.
     Export(export::ExportArgs),
+    /// Score a forecaster on a CSV with the standard long-horizon protocol.
+    Eval(eval::EvalArgs),
+    /// Write a realistic synthetic multivariate series as CSV.
+    Generate(generate::GenerateArgs),
     /// Benchmarks that print figures (JSON lines with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -50,6 +56,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => block_on(migrate::run(args, &settings)),
         Command::Import(args) => block_on(import::run(args, &settings)),
         Command::Export(args) => block_on(export::run(args, &settings)),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd, &settings),
     }
 }
