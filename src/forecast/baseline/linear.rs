@@ -315,17 +315,6 @@ impl Fit for LinearBaseline {
     }
 }
 
-impl LinearModel {
-    /// Weight of lookback step `step` (0 = oldest) for horizon step `output`.
-    pub fn weight(&self, step: usize, output: usize) -> f64 {
-        self.regression.weights[step * self.horizon + output]
-    }
-
-    pub fn intercept(&self, output: usize) -> f64 {
-        self.regression.weights[self.lookback * self.horizon + output]
-    }
-}
-
 impl Predict for LinearModel {
     fn lookback(&self) -> usize {
         self.lookback
