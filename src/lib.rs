@@ -7,5 +7,6 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod forecast;
 pub mod store;
 pub mod xlstm;

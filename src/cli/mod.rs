@@ -3,7 +3,9 @@
 
 mod bench;
 mod config_cmd;
+mod eval;
 mod export;
+mod generate;
 mod import;
 mod migrate;
 mod serve;
@@ -15,7 +17,11 @@ use clap::{Parser, Subcommand};
 use crate::config::Settings;
 
 #[derive(Debug, Parser)]
-#[command(name = "xlstm-forecast", version, about = "Self-hosted xLSTM time-series forecasting")]
+#[command(
+    name = "xlstm-forecast",
+    version,
+    about = "Self-hosted xLSTM time-series forecasting"
+)]
 pub struct Cli {
     /// Optional TOML configuration file (environment variables override it).
     #[arg(long, global = true, env = "XLSTM_FORECAST_CONFIG")]
@@ -36,6 +42,10 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Run the HTTP service.
     Serve(serve::ServeArgs),
+    /// Score a forecaster on a CSV with the standard long-horizon protocol.
+    Eval(eval::EvalArgs),
+    /// Write a realistic synthetic multivariate series as CSV.
+    Generate(generate::GenerateArgs),
     /// Benchmarks that print figures (JSON lines with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -50,6 +60,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => block_on(import::run(args, &settings)),
         Command::Export(args) => block_on(export::run(args, &settings)),
         Command::Serve(args) => block_on(serve::run(args, &settings)),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd, &settings),
     }
 }
@@ -63,6 +75,10 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> anyh
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("XLSTM_FORECAST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        EnvFilter::try_from_env("XLSTM_FORECAST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

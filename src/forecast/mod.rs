@@ -1,0 +1,24 @@
+//! Forecasting on top of the model library: the window/forecast types and the `Fit` →
+//! `Predict` traits every forecaster implements, instance normalisation (RevIN), windowing and
+//! the long-horizon split protocol, metrics, the built-in baselines, the `eval` protocol and
+//! a synthetic data generator. Nothing here knows about HTTP or SQL.
+
+pub mod baseline;
+pub mod error;
+pub mod eval;
+mod linalg;
+pub mod metrics;
+pub mod model;
+pub mod revin;
+pub mod synthetic;
+pub mod window;
+
+pub use baseline::{LinearBaseline, LinearModel, SeasonalNaive, SeasonalNaiveModel};
+pub use error::ForecastError;
+pub use eval::{EvalOptions, EvalReport, ModelChoice, evaluate, seasonal_period_for};
+pub use metrics::{Metrics, MetricsAccumulator};
+pub use model::{
+    DEFAULT_QUANTILE_LEVELS, Fit, Fitted, Forecast, Predict, Targets, TrainingData, WindowBatch,
+};
+pub use revin::{Centre, InstanceNorm, InstanceStats};
+pub use window::{SplitRows, SplitSpec, WindowSet, ZScore};

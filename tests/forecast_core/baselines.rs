@@ -1,0 +1,254 @@
+use std::f64::consts::TAU;
+
+use xlstm_forecast::data::ChannelMatrix;
+use xlstm_forecast::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
+use xlstm_forecast::forecast::{
+    EvalOptions, Fit, Forecast, ForecastError, LinearBaseline, ModelChoice, Predict, SeasonalNaive,
+    SplitRows, SplitSpec, TrainingData, evaluate,
+};
+
+use super::common::matrix;
+
+fn training_data<'a>(
+    series: &'a ChannelMatrix,
+    split: &SplitRows,
+    lookback: usize,
+    horizon: usize,
+) -> TrainingData<'a> {
+    TrainingData {
+        series,
+        lookback,
+        horizon,
+        train: split.train_windows(lookback, horizon).unwrap(),
+        validation: split.validation_windows(lookback, horizon).unwrap(),
+    }
+}
+
+/// Largest |forecast − actual| over every test window.
+fn largest_test_error(model: &impl Predict, series: &ChannelMatrix, split: &SplitRows) -> f32 {
+    let test = split
+        .test_windows(model.lookback(), model.horizon())
+        .unwrap();
+    let (inputs, targets) = test
+        .extract(series, 0..test.count, model.lookback(), model.horizon())
+        .unwrap();
+    let forecast = model.predict(&inputs).unwrap();
+    forecast
+        .mean
+        .iter()
+        .zip(&targets.values)
+        .map(|(predicted, actual)| (predicted - actual).abs())
+        .fold(0.0, f32::max)
+}
+
+fn assert_quantiles_ascend(forecast: &Forecast) {
+    let levels = forecast.quantile_levels.len();
+    assert!(levels > 1);
+    for cell in forecast.quantiles.chunks(levels) {
+        assert!(
+            cell.windows(2).all(|pair| pair[0] <= pair[1]),
+            "crossing quantiles {cell:?}"
+        );
+    }
+}
+
+/// A daily pattern with two peaks, repeated exactly, on a different level per channel.
+fn pure_seasonal(rows: usize, channels: usize) -> ChannelMatrix {
+    matrix(rows, channels, |row, channel| {
+        let hour = (row % 24) as f64;
+        10.0 * channel as f64
+            + (TAU * hour / 24.0).sin()
+            + 0.5 * (2.0 * TAU * hour / 24.0).cos()
+            + hour * 0.1
+    })
+}
+
+#[test]
+fn seasonal_naive_has_zero_error_on_a_pure_seasonal_signal() {
+    let series = pure_seasonal(480, 2);
+    let split = SplitRows {
+        train: 240,
+        validation: 120,
+        test: 120,
+    };
+    let fitted = SeasonalNaive::new(24)
+        .fit(&training_data(&series, &split, 48, 36))
+        .unwrap();
+    assert_eq!((fitted.epochs, fitted.model.parameter_count()), (0, 0));
+    // Instance normalisation and its inverse round in f32 only.
+    assert!(largest_test_error(&fitted.model, &series, &split) < 1e-5);
+}
+
+#[test]
+fn eval_scores_seasonal_naive_on_a_pure_seasonal_signal_as_perfect() {
+    let options = EvalOptions {
+        lookback: 48,
+        horizon: 24,
+        split: SplitSpec::Rows {
+            train: 240,
+            validation: 120,
+            test: 120,
+        },
+        model: ModelChoice::SeasonalNaive,
+        seasonal_period: 24,
+        preset: None,
+    };
+    let report = evaluate(pure_seasonal(500, 3), &options).unwrap();
+    assert!(report.metrics.mse < 1e-10, "{report:?}");
+    assert!(report.metrics.mae < 1e-5);
+    assert!(
+        report.metrics.mase.is_nan(),
+        "a perfectly periodic training split has no MASE scale"
+    );
+    assert_eq!(report.metrics.windows, 120 - 24 + 1);
+    assert_eq!(
+        (report.train_rows, report.validation_rows, report.test_rows),
+        (240, 120, 120)
+    );
+}
+
+#[test]
+fn linear_model_recovers_an_exact_linear_autoregression() {
+    // A level plus two sinusoids satisfies an exact AR(5) recursion whose coefficients sum to
+    // one, so the normalised horizon is an exact linear function of the normalised lookback.
+    let series = matrix(700, 2, |row, channel| {
+        let t = row as f64;
+        3.0 + channel as f64 + (TAU * t / 17.0).sin() + 0.5 * (TAU * t / 7.0 + channel as f64).cos()
+    });
+    let split = SplitRows {
+        train: 400,
+        validation: 150,
+        test: 150,
+    };
+    let fitted = LinearBaseline::default()
+        .fit(&training_data(&series, &split, 32, 8))
+        .unwrap();
+    assert_eq!(fitted.epochs, 1);
+    assert_eq!(fitted.model.parameter_count(), (32 + 1) * 8);
+    let error = largest_test_error(&fitted.model, &series, &split);
+    assert!(error < 1e-3, "largest test error {error}");
+    // The weakest ridge fits an exact relation best on validation.
+    assert_eq!(
+        fitted.model.ridge, 1e-6,
+        "{:?}",
+        fitted.model.validation_mse
+    );
+}
+
+#[test]
+fn baseline_quantiles_never_cross_and_cover_about_eighty_percent() {
+    let spec = SyntheticSpec::new(SyntheticKind::Hourly, 3000, 3, 7);
+    let series = generate(&spec).unwrap().matrix;
+    let mut options = EvalOptions {
+        lookback: 96,
+        horizon: 24,
+        split: SplitSpec::Fractions {
+            train: 0.6,
+            validation: 0.2,
+            test: 0.2,
+        },
+        model: ModelChoice::Linear,
+        seasonal_period: 24,
+        preset: None,
+    };
+    let linear = evaluate(series.clone(), &options).unwrap();
+    options.model = ModelChoice::SeasonalNaive;
+    let naive = evaluate(series.clone(), &options).unwrap();
+    for report in [&linear, &naive] {
+        let coverage = report.metrics.coverage_80;
+        assert!((0.65..=0.92).contains(&coverage), "{report:?}");
+        assert!(report.metrics.wql.is_finite() && report.metrics.mase.is_finite());
+    }
+    assert!(
+        linear.metrics.mse < naive.metrics.mse,
+        "linear {linear:?} naive {naive:?}"
+    );
+
+    let split = SplitSpec::Fractions {
+        train: 0.6,
+        validation: 0.2,
+        test: 0.2,
+    }
+    .resolve(3000)
+    .unwrap();
+    let data = training_data(&series, &split, 96, 24);
+    let test = split.test_windows(96, 24).unwrap();
+    let (inputs, _) = test.extract(&series, 0..50, 96, 24).unwrap();
+    assert_quantiles_ascend(
+        &LinearBaseline::default()
+            .fit(&data)
+            .unwrap()
+            .model
+            .predict(&inputs)
+            .unwrap(),
+    );
+    assert_quantiles_ascend(
+        &SeasonalNaive::new(24)
+            .fit(&data)
+            .unwrap()
+            .model
+            .predict(&inputs)
+            .unwrap(),
+    );
+}
+
+#[test]
+fn a_model_rejects_windows_of_another_lookback() {
+    let series = pure_seasonal(480, 1);
+    let split = SplitRows {
+        train: 240,
+        validation: 120,
+        test: 120,
+    };
+    let fitted = SeasonalNaive::new(24)
+        .fit(&training_data(&series, &split, 48, 24))
+        .unwrap();
+    let test = split.test_windows(30, 24).unwrap();
+    let (inputs, _) = test.extract(&series, 0..2, 30, 24).unwrap();
+    let error = fitted.model.predict(&inputs).unwrap_err();
+    assert!(error.to_string().contains("lookback 48"), "{error}");
+}
+
+#[test]
+fn seasonal_naive_needs_a_lookback_of_at_least_one_season() {
+    let series = pure_seasonal(480, 1);
+    let split = SplitRows {
+        train: 240,
+        validation: 120,
+        test: 120,
+    };
+    let error = SeasonalNaive::new(24)
+        .fit(&training_data(&series, &split, 12, 24))
+        .err()
+        .unwrap();
+    assert!(error.to_string().starts_with("lookback:"), "{error}");
+}
+
+#[test]
+fn eval_refuses_the_missing_xlstm_model_and_presets_for_baselines() {
+    let mut options = EvalOptions {
+        lookback: 48,
+        horizon: 24,
+        split: SplitSpec::Rows {
+            train: 240,
+            validation: 120,
+            test: 120,
+        },
+        model: ModelChoice::Xlstm,
+        seasonal_period: 24,
+        preset: None,
+    };
+    match evaluate(pure_seasonal(480, 1), &options) {
+        Err(ForecastError::Unavailable(message)) => {
+            assert_eq!(
+                message,
+                "the xlstm forecaster is not available in this build yet"
+            )
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    options.model = ModelChoice::Linear;
+    options.preset = Some("small".to_string());
+    let error = evaluate(pure_seasonal(480, 1), &options).unwrap_err();
+    assert!(error.to_string().starts_with("preset:"), "{error}");
+}
