@@ -438,11 +438,13 @@ fn extreme_gates_give_finite_outputs_and_gradients() {
                 assert_finite(&format!("{name} {form} grad {}", INPUT_NAMES[j]), grad);
             }
         }
+        // With every decay ≈ 1 (i = f = +50) the normaliser is a sum of random scores
+        // that nearly cancel (|h| reaches ~5e3), so f32 rounding is amplified ~1e3×.
         assert_close(
             &format!("{name} chunkwise vs parallel h"),
             &chunkwise.outputs[0],
             &parallel.outputs[0],
-            FORWARD_TOL,
+            (1e-3, 1e-3),
         );
     }
 }

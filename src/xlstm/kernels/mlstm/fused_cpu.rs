@@ -108,6 +108,8 @@ trait Lanes: Copy {
     fn dot(self, x: &[f32], y: &[f32]) -> f32;
     /// `y += alpha · x` over the common length.
     fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]);
+    /// `x = exp(x − shift)` elementwise.
+    fn exp_shifted(self, x: &mut [f32], shift: f32);
 }
 
 #[derive(Clone, Copy)]
@@ -140,6 +142,13 @@ impl Lanes for Portable {
             *yi += alpha * xi;
         }
     }
+
+    #[inline(always)]
+    fn exp_shifted(self, x: &mut [f32], shift: f32) {
+        for xi in x.iter_mut() {
+            *xi = (*xi - shift).exp();
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -161,81 +170,146 @@ mod avx2 {
         }
     }
 
+    // The bodies call the intrinsics directly (no separate `#[target_feature]` helper):
+    // at our crate's opt-level 1 LLVM does not inline such helpers, and a call per
+    // 16-float row costs more than the row. Inlined into the `#[target_feature]`
+    // kernel entry points, the intrinsics compile to plain AVX2/FMA instructions.
     impl Lanes for Avx2Fma {
         #[inline(always)]
         fn dot(self, x: &[f32], y: &[f32]) -> f32 {
-            // SAFETY: an `Avx2Fma` exists only if the CPU supports AVX2 and FMA.
-            unsafe { dot(x, y) }
+            let len = x.len().min(y.len());
+            let (xp, yp) = (x.as_ptr(), y.as_ptr());
+            let mut i = 0;
+            // SAFETY: an `Avx2Fma` exists only if the CPU supports AVX2 and FMA, and
+            // every load reads lanes i..i + 8 < len of both slices.
+            unsafe {
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                while i + 16 <= len {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(i)),
+                        _mm256_loadu_ps(yp.add(i)),
+                        acc0,
+                    );
+                    acc1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(i + 8)),
+                        _mm256_loadu_ps(yp.add(i + 8)),
+                        acc1,
+                    );
+                    i += 16;
+                }
+                if i + 8 <= len {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(i)),
+                        _mm256_loadu_ps(yp.add(i)),
+                        acc0,
+                    );
+                    i += 8;
+                }
+                let acc = _mm256_add_ps(acc0, acc1);
+                let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+                let mut total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+                while i < len {
+                    total += x[i] * y[i];
+                    i += 1;
+                }
+                total
+            }
         }
 
         #[inline(always)]
         fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]) {
-            // SAFETY: as in `dot`.
-            unsafe { axpy(y, alpha, x) }
+            let len = x.len().min(y.len());
+            let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+            let mut i = 0;
+            // SAFETY: as in `dot`; every access touches lanes i..i + 8 < len.
+            unsafe {
+                let alpha8 = _mm256_set1_ps(alpha);
+                while i + 8 <= len {
+                    let updated = _mm256_fmadd_ps(
+                        alpha8,
+                        _mm256_loadu_ps(xp.add(i)),
+                        _mm256_loadu_ps(yp.add(i)),
+                    );
+                    _mm256_storeu_ps(yp.add(i), updated);
+                    i += 8;
+                }
+            }
+            while i < len {
+                y[i] += alpha * x[i];
+                i += 1;
+            }
+        }
+
+        #[inline(always)]
+        fn exp_shifted(self, x: &mut [f32], shift: f32) {
+            let len = x.len();
+            let xp = x.as_mut_ptr();
+            let mut i = 0;
+            // SAFETY: as in `dot`; every access touches lanes i..i + 8 < len.
+            unsafe {
+                let shift8 = _mm256_set1_ps(shift);
+                while i + 8 <= len {
+                    let shifted = _mm256_sub_ps(_mm256_loadu_ps(xp.add(i)), shift8);
+                    _mm256_storeu_ps(xp.add(i), exp8(shifted));
+                    i += 8;
+                }
+            }
+            while i < len {
+                x[i] = (x[i] - shift).exp();
+                i += 1;
+            }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn dot(x: &[f32], y: &[f32]) -> f32 {
-        let len = x.len().min(y.len());
-        let (xp, yp) = (x.as_ptr(), y.as_ptr());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        // SAFETY (all loads): i + 8 <= len or i + 16 <= len keeps every lane in bounds.
-        while i + 16 <= len {
-            unsafe {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(xp.add(i + 8)),
-                    _mm256_loadu_ps(yp.add(i + 8)),
-                    acc1,
-                );
+    /// `exp` of 8 lanes (Cephes `expf`: range reduction by ln 2, degree-5 polynomial;
+    /// ~2 ulp). Below −87.3 the result is 0 (libm would return subnormals); NaN stays NaN.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        // ln 2 split so that n · LN2_HI is exact in f32.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const POLY: [f32; 6] = [
+            1.987_569_1e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ];
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let lowest = _mm256_set1_ps(-87.336_55);
+            let clamped = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0)), lowest);
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(clamped, _mm256_set1_ps(LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), clamped);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+            let mut poly = _mm256_set1_ps(POLY[0]);
+            for c in &POLY[1..] {
+                poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(*c));
             }
-            i += 16;
-        }
-        if i + 8 <= len {
-            unsafe {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), acc0);
-            }
-            i += 8;
-        }
-        let acc = _mm256_add_ps(acc0, acc1);
-        let pairs = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let pairs = _mm_add_ps(pairs, _mm_movehl_ps(pairs, pairs));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-        while i < len {
-            total += x[i] * y[i];
-            i += 1;
-        }
-        total
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let len = x.len().min(y.len());
-        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-        let alpha8 = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= len {
-            // SAFETY: i + 8 <= len keeps every lane in bounds of both slices.
-            unsafe {
-                let updated = _mm256_fmadd_ps(
-                    alpha8,
-                    _mm256_loadu_ps(xp.add(i)),
-                    _mm256_loadu_ps(yp.add(i)),
-                );
-                _mm256_storeu_ps(yp.add(i), updated);
-            }
-            i += 8;
-        }
-        while i < len {
-            y[i] += alpha * x[i];
-            i += 1;
+            let mantissa = _mm256_fmadd_ps(
+                poly,
+                _mm256_mul_ps(r, r),
+                _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+            );
+            let exponent = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
+            let result = _mm256_mul_ps(mantissa, _mm256_castsi256_ps(exponent));
+            let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lowest);
+            let result = _mm256_blendv_ps(result, _mm256_setzero_ps(), underflow);
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+            _mm256_blendv_ps(result, x, nan)
         }
     }
 }
@@ -292,13 +366,100 @@ struct HeadBackward<'a> {
     grad_initial: Option<&'a mut [f32]>,
 }
 
-/// Local cumulative log forget gate of a chunk: `cum[τ] = Σ_{s≤τ} logσ(f̃_s)`.
-#[inline(always)]
-fn chunk_log_forget_cumsum(gates: &[f32], cum: &mut [f32]) {
-    let mut total = 0.0;
-    for (c, g) in cum.iter_mut().zip(gates.chunks_exact(2)) {
-        total += log_sigmoid(g[1]);
-        *c = total;
+/// A chunk's gate terms, and its keys and values transposed, so that the intra-chunk
+/// loops run along the key index σ over contiguous memory.
+struct ChunkColumns {
+    len: usize,
+    /// `cum[τ] = Σ_{s≤τ} logσ(f̃_s)` within the chunk.
+    cum: Vec<f32>,
+    igate: Vec<f32>,
+    /// `[DH, len]`: `keys_t[a·len + σ] = k_σ[a]`.
+    keys_t: Vec<f32>,
+    /// `[DH, len]`: `values_t[b·len + σ] = v_σ[b]`.
+    values_t: Vec<f32>,
+}
+
+impl ChunkColumns {
+    fn new(geometry: HeadGeometry) -> Self {
+        let capacity = geometry.chunk_size;
+        Self {
+            len: 0,
+            cum: vec![0.0; capacity],
+            igate: vec![0.0; capacity],
+            keys_t: vec![0.0; capacity * geometry.head_dim],
+            values_t: vec![0.0; capacity * geometry.head_dim],
+        }
+    }
+
+    #[inline(always)]
+    fn load(&mut self, head_dim: usize, qkv: &[f32], gates: &[f32]) {
+        let d = head_dim;
+        let len = gates.len() / 2;
+        self.len = len;
+        let mut total = 0.0;
+        for (tau, g) in gates.chunks_exact(2).enumerate() {
+            total += log_sigmoid(g[1]);
+            self.cum[tau] = total;
+            self.igate[tau] = g[0];
+        }
+        for (sigma, row) in qkv.chunks_exact(3 * d).enumerate() {
+            for a in 0..d {
+                self.keys_t[a * len + sigma] = row[d + a];
+                self.values_t[a * len + sigma] = row[2 * d + a];
+            }
+        }
+    }
+
+    fn key_column(&self, a: usize, n: usize) -> &[f32] {
+        &self.keys_t[a * self.len..a * self.len + n]
+    }
+
+    fn value_column(&self, b: usize, n: usize) -> &[f32] {
+        &self.values_t[b * self.len..b * self.len + n]
+    }
+
+    /// `out[σ] = exp(log D[τ, σ] − m_τ)` for σ ≤ τ, with m_τ the larger of the row
+    /// maximum of log D and `floor`; returns m_τ. `floor` = −∞ when no state is carried.
+    #[inline(always)]
+    fn decay_row<L: Lanes>(&self, lanes: L, tau: usize, floor: f32, out: &mut [f32]) -> f32 {
+        let mut m_row = floor;
+        for (sigma, o) in out[..=tau].iter_mut().enumerate() {
+            let log_d = (self.cum[tau] - self.cum[sigma]) + self.igate[sigma];
+            *o = log_d;
+            m_row = m_row.max(log_d);
+        }
+        lanes.exp_shifted(&mut out[..=tau], m_row);
+        m_row
+    }
+
+    /// Like `decay_row` with the stabiliser already known (backward pass).
+    #[inline(always)]
+    fn decay_row_with<L: Lanes>(&self, lanes: L, tau: usize, m_row: f32, out: &mut [f32]) {
+        for (sigma, o) in out[..=tau].iter_mut().enumerate() {
+            *o = (self.cum[tau] - self.cum[sigma]) + self.igate[sigma];
+        }
+        lanes.exp_shifted(&mut out[..=tau], m_row);
+    }
+
+    /// `out[σ] = (q · k_σ) / √DH · decay[σ]` for σ ≤ τ.
+    #[inline(always)]
+    fn weight_row<L: Lanes>(
+        &self,
+        lanes: L,
+        q: &[f32],
+        key_scale: f32,
+        decay: &[f32],
+        out: &mut [f32],
+    ) {
+        let n = decay.len();
+        let out = &mut out[..n];
+        out.fill(0.0);
+        for (a, qa) in q.iter().enumerate() {
+            lanes.axpy(out, *qa, self.key_column(a, n));
+        }
+        for (w, dec) in out.iter_mut().zip(decay) {
+            *w = *w * key_scale * dec;
+        }
     }
 }
 
@@ -324,16 +485,15 @@ fn forward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadForward<'_
     if let Some(initial) = initial {
         states[..state_len].copy_from_slice(initial);
     }
-    let mut cum = vec![0f32; geometry.chunk_size];
-    let mut log_weights = vec![0f32; geometry.chunk_size];
+    let mut columns = ChunkColumns::new(geometry);
+    let mut decay = vec![0f32; geometry.chunk_size];
+    let mut weights = vec![0f32; geometry.chunk_size];
     for chunk in 0..geometry.num_chunks() {
         let start = chunk * geometry.chunk_size;
         let len = geometry.chunk_size.min(geometry.seq_len - start);
         let chunk_qkv = &qkv[start * qkv_width..(start + len) * qkv_width];
-        let chunk_gates = &gates[start * 2..(start + len) * 2];
+        columns.load(d, chunk_qkv, &gates[start * 2..(start + len) * 2]);
         let chunk_rows = &mut rows[start * row_width..(start + len) * row_width];
-        let cum = &mut cum[..len];
-        chunk_log_forget_cumsum(chunk_gates, cum);
         if initial.is_some() {
             let (before, after) = states.split_at_mut((chunk + 1) * state_len);
             let prev = StateView::new(&before[chunk * state_len..], d);
@@ -341,100 +501,83 @@ fn forward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadForward<'_
                 lanes,
                 geometry,
                 chunk_qkv,
-                chunk_gates,
-                cum,
+                &columns,
                 Some(prev),
                 chunk_rows,
-                &mut log_weights,
+                (&mut decay, &mut weights),
             );
             chunk_state_forward(
                 lanes,
                 geometry,
                 chunk_qkv,
-                chunk_gates,
-                cum,
+                &columns,
                 prev,
                 &mut after[..state_len],
-                &mut log_weights,
+                &mut decay,
             );
         } else {
             chunk_rows_forward(
                 lanes,
                 geometry,
                 chunk_qkv,
-                chunk_gates,
-                cum,
+                &columns,
                 None,
                 chunk_rows,
-                &mut log_weights,
+                (&mut decay, &mut weights),
             );
         }
     }
 }
 
 /// Output rows of one chunk from its own inputs and the state before it.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_rows_forward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
-    cum: &[f32],
+    columns: &ChunkColumns,
     prev: Option<StateView<'_>>,
     rows: &mut [f32],
-    log_decay: &mut [f32],
+    (decay, weights): (&mut [f32], &mut [f32]),
 ) {
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
     let key_scale = geometry.key_scale();
     for (tau, row) in rows.chunks_exact_mut(geometry.row_width()).enumerate() {
+        let n = tau + 1;
         let q = &qkv[tau * qkv_width..tau * qkv_width + d];
-        let mut m_row = f32::NEG_INFINITY;
-        for sigma in 0..=tau {
-            let log_d = (cum[tau] - cum[sigma]) + gates[2 * sigma];
-            log_decay[sigma] = log_d;
-            m_row = m_row.max(log_d);
-        }
-        let log_inter = prev.map(|prev| cum[tau] + prev.m);
-        if let Some(log_inter) = log_inter {
-            m_row = m_row.max(log_inter);
-        }
+        let log_inter = prev.map(|prev| columns.cum[tau] + prev.m);
+        let m_row = columns.decay_row(lanes, tau, log_inter.unwrap_or(f32::NEG_INFINITY), decay);
+        columns.weight_row(lanes, q, key_scale, &decay[..n], weights);
+        let weights = &weights[..n];
         let (h, stats) = row.split_at_mut(d);
-        h.fill(0.0);
-        let mut b = 0.0;
-        for sigma in 0..=tau {
-            let kv = &qkv[sigma * qkv_width + d..(sigma + 1) * qkv_width];
-            let (k, v) = kv.split_at(d);
-            let weight = lanes.dot(q, k) * key_scale * (log_decay[sigma] - m_row).exp();
-            lanes.axpy(h, weight, v);
-            b += weight;
+        for (b, hb) in h.iter_mut().enumerate() {
+            *hb = lanes.dot(weights, columns.value_column(b, n));
         }
+        let mut normaliser: f32 = weights.iter().sum();
         if let (Some(prev), Some(log_inter)) = (prev, log_inter) {
             let inter_weight = (log_inter - m_row).exp();
             for (qa, c_row) in q.iter().zip(prev.c.chunks_exact(d)) {
                 lanes.axpy(h, inter_weight * qa, c_row);
             }
-            b += inter_weight * lanes.dot(prev.n, q);
+            normaliser += inter_weight * lanes.dot(prev.n, q);
         }
-        let den = b.abs().max((-m_row).exp()) + DENOMINATOR_EPS;
+        let den = normaliser.abs().max((-m_row).exp()) + DENOMINATOR_EPS;
         for x in h.iter_mut() {
             *x /= den;
         }
         stats[0] = m_row;
-        stats[1] = b;
+        stats[1] = normaliser;
     }
 }
 
 /// The state after a chunk from the state before it.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_state_forward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
-    cum: &[f32],
+    columns: &ChunkColumns,
     prev: StateView<'_>,
     next: &mut [f32],
     log_input: &mut [f32],
@@ -442,10 +585,12 @@ fn chunk_state_forward<L: Lanes>(
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
     let key_scale = geometry.key_scale();
-    let total = cum[cum.len() - 1];
+    let len = columns.len;
+    let cum = &columns.cum[..len];
+    let total = cum[len - 1];
     let mut m_next = total + prev.m;
-    for (tau, log_in) in log_input[..cum.len()].iter_mut().enumerate() {
-        *log_in = (total - cum[tau]) + gates[2 * tau];
+    for (tau, log_in) in log_input[..len].iter_mut().enumerate() {
+        *log_in = (total - cum[tau]) + columns.igate[tau];
         m_next = m_next.max(*log_in);
     }
     let carry = ((total + prev.m) - m_next).exp();
@@ -474,14 +619,42 @@ fn backward_head_avx2(lanes: avx2::Avx2Fma, geometry: HeadGeometry, head: HeadBa
     backward_head(lanes, geometry, head)
 }
 
-/// Scratch vectors of the backward pass of one head.
+/// Work buffers of the backward pass of one head.
 struct BackwardScratch {
-    cum: Vec<f32>,
-    log_weights: Vec<f32>,
+    /// Per key σ of the current row.
+    decay: Vec<f32>,
+    weights: Vec<f32>,
+    grad_weights: Vec<f32>,
+    grad_scores: Vec<f32>,
+    /// Per row of the chunk: dL/dcum and dL/d igate.
     grad_cum: Vec<f32>,
+    grad_igate: Vec<f32>,
+    /// `[DH, L]` gradients of the transposed keys and values of the chunk.
+    grad_keys_t: Vec<f32>,
+    grad_values_t: Vec<f32>,
+    /// Per head-dim vectors of the current row.
     grad_num: Vec<f32>,
     grad_q: Vec<f32>,
     projected: Vec<f32>,
+}
+
+impl BackwardScratch {
+    fn new(geometry: HeadGeometry) -> Self {
+        let (chunk, d) = (geometry.chunk_size, geometry.head_dim);
+        Self {
+            decay: vec![0.0; chunk],
+            weights: vec![0.0; chunk],
+            grad_weights: vec![0.0; chunk],
+            grad_scores: vec![0.0; chunk],
+            grad_cum: vec![0.0; chunk],
+            grad_igate: vec![0.0; chunk],
+            grad_keys_t: vec![0.0; chunk * d],
+            grad_values_t: vec![0.0; chunk * d],
+            grad_num: vec![0.0; d],
+            grad_q: vec![0.0; d],
+            projected: vec![0.0; d],
+        }
+    }
 }
 
 #[inline(always)]
@@ -502,14 +675,8 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
     let qkv_width = geometry.qkv_width();
     let row_width = geometry.row_width();
     let state_len = geometry.state_len();
-    let mut scratch = BackwardScratch {
-        cum: vec![0.0; geometry.chunk_size],
-        log_weights: vec![0.0; geometry.chunk_size],
-        grad_cum: vec![0.0; geometry.chunk_size],
-        grad_num: vec![0.0; d],
-        grad_q: vec![0.0; d],
-        projected: vec![0.0; d],
-    };
+    let mut columns = ChunkColumns::new(geometry);
+    let mut scratch = BackwardScratch::new(geometry);
     // Gradient w.r.t. the state after the current chunk (carry) and before it (next).
     let mut carry_c = vec![0f32; d * d];
     let mut carry_n = vec![0f32; d];
@@ -525,9 +692,11 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
         let chunk_qkv = &qkv[start * qkv_width..(start + len) * qkv_width];
         let chunk_gates = &gates[start * 2..(start + len) * 2];
         let chunk_grad_qkv = &mut grad_qkv[start * qkv_width..(start + len) * qkv_width];
-        let chunk_grad_gates = &mut grad_gates[start * 2..(start + len) * 2];
-        chunk_log_forget_cumsum(chunk_gates, &mut scratch.cum[..len]);
+        columns.load(d, chunk_qkv, chunk_gates);
         scratch.grad_cum[..len].fill(0.0);
+        scratch.grad_igate[..len].fill(0.0);
+        scratch.grad_keys_t[..len * d].fill(0.0);
+        scratch.grad_values_t[..len * d].fill(0.0);
         let prev = initial.map(|_| StateView::new(&states[chunk * state_len..], d));
         if let Some(prev) = prev {
             let m_next = states[(chunk + 2) * state_len - 1];
@@ -537,13 +706,12 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
                 lanes,
                 geometry,
                 chunk_qkv,
-                chunk_gates,
+                &columns,
                 prev,
                 m_next,
                 (&carry_c, &carry_n),
                 (&mut next_c, &mut next_n),
                 chunk_grad_qkv,
-                chunk_grad_gates,
                 &mut scratch,
             );
         }
@@ -551,19 +719,26 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
             lanes,
             geometry,
             chunk_qkv,
-            chunk_gates,
+            &columns,
             prev,
             &rows[start * row_width..(start + len) * row_width],
             &grad_rows[start * row_width..(start + len) * row_width],
             (&mut next_c, &mut next_n),
             chunk_grad_qkv,
-            chunk_grad_gates,
             &mut scratch,
         );
+        for (sigma, grad_row) in chunk_grad_qkv.chunks_exact_mut(qkv_width).enumerate() {
+            for a in 0..d {
+                grad_row[d + a] += scratch.grad_keys_t[a * len + sigma];
+                grad_row[2 * d + a] += scratch.grad_values_t[a * len + sigma];
+            }
+        }
         // cum[τ] = Σ_{s≤τ} logσ(f̃_s), so dL/d logσ(f̃_s) = Σ_{τ≥s} dL/dcum[τ].
+        let chunk_grad_gates = &mut grad_gates[start * 2..(start + len) * 2];
         let mut suffix = 0.0;
         for tau in (0..len).rev() {
             suffix += scratch.grad_cum[tau];
+            chunk_grad_gates[2 * tau] = scratch.grad_igate[tau];
             chunk_grad_gates[2 * tau + 1] =
                 suffix * log_sigmoid_derivative(chunk_gates[2 * tau + 1]);
         }
@@ -588,20 +763,19 @@ fn chunk_state_backward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
+    columns: &ChunkColumns,
     prev: StateView<'_>,
     m_next: f32,
     (carry_c, carry_n): (&[f32], &[f32]),
     (next_c, next_n): (&mut [f32], &mut [f32]),
     grad_qkv: &mut [f32],
-    grad_gates: &mut [f32],
     scratch: &mut BackwardScratch,
 ) {
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
     let key_scale = geometry.key_scale();
-    let len = gates.len() / 2;
-    let cum = &scratch.cum[..len];
+    let len = columns.len;
+    let cum = &columns.cum[..len];
     let total = cum[len - 1];
     let carry = ((total + prev.m) - m_next).exp();
     let grad_carry = lanes.dot(carry_c, prev.c) + lanes.dot(carry_n, prev.n);
@@ -610,7 +784,7 @@ fn chunk_state_backward<L: Lanes>(
     let mut grad_total = grad_carry * carry;
     let projected = &mut scratch.projected;
     for tau in 0..len {
-        let weight = (((total - cum[tau]) + gates[2 * tau]) - m_next).exp();
+        let weight = (((total - cum[tau]) + columns.igate[tau]) - m_next).exp();
         let (k, v) = qkv[tau * qkv_width + d..(tau + 1) * qkv_width].split_at(d);
         // projected = dC v + dn, the gradient w.r.t. the weighted key.
         for (p, (c_row, n_a)) in projected
@@ -628,94 +802,103 @@ fn chunk_state_backward<L: Lanes>(
         let grad_log_input = grad_weight * weight;
         grad_total += grad_log_input;
         scratch.grad_cum[tau] -= grad_log_input;
-        grad_gates[2 * tau] += grad_log_input;
+        scratch.grad_igate[tau] += grad_log_input;
     }
     scratch.grad_cum[len - 1] += grad_total;
 }
 
-/// Backward of the output rows of one chunk: adds to the gradients of q, k, v, igate
-/// and `cum`, and to the gradient of the state before the chunk (`next`).
+/// Backward of the output rows of one chunk: adds to the gradients of q (directly),
+/// k and v (transposed, in the scratch), igate and `cum`, and to the gradient of the
+/// state before the chunk (`next`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_rows_backward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
+    columns: &ChunkColumns,
     prev: Option<StateView<'_>>,
     rows: &[f32],
     grad_rows: &[f32],
     (next_c, next_n): (&mut [f32], &mut [f32]),
     grad_qkv: &mut [f32],
-    grad_gates: &mut [f32],
     scratch: &mut BackwardScratch,
 ) {
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
     let row_width = geometry.row_width();
     let key_scale = geometry.key_scale();
-    let len = gates.len() / 2;
+    let len = columns.len;
     let BackwardScratch {
-        cum,
-        log_weights: log_decay,
+        decay,
+        weights,
+        grad_weights,
+        grad_scores,
         grad_cum,
+        grad_igate,
+        grad_keys_t,
+        grad_values_t,
         grad_num,
         grad_q,
         projected,
     } = scratch;
     for tau in 0..len {
+        let n = tau + 1;
         let row = &rows[tau * row_width..(tau + 1) * row_width];
         let (h, stats) = row.split_at(d);
-        let (m_row, b) = (stats[0], stats[1]);
+        let (m_row, normaliser) = (stats[0], stats[1]);
         let grad_h = &grad_rows[tau * row_width..tau * row_width + d];
         let floor = (-m_row).exp();
-        let den = b.abs().max(floor) + DENOMINATOR_EPS;
+        let den = normaliser.abs().max(floor) + DENOMINATOR_EPS;
         for (gn, gh) in grad_num.iter_mut().zip(grad_h) {
             *gn = gh / den;
         }
         let grad_den = -lanes.dot(grad_h, h) / den;
         // The max picks |b| only above the floor; the floor depends on m alone.
-        let grad_b = if b.abs() > floor {
-            grad_den * b.signum()
+        let grad_normaliser = if normaliser.abs() > floor {
+            grad_den * normaliser.signum()
         } else {
             0.0
         };
         let q = &qkv[tau * qkv_width..tau * qkv_width + d];
-        grad_q.fill(0.0);
-        for sigma in 0..=tau {
-            log_decay[sigma] = (cum[tau] - cum[sigma]) + gates[2 * sigma];
+        columns.decay_row_with(lanes, tau, m_row, decay);
+        columns.weight_row(lanes, q, key_scale, &decay[..n], weights);
+        let (decay, weights) = (&decay[..n], &weights[..n]);
+        // dL/dweight[σ] = grad_num · v_σ + dL/db
+        let grad_weights = &mut grad_weights[..n];
+        grad_weights.fill(grad_normaliser);
+        for (b, gn) in grad_num.iter().enumerate() {
+            lanes.axpy(grad_weights, *gn, columns.value_column(b, n));
+            lanes.axpy(&mut grad_values_t[b * len..b * len + n], *gn, weights);
         }
+        let grad_scores = &mut grad_scores[..n];
         let mut grad_cum_tau = 0.0;
-        for sigma in 0..=tau {
-            let (k, v) = qkv[sigma * qkv_width + d..(sigma + 1) * qkv_width].split_at(d);
-            let decay = (log_decay[sigma] - m_row).exp();
-            let weight = lanes.dot(q, k) * key_scale * decay;
-            let grad_weight = lanes.dot(grad_num, v) + grad_b;
-            let (grad_k, grad_v) =
-                grad_qkv[sigma * qkv_width + d..(sigma + 1) * qkv_width].split_at_mut(d);
-            lanes.axpy(grad_v, weight, grad_num);
-            let grad_score = grad_weight * decay * key_scale;
-            lanes.axpy(grad_q, grad_score, k);
-            lanes.axpy(grad_k, grad_score, q);
-            let grad_log_decay = grad_weight * weight;
+        for sigma in 0..n {
+            grad_scores[sigma] = grad_weights[sigma] * decay[sigma] * key_scale;
+            let grad_log_decay = grad_weights[sigma] * weights[sigma];
             grad_cum_tau += grad_log_decay;
             grad_cum[sigma] -= grad_log_decay;
-            grad_gates[2 * sigma] += grad_log_decay;
+            grad_igate[sigma] += grad_log_decay;
+        }
+        for (a, (gq, qa)) in grad_q.iter_mut().zip(q).enumerate() {
+            *gq = lanes.dot(grad_scores, columns.key_column(a, n));
+            lanes.axpy(&mut grad_keys_t[a * len..a * len + n], *qa, grad_scores);
         }
         if let Some(prev) = prev {
-            let inter_weight = ((cum[tau] + prev.m) - m_row).exp();
+            let inter_weight = ((columns.cum[tau] + prev.m) - m_row).exp();
             // projected = C_prev · grad_num
             for (p, c_row) in projected.iter_mut().zip(prev.c.chunks_exact(d)) {
                 *p = lanes.dot(c_row, grad_num);
             }
-            let grad_inter_weight = lanes.dot(q, projected) + grad_b * lanes.dot(prev.n, q);
+            let grad_inter_weight =
+                lanes.dot(q, projected) + grad_normaliser * lanes.dot(prev.n, q);
             lanes.axpy(grad_q, inter_weight, projected);
-            lanes.axpy(grad_q, inter_weight * grad_b, prev.n);
+            lanes.axpy(grad_q, inter_weight * grad_normaliser, prev.n);
             grad_cum_tau += grad_inter_weight * inter_weight;
             for (qa, c_row) in q.iter().zip(next_c.chunks_exact_mut(d)) {
                 lanes.axpy(c_row, inter_weight * qa, grad_num);
             }
-            lanes.axpy(next_n, inter_weight * grad_b, q);
+            lanes.axpy(next_n, inter_weight * grad_normaliser, q);
         }
         grad_cum[tau] += grad_cum_tau;
         lanes.axpy(
