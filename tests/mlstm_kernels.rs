@@ -46,7 +46,8 @@ fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, (atol, rtol): (f
     let mut worst: Option<(usize, f32)> = None;
     for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
         let excess = (a - e).abs() - (atol + rtol * e.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
+        let violated = excess > 0.0 || excess.is_nan();
+        if violated && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
             worst = Some((i, excess));
         }
     }
@@ -403,7 +404,7 @@ fn extreme_gates_give_finite_outputs_and_gradients() {
     let alternating = |phase: usize| {
         let data: Vec<f32> = (0..b * nh * s)
             .map(|j| {
-                if (j / 7 + phase) % 2 == 0 {
+                if (j / 7 + phase).is_multiple_of(2) {
                     50.0
                 } else {
                     -50.0
@@ -438,11 +439,13 @@ fn extreme_gates_give_finite_outputs_and_gradients() {
                 assert_finite(&format!("{name} {form} grad {}", INPUT_NAMES[j]), grad);
             }
         }
+        // With every decay ≈ 1 (i = f = +50) the normaliser is a sum of random scores
+        // that nearly cancel (|h| reaches ~5e3), so f32 rounding is amplified ~1e3×.
         assert_close(
             &format!("{name} chunkwise vs parallel h"),
             &chunkwise.outputs[0],
             &parallel.outputs[0],
-            FORWARD_TOL,
+            (1e-3, 1e-3),
         );
     }
 }

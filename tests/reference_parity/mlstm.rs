@@ -70,7 +70,8 @@ fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, (atol, rtol): (f
     let mut worst: Option<(usize, f32)> = None;
     for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
         let excess = (a - e).abs() - (atol + rtol * e.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
+        let violated = excess > 0.0 || excess.is_nan();
+        if violated && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
             worst = Some((i, excess));
         }
     }

@@ -108,6 +108,72 @@ trait Lanes: Copy {
     fn dot(self, x: &[f32], y: &[f32]) -> f32;
     /// `y += alpha · x` over the common length.
     fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]);
+    /// `x = exp(x − shift)` elementwise.
+    fn exp_shifted(self, x: &mut [f32], shift: f32);
+    /// `out = x · scale · y` elementwise over the length of `out`.
+    fn scaled_product(self, out: &mut [f32], x: &[f32], y: &[f32], scale: f32);
+    /// `C[i, j] += Σ_p A[i, p] · B[p, j]` for `dims = (m, n, k)`: i < m, j < n, p < k; B and C have
+    /// contiguous rows (`B[p, j] = b[p·ldb + j]`, `C[i, j] = c[i·ldc + j]`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_acc(
+        self,
+        dims: (usize, usize, usize),
+        a: Strided<'_>,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+    );
+}
+
+/// A read-only matrix with arbitrary strides: `A[i, p] = data[i·row + p·col]`, so a
+/// transposed view is the same data with the strides swapped.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    row: usize,
+    col: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn rows(data: &'a [f32], row: usize) -> Self {
+        Self { data, row, col: 1 }
+    }
+
+    fn transposed(self) -> Self {
+        Self {
+            data: self.data,
+            row: self.col,
+            col: self.row,
+        }
+    }
+
+    #[inline(always)]
+    fn at(&self, i: usize, p: usize) -> f32 {
+        self.data[i * self.row + p * self.col]
+    }
+}
+
+/// Panics unless every element `gemm_acc` touches is in bounds, so that SIMD
+/// implementations may index without further checks.
+#[inline(always)]
+fn check_gemm_bounds(
+    (m, n, k): (usize, usize, usize),
+    a: Strided<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &[f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * a.row + (k - 1) * a.col < a.data.len(),
+        "gemm: A out of bounds"
+    );
+    assert!((k - 1) * ldb + n <= b.len(), "gemm: B out of bounds");
+    assert!((m - 1) * ldc + n <= c.len(), "gemm: C out of bounds");
 }
 
 #[derive(Clone, Copy)]
@@ -140,13 +206,46 @@ impl Lanes for Portable {
             *yi += alpha * xi;
         }
     }
+
+    #[inline(always)]
+    fn exp_shifted(self, x: &mut [f32], shift: f32) {
+        for xi in x.iter_mut() {
+            *xi = (*xi - shift).exp();
+        }
+    }
+
+    #[inline(always)]
+    fn scaled_product(self, out: &mut [f32], x: &[f32], y: &[f32], scale: f32) {
+        for (o, (xi, yi)) in out.iter_mut().zip(x.iter().zip(y)) {
+            *o = xi * scale * yi;
+        }
+    }
+
+    #[inline(always)]
+    fn gemm_acc(
+        self,
+        (m, n, k): (usize, usize, usize),
+        a: Strided<'_>,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        check_gemm_bounds((m, n, k), a, b, ldb, c, ldc);
+        for i in 0..m {
+            let c_row = &mut c[i * ldc..i * ldc + n];
+            for p in 0..k {
+                self.axpy(c_row, a.at(i, p), &b[p * ldb..p * ldb + n]);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Lanes;
+    use super::{Lanes, Strided, check_gemm_bounds};
 
     /// Proof that the running CPU has AVX2 and FMA; only [`Avx2Fma::detect`] makes one.
     #[derive(Clone, Copy)]
@@ -161,81 +260,271 @@ mod avx2 {
         }
     }
 
+    // The bodies call the intrinsics directly (no separate `#[target_feature]` helper):
+    // at our crate's opt-level 1 LLVM does not inline such helpers, and a call per
+    // 16-float row costs more than the row. Inlined into the `#[target_feature]`
+    // kernel entry points, the intrinsics compile to plain AVX2/FMA instructions.
     impl Lanes for Avx2Fma {
         #[inline(always)]
         fn dot(self, x: &[f32], y: &[f32]) -> f32 {
-            // SAFETY: an `Avx2Fma` exists only if the CPU supports AVX2 and FMA.
-            unsafe { dot(x, y) }
+            let len = x.len().min(y.len());
+            let (xp, yp) = (x.as_ptr(), y.as_ptr());
+            let mut i = 0;
+            // SAFETY: an `Avx2Fma` exists only if the CPU supports AVX2 and FMA, and
+            // every load reads lanes i..i + 8 < len of both slices.
+            unsafe {
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                while i + 16 <= len {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(i)),
+                        _mm256_loadu_ps(yp.add(i)),
+                        acc0,
+                    );
+                    acc1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(i + 8)),
+                        _mm256_loadu_ps(yp.add(i + 8)),
+                        acc1,
+                    );
+                    i += 16;
+                }
+                if i + 8 <= len {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(i)),
+                        _mm256_loadu_ps(yp.add(i)),
+                        acc0,
+                    );
+                    i += 8;
+                }
+                let acc = _mm256_add_ps(acc0, acc1);
+                let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+                let mut total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+                while i < len {
+                    total += x[i] * y[i];
+                    i += 1;
+                }
+                total
+            }
         }
 
         #[inline(always)]
         fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]) {
-            // SAFETY: as in `dot`.
-            unsafe { axpy(y, alpha, x) }
+            let len = x.len().min(y.len());
+            let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+            let mut i = 0;
+            // SAFETY: as in `dot`; every access touches lanes i..i + 8 < len.
+            unsafe {
+                let alpha8 = _mm256_set1_ps(alpha);
+                while i + 8 <= len {
+                    let updated = _mm256_fmadd_ps(
+                        alpha8,
+                        _mm256_loadu_ps(xp.add(i)),
+                        _mm256_loadu_ps(yp.add(i)),
+                    );
+                    _mm256_storeu_ps(yp.add(i), updated);
+                    i += 8;
+                }
+            }
+            while i < len {
+                y[i] += alpha * x[i];
+                i += 1;
+            }
+        }
+
+        #[inline(always)]
+        fn exp_shifted(self, x: &mut [f32], shift: f32) {
+            let len = x.len();
+            let xp = x.as_mut_ptr();
+            let mut i = 0;
+            // SAFETY: as in `dot`; every access touches lanes i..i + 8 < len.
+            unsafe {
+                let shift8 = _mm256_set1_ps(shift);
+                while i + 8 <= len {
+                    let shifted = _mm256_sub_ps(_mm256_loadu_ps(xp.add(i)), shift8);
+                    _mm256_storeu_ps(xp.add(i), exp8(shifted));
+                    i += 8;
+                }
+            }
+            while i < len {
+                x[i] = (x[i] - shift).exp();
+                i += 1;
+            }
+        }
+
+        #[inline(always)]
+        fn scaled_product(self, out: &mut [f32], x: &[f32], y: &[f32], scale: f32) {
+            let len = out.len();
+            assert!(
+                x.len() >= len && y.len() >= len,
+                "scaled_product: inputs too short"
+            );
+            let (op, xp, yp) = (out.as_mut_ptr(), x.as_ptr(), y.as_ptr());
+            let mut i = 0;
+            // SAFETY: as in `dot`; every access touches lanes i..i + 8 < len.
+            unsafe {
+                let scale8 = _mm256_set1_ps(scale);
+                while i + 8 <= len {
+                    let scaled = _mm256_mul_ps(_mm256_loadu_ps(xp.add(i)), scale8);
+                    _mm256_storeu_ps(op.add(i), _mm256_mul_ps(scaled, _mm256_loadu_ps(yp.add(i))));
+                    i += 8;
+                }
+            }
+            while i < len {
+                out[i] = x[i] * scale * y[i];
+                i += 1;
+            }
+        }
+
+        #[inline(always)]
+        fn gemm_acc(
+            self,
+            (m, n, k): (usize, usize, usize),
+            a: Strided<'_>,
+            b: &[f32],
+            ldb: usize,
+            c: &mut [f32],
+            ldc: usize,
+        ) {
+            check_gemm_bounds((m, n, k), a, b, ldb, c, ldc);
+            if n == 0 || k == 0 {
+                return;
+            }
+            let (bp, cp) = (b.as_ptr(), c.as_mut_ptr());
+            let mut i = 0;
+            // SAFETY: AVX2/FMA are present (an `Avx2Fma` exists) and the bounds check
+            // above covers every row block.
+            unsafe {
+                while i + 4 <= m {
+                    Self::gemm_rows::<4>(i, (n, k), a, bp, ldb, cp, ldc);
+                    i += 4;
+                }
+                while i < m {
+                    Self::gemm_rows::<1>(i, (n, k), a, bp, ldb, cp, ldc);
+                    i += 1;
+                }
+            }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn dot(x: &[f32], y: &[f32]) -> f32 {
-        let len = x.len().min(y.len());
-        let (xp, yp) = (x.as_ptr(), y.as_ptr());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        // SAFETY (all loads): i + 8 <= len or i + 16 <= len keeps every lane in bounds.
-        while i + 16 <= len {
+    impl Avx2Fma {
+        /// One row block of `gemm_acc`: `ROWS` (1 or 4) rows of C from column 0 to n,
+        /// 16 columns per step in registers, then 8, then single columns.
+        ///
+        /// # Safety
+        /// AVX2 and FMA are available and `check_gemm_bounds` passed.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn gemm_rows<const ROWS: usize>(
+            i: usize,
+            (n, k): (usize, usize),
+            a: Strided<'_>,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            // SAFETY: the caller checked that rows i..i + ROWS of A and C, and rows
+            // 0..k of B, are in bounds for columns 0..n.
             unsafe {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(xp.add(i + 8)),
-                    _mm256_loadu_ps(yp.add(i + 8)),
-                    acc1,
-                );
+                let ap = a.data.as_ptr();
+                let a_at = |r: usize, p: usize| *ap.add((i + r) * a.row + p * a.col);
+                let c_at = |r: usize, j: usize| c.add((i + r) * ldc + j);
+                let mut j = 0;
+                while j + 16 <= n {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+                    for p in 0..k {
+                        let b0 = _mm256_loadu_ps(b.add(p * ldb + j));
+                        let b1 = _mm256_loadu_ps(b.add(p * ldb + j + 8));
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let a_rp = _mm256_set1_ps(a_at(r, p));
+                            acc_r[0] = _mm256_fmadd_ps(a_rp, b0, acc_r[0]);
+                            acc_r[1] = _mm256_fmadd_ps(a_rp, b1, acc_r[1]);
+                        }
+                    }
+                    for (r, acc_r) in acc.iter().enumerate() {
+                        let out = c_at(r, j);
+                        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc_r[0]));
+                        let out = out.add(8);
+                        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc_r[1]));
+                    }
+                    j += 16;
+                }
+                while j + 8 <= n {
+                    let mut acc = [_mm256_setzero_ps(); ROWS];
+                    for p in 0..k {
+                        let b0 = _mm256_loadu_ps(b.add(p * ldb + j));
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            *acc_r = _mm256_fmadd_ps(_mm256_set1_ps(a_at(r, p)), b0, *acc_r);
+                        }
+                    }
+                    for (r, acc_r) in acc.iter().enumerate() {
+                        let out = c_at(r, j);
+                        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), *acc_r));
+                    }
+                    j += 8;
+                }
+                while j < n {
+                    for r in 0..ROWS {
+                        let mut total = 0.0;
+                        for p in 0..k {
+                            total += a_at(r, p) * *b.add(p * ldb + j);
+                        }
+                        *c_at(r, j) += total;
+                    }
+                    j += 1;
+                }
             }
-            i += 16;
         }
-        if i + 8 <= len {
-            unsafe {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), acc0);
-            }
-            i += 8;
-        }
-        let acc = _mm256_add_ps(acc0, acc1);
-        let pairs = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let pairs = _mm_add_ps(pairs, _mm_movehl_ps(pairs, pairs));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-        while i < len {
-            total += x[i] * y[i];
-            i += 1;
-        }
-        total
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let len = x.len().min(y.len());
-        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-        let alpha8 = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= len {
-            // SAFETY: i + 8 <= len keeps every lane in bounds of both slices.
-            unsafe {
-                let updated = _mm256_fmadd_ps(
-                    alpha8,
-                    _mm256_loadu_ps(xp.add(i)),
-                    _mm256_loadu_ps(yp.add(i)),
-                );
-                _mm256_storeu_ps(yp.add(i), updated);
+    /// `exp` of 8 lanes (Cephes `expf`: range reduction by ln 2, degree-5 polynomial;
+    /// ~2 ulp). Below −87.3 the result is 0 (libm would return subnormals); NaN stays NaN.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        // ln 2 split so that n · LN2_HI is exact in f32.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const POLY: [f32; 6] = [
+            1.987_569_1e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ];
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let lowest = _mm256_set1_ps(-87.336_55);
+            let clamped = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0)), lowest);
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(clamped, _mm256_set1_ps(LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), clamped);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+            let mut poly = _mm256_set1_ps(POLY[0]);
+            for c in &POLY[1..] {
+                poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(*c));
             }
-            i += 8;
-        }
-        while i < len {
-            y[i] += alpha * x[i];
-            i += 1;
+            let mantissa = _mm256_fmadd_ps(
+                poly,
+                _mm256_mul_ps(r, r),
+                _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+            );
+            let exponent = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
+            let result = _mm256_mul_ps(mantissa, _mm256_castsi256_ps(exponent));
+            let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lowest);
+            let result = _mm256_blendv_ps(result, _mm256_setzero_ps(), underflow);
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+            _mm256_blendv_ps(result, x, nan)
         }
     }
 }
@@ -292,24 +581,148 @@ struct HeadBackward<'a> {
     grad_initial: Option<&'a mut [f32]>,
 }
 
-/// Local cumulative log forget gate of a chunk: `cum[τ] = Σ_{s≤τ} logσ(f̃_s)`.
-#[inline(always)]
-fn chunk_log_forget_cumsum(gates: &[f32], cum: &mut [f32]) {
-    let mut total = 0.0;
-    for (c, g) in cum.iter_mut().zip(gates.chunks_exact(2)) {
-        total += log_sigmoid(g[1]);
-        *c = total;
+/// Per-head work buffers (reused across the heads one rayon worker processes).
+/// `L` = chunk length (S for the parallel form); matrices are row-major.
+struct HeadScratch {
+    /// `[L]`: local cumulative log forget gate, input gate, per-row values.
+    cum: Vec<f32>,
+    igate: Vec<f32>,
+    row_stabiliser: Vec<f32>,
+    row_grad_normaliser: Vec<f32>,
+    grad_cum: Vec<f32>,
+    grad_igate: Vec<f32>,
+    /// `[DH, L]`: keys and values transposed, keys scaled by their input weight.
+    keys_t: Vec<f32>,
+    values_t: Vec<f32>,
+    weighted_keys_t: Vec<f32>,
+    /// `[L, L]`: decay factors, weights, scores or weight gradients, score gradients.
+    decay: Vec<f32>,
+    weights: Vec<f32>,
+    square: Vec<f32>,
+    grad_scores: Vec<f32>,
+    /// `[L, DH]`
+    rows_a: Vec<f32>,
+    rows_b: Vec<f32>,
+    rows_c: Vec<f32>,
+    grad_q: Vec<f32>,
+    grad_k: Vec<f32>,
+    grad_v: Vec<f32>,
+    /// `[DH, DH]`: a transposed state matrix.
+    small_t: Vec<f32>,
+    /// `[L]`: one row of log-decay gradients.
+    row: Vec<f32>,
+}
+
+impl HeadScratch {
+    fn new(geometry: HeadGeometry) -> Self {
+        let (l, d) = (geometry.chunk_size, geometry.head_dim);
+        Self {
+            cum: vec![0.0; l],
+            igate: vec![0.0; l],
+            row_stabiliser: vec![0.0; l],
+            row_grad_normaliser: vec![0.0; l],
+            grad_cum: vec![0.0; l],
+            grad_igate: vec![0.0; l],
+            keys_t: vec![0.0; d * l],
+            values_t: vec![0.0; d * l],
+            weighted_keys_t: vec![0.0; d * l],
+            decay: vec![0.0; l * l],
+            weights: vec![0.0; l * l],
+            square: vec![0.0; l * l],
+            grad_scores: vec![0.0; l * l],
+            rows_a: vec![0.0; l * d],
+            rows_b: vec![0.0; l * d],
+            rows_c: vec![0.0; l * d],
+            grad_q: vec![0.0; l * d],
+            grad_k: vec![0.0; l * d],
+            grad_v: vec![0.0; l * d],
+            small_t: vec![0.0; d * d],
+            row: vec![0.0; l],
+        }
+    }
+
+    /// Gate terms and transposed keys/values of a chunk of `gates.len() / 2` rows.
+    #[inline(always)]
+    fn load_chunk(&mut self, d: usize, qkv: &[f32], gates: &[f32]) {
+        let len = gates.len() / 2;
+        let mut total = 0.0;
+        for (tau, g) in gates.chunks_exact(2).enumerate() {
+            total += log_sigmoid(g[1]);
+            self.cum[tau] = total;
+            self.igate[tau] = g[0];
+        }
+        for (sigma, row) in qkv.chunks_exact(3 * d).enumerate() {
+            for a in 0..d {
+                self.keys_t[a * len + sigma] = row[d + a];
+                self.values_t[a * len + sigma] = row[2 * d + a];
+            }
+        }
+    }
+
+    /// `decay[τ, σ] = log D[τ, σ] = (cum[τ] − cum[σ]) + igate[σ]` for σ ≤ τ.
+    #[inline(always)]
+    fn fill_log_decay(&mut self, len: usize) {
+        for tau in 0..len {
+            let row = &mut self.decay[tau * len..tau * len + tau + 1];
+            for (sigma, log_d) in row.iter_mut().enumerate() {
+                *log_d = (self.cum[tau] - self.cum[sigma]) + self.igate[sigma];
+            }
+        }
+    }
+
+    /// From log D and the row stabilisers: `decay = exp(log D − m)` on and below the
+    /// diagonal and 0 above; `weights = (q·k)/√DH ⊙ decay` (0 above the diagonal).
+    #[inline(always)]
+    fn fill_weights<L: Lanes>(
+        &mut self,
+        lanes: L,
+        geometry: HeadGeometry,
+        qkv: &[f32],
+        len: usize,
+    ) {
+        let d = geometry.head_dim;
+        for tau in 0..len {
+            let row = &mut self.decay[tau * len..(tau + 1) * len];
+            lanes.exp_shifted(&mut row[..=tau], self.row_stabiliser[tau]);
+            row[tau + 1..].fill(0.0);
+        }
+        let square = &mut self.square[..len * len];
+        square.fill(0.0);
+        lanes.gemm_acc(
+            (len, len, d),
+            Strided::rows(qkv, 3 * d),
+            &self.keys_t[..d * len],
+            len,
+            square,
+            len,
+        );
+        lanes.scaled_product(
+            &mut self.weights[..len * len],
+            square,
+            &self.decay[..len * len],
+            geometry.key_scale(),
+        );
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_head_avx2(lanes: avx2::Avx2Fma, geometry: HeadGeometry, head: HeadForward<'_>) {
-    forward_head(lanes, geometry, head)
+fn forward_head_avx2(
+    lanes: avx2::Avx2Fma,
+    geometry: HeadGeometry,
+    head: HeadForward<'_>,
+    scratch: &mut HeadScratch,
+) {
+    forward_head(lanes, geometry, head, scratch)
 }
 
 #[inline(always)]
-fn forward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadForward<'_>) {
+fn forward_head<L: Lanes>(
+    lanes: L,
+    geometry: HeadGeometry,
+    head: HeadForward<'_>,
+    scratch: &mut HeadScratch,
+) {
     let HeadForward {
         qkv,
         gates,
@@ -324,168 +737,177 @@ fn forward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadForward<'_
     if let Some(initial) = initial {
         states[..state_len].copy_from_slice(initial);
     }
-    let mut cum = vec![0f32; geometry.chunk_size];
-    let mut log_weights = vec![0f32; geometry.chunk_size];
     for chunk in 0..geometry.num_chunks() {
         let start = chunk * geometry.chunk_size;
         let len = geometry.chunk_size.min(geometry.seq_len - start);
         let chunk_qkv = &qkv[start * qkv_width..(start + len) * qkv_width];
-        let chunk_gates = &gates[start * 2..(start + len) * 2];
+        scratch.load_chunk(d, chunk_qkv, &gates[start * 2..(start + len) * 2]);
         let chunk_rows = &mut rows[start * row_width..(start + len) * row_width];
-        let cum = &mut cum[..len];
-        chunk_log_forget_cumsum(chunk_gates, cum);
         if initial.is_some() {
             let (before, after) = states.split_at_mut((chunk + 1) * state_len);
             let prev = StateView::new(&before[chunk * state_len..], d);
-            chunk_rows_forward(
-                lanes,
-                geometry,
-                chunk_qkv,
-                chunk_gates,
-                cum,
-                Some(prev),
-                chunk_rows,
-                &mut log_weights,
-            );
+            chunk_rows_forward(lanes, geometry, chunk_qkv, Some(prev), chunk_rows, scratch);
             chunk_state_forward(
                 lanes,
                 geometry,
                 chunk_qkv,
-                chunk_gates,
-                cum,
                 prev,
                 &mut after[..state_len],
-                &mut log_weights,
+                scratch,
             );
         } else {
-            chunk_rows_forward(
-                lanes,
-                geometry,
-                chunk_qkv,
-                chunk_gates,
-                cum,
-                None,
-                chunk_rows,
-                &mut log_weights,
-            );
+            chunk_rows_forward(lanes, geometry, chunk_qkv, None, chunk_rows, scratch);
         }
     }
 }
 
 /// Output rows of one chunk from its own inputs and the state before it.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_rows_forward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
-    cum: &[f32],
     prev: Option<StateView<'_>>,
     rows: &mut [f32],
-    log_decay: &mut [f32],
+    scratch: &mut HeadScratch,
 ) {
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
-    let key_scale = geometry.key_scale();
+    let len = qkv.len() / qkv_width;
+    scratch.fill_log_decay(len);
+    for tau in 0..len {
+        let row_max = scratch.decay[tau * len..tau * len + tau + 1]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+        let log_inter = prev.map_or(f32::NEG_INFINITY, |prev| scratch.cum[tau] + prev.m);
+        scratch.row_stabiliser[tau] = row_max.max(log_inter);
+    }
+    scratch.fill_weights(lanes, geometry, qkv, len);
+    let num = &mut scratch.rows_a[..len * d];
+    num.fill(0.0);
+    lanes.gemm_acc(
+        (len, d, len),
+        Strided::rows(&scratch.weights[..len * len], len),
+        &qkv[2 * d..],
+        qkv_width,
+        num,
+        d,
+    );
+    if let Some(prev) = prev {
+        // rows_b[τ] = C_prevᵀ q_τ
+        let inter = &mut scratch.rows_b[..len * d];
+        inter.fill(0.0);
+        lanes.gemm_acc(
+            (len, d, d),
+            Strided::rows(qkv, qkv_width),
+            prev.c,
+            d,
+            inter,
+            d,
+        );
+    }
     for (tau, row) in rows.chunks_exact_mut(geometry.row_width()).enumerate() {
-        let q = &qkv[tau * qkv_width..tau * qkv_width + d];
-        let mut m_row = f32::NEG_INFINITY;
-        for sigma in 0..=tau {
-            let log_d = (cum[tau] - cum[sigma]) + gates[2 * sigma];
-            log_decay[sigma] = log_d;
-            m_row = m_row.max(log_d);
-        }
-        let log_inter = prev.map(|prev| cum[tau] + prev.m);
-        if let Some(log_inter) = log_inter {
-            m_row = m_row.max(log_inter);
-        }
+        let m_row = scratch.row_stabiliser[tau];
         let (h, stats) = row.split_at_mut(d);
-        h.fill(0.0);
-        let mut b = 0.0;
-        for sigma in 0..=tau {
-            let kv = &qkv[sigma * qkv_width + d..(sigma + 1) * qkv_width];
-            let (k, v) = kv.split_at(d);
-            let weight = lanes.dot(q, k) * key_scale * (log_decay[sigma] - m_row).exp();
-            lanes.axpy(h, weight, v);
-            b += weight;
+        h.copy_from_slice(&scratch.rows_a[tau * d..(tau + 1) * d]);
+        let mut normaliser: f32 = scratch.weights[tau * len..tau * len + tau + 1].iter().sum();
+        if let Some(prev) = prev {
+            let inter_weight = ((scratch.cum[tau] + prev.m) - m_row).exp();
+            lanes.axpy(h, inter_weight, &scratch.rows_b[tau * d..(tau + 1) * d]);
+            let q = &qkv[tau * qkv_width..tau * qkv_width + d];
+            normaliser += inter_weight * lanes.dot(prev.n, q);
         }
-        if let (Some(prev), Some(log_inter)) = (prev, log_inter) {
-            let inter_weight = (log_inter - m_row).exp();
-            for (qa, c_row) in q.iter().zip(prev.c.chunks_exact(d)) {
-                lanes.axpy(h, inter_weight * qa, c_row);
-            }
-            b += inter_weight * lanes.dot(prev.n, q);
-        }
-        let den = b.abs().max((-m_row).exp()) + DENOMINATOR_EPS;
+        let den = normaliser.abs().max((-m_row).exp()) + DENOMINATOR_EPS;
         for x in h.iter_mut() {
             *x /= den;
         }
         stats[0] = m_row;
-        stats[1] = b;
+        stats[1] = normaliser;
     }
 }
 
-/// The state after a chunk from the state before it.
-#[allow(clippy::too_many_arguments)]
+/// The state after a chunk from the state before it. Leaves the input weights
+/// `exp(a_τ − m_next)` in `scratch.row` and the weighted keys in `weighted_keys_t`.
 #[inline(always)]
 fn chunk_state_forward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
-    cum: &[f32],
     prev: StateView<'_>,
     next: &mut [f32],
-    log_input: &mut [f32],
+    scratch: &mut HeadScratch,
 ) {
     let d = geometry.head_dim;
-    let qkv_width = geometry.qkv_width();
-    let key_scale = geometry.key_scale();
-    let total = cum[cum.len() - 1];
-    let mut m_next = total + prev.m;
-    for (tau, log_in) in log_input[..cum.len()].iter_mut().enumerate() {
-        *log_in = (total - cum[tau]) + gates[2 * tau];
-        m_next = m_next.max(*log_in);
-    }
+    let len = qkv.len() / geometry.qkv_width();
+    let total = scratch.cum[len - 1];
+    let m_next = input_weights(scratch, len, prev.m, None);
     let carry = ((total + prev.m) - m_next).exp();
     let (c_next, rest) = next.split_at_mut(d * d);
     let (n_next, m_slot) = rest.split_at_mut(d);
     for (c, c_prev) in c_next.iter_mut().zip(prev.c) {
         *c = carry * c_prev;
     }
-    for (n, n_prev) in n_next.iter_mut().zip(prev.n) {
-        *n = carry * n_prev;
-    }
-    for (tau, row) in qkv.chunks_exact(qkv_width).enumerate() {
-        let weight = (log_input[tau] - m_next).exp() * key_scale;
-        let (k, v) = row[d..].split_at(d);
-        for (ka, c_row) in k.iter().zip(c_next.chunks_exact_mut(d)) {
-            lanes.axpy(c_row, weight * ka, v);
-        }
-        lanes.axpy(n_next, weight, k);
+    lanes.gemm_acc(
+        (d, d, len),
+        Strided::rows(&scratch.weighted_keys_t[..d * len], len),
+        &qkv[2 * d..],
+        geometry.qkv_width(),
+        c_next,
+        d,
+    );
+    for (a, (n, n_prev)) in n_next.iter_mut().zip(prev.n).enumerate() {
+        let keys: f32 = scratch.weighted_keys_t[a * len..(a + 1) * len].iter().sum();
+        *n = carry * n_prev + keys;
     }
     m_slot[0] = m_next;
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn backward_head_avx2(lanes: avx2::Avx2Fma, geometry: HeadGeometry, head: HeadBackward<'_>) {
-    backward_head(lanes, geometry, head)
+/// Input weights of a chunk's state update: `row[τ] = exp(a_τ − m_next)` with
+/// `a_τ = (g − cum[τ]) + igate[τ]`, and `weighted_keys_t[a, τ] = k_τ[a]·row[τ]/√DH`.
+/// Returns `m_next` (computed unless given).
+#[inline(always)]
+fn input_weights(scratch: &mut HeadScratch, len: usize, m_prev: f32, m_next: Option<f32>) -> f32 {
+    let total = scratch.cum[len - 1];
+    let d = scratch.keys_t.len() / scratch.cum.len();
+    for tau in 0..len {
+        scratch.row[tau] = (total - scratch.cum[tau]) + scratch.igate[tau];
+    }
+    let m_next = m_next.unwrap_or_else(|| {
+        scratch.row[..len]
+            .iter()
+            .fold(total + m_prev, |m, x| m.max(*x))
+    });
+    let key_scale = 1.0 / (d as f32).sqrt();
+    for tau in 0..len {
+        scratch.row[tau] = (scratch.row[tau] - m_next).exp();
+    }
+    for a in 0..d {
+        for tau in 0..len {
+            scratch.weighted_keys_t[a * len + tau] =
+                scratch.keys_t[a * len + tau] * scratch.row[tau] * key_scale;
+        }
+    }
+    m_next
 }
 
-/// Scratch vectors of the backward pass of one head.
-struct BackwardScratch {
-    cum: Vec<f32>,
-    log_weights: Vec<f32>,
-    grad_cum: Vec<f32>,
-    grad_num: Vec<f32>,
-    grad_q: Vec<f32>,
-    projected: Vec<f32>,
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_head_avx2(
+    lanes: avx2::Avx2Fma,
+    geometry: HeadGeometry,
+    head: HeadBackward<'_>,
+    scratch: &mut HeadScratch,
+) {
+    backward_head(lanes, geometry, head, scratch)
 }
 
 #[inline(always)]
-fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<'_>) {
+fn backward_head<L: Lanes>(
+    lanes: L,
+    geometry: HeadGeometry,
+    head: HeadBackward<'_>,
+    scratch: &mut HeadScratch,
+) {
     let HeadBackward {
         qkv,
         gates,
@@ -502,14 +924,6 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
     let qkv_width = geometry.qkv_width();
     let row_width = geometry.row_width();
     let state_len = geometry.state_len();
-    let mut scratch = BackwardScratch {
-        cum: vec![0.0; geometry.chunk_size],
-        log_weights: vec![0.0; geometry.chunk_size],
-        grad_cum: vec![0.0; geometry.chunk_size],
-        grad_num: vec![0.0; d],
-        grad_q: vec![0.0; d],
-        projected: vec![0.0; d],
-    };
     // Gradient w.r.t. the state after the current chunk (carry) and before it (next).
     let mut carry_c = vec![0f32; d * d];
     let mut carry_n = vec![0f32; d];
@@ -524,46 +938,50 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
         let len = geometry.chunk_size.min(geometry.seq_len - start);
         let chunk_qkv = &qkv[start * qkv_width..(start + len) * qkv_width];
         let chunk_gates = &gates[start * 2..(start + len) * 2];
-        let chunk_grad_qkv = &mut grad_qkv[start * qkv_width..(start + len) * qkv_width];
-        let chunk_grad_gates = &mut grad_gates[start * 2..(start + len) * 2];
-        chunk_log_forget_cumsum(chunk_gates, &mut scratch.cum[..len]);
+        scratch.load_chunk(d, chunk_qkv, chunk_gates);
         scratch.grad_cum[..len].fill(0.0);
+        scratch.grad_igate[..len].fill(0.0);
+        scratch.grad_k[..len * d].fill(0.0);
+        scratch.grad_v[..len * d].fill(0.0);
         let prev = initial.map(|_| StateView::new(&states[chunk * state_len..], d));
+        next_c.fill(0.0);
+        next_n.fill(0.0);
         if let Some(prev) = prev {
             let m_next = states[(chunk + 2) * state_len - 1];
-            next_c.fill(0.0);
-            next_n.fill(0.0);
             chunk_state_backward(
                 lanes,
                 geometry,
                 chunk_qkv,
-                chunk_gates,
                 prev,
                 m_next,
                 (&carry_c, &carry_n),
                 (&mut next_c, &mut next_n),
-                chunk_grad_qkv,
-                chunk_grad_gates,
-                &mut scratch,
+                scratch,
             );
         }
         chunk_rows_backward(
             lanes,
             geometry,
             chunk_qkv,
-            chunk_gates,
             prev,
             &rows[start * row_width..(start + len) * row_width],
             &grad_rows[start * row_width..(start + len) * row_width],
             (&mut next_c, &mut next_n),
-            chunk_grad_qkv,
-            chunk_grad_gates,
-            &mut scratch,
+            scratch,
         );
+        let chunk_grad_qkv = &mut grad_qkv[start * qkv_width..(start + len) * qkv_width];
+        for (tau, grad_row) in chunk_grad_qkv.chunks_exact_mut(qkv_width).enumerate() {
+            let span = tau * d..(tau + 1) * d;
+            grad_row[..d].copy_from_slice(&scratch.grad_q[span.clone()]);
+            grad_row[d..2 * d].copy_from_slice(&scratch.grad_k[span.clone()]);
+            grad_row[2 * d..].copy_from_slice(&scratch.grad_v[span]);
+        }
         // cum[τ] = Σ_{s≤τ} logσ(f̃_s), so dL/d logσ(f̃_s) = Σ_{τ≥s} dL/dcum[τ].
+        let chunk_grad_gates = &mut grad_gates[start * 2..(start + len) * 2];
         let mut suffix = 0.0;
         for tau in (0..len).rev() {
             suffix += scratch.grad_cum[tau];
+            chunk_grad_gates[2 * tau] = scratch.grad_igate[tau];
             chunk_grad_gates[2 * tau + 1] =
                 suffix * log_sigmoid_derivative(chunk_gates[2 * tau + 1]);
         }
@@ -580,148 +998,229 @@ fn backward_head<L: Lanes>(lanes: L, geometry: HeadGeometry, head: HeadBackward<
     }
 }
 
-/// Backward of the state update of one chunk: adds to the gradients of k, v, igate
-/// and `cum`, and to the gradient of the state before the chunk (`next`).
+/// `out[j·d + i] = m[i·d + j]` for a d×d matrix.
+#[inline(always)]
+fn transpose_square(m: &[f32], d: usize, out: &mut [f32]) {
+    for i in 0..d {
+        for j in 0..d {
+            out[j * d + i] = m[i * d + j];
+        }
+    }
+}
+
+/// Backward of the state update of one chunk: writes into the k, v gradient buffers,
+/// adds to the igate and `cum` gradients and to the gradient of the state before the
+/// chunk (`next`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_state_backward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
     prev: StateView<'_>,
     m_next: f32,
     (carry_c, carry_n): (&[f32], &[f32]),
     (next_c, next_n): (&mut [f32], &mut [f32]),
-    grad_qkv: &mut [f32],
-    grad_gates: &mut [f32],
-    scratch: &mut BackwardScratch,
+    scratch: &mut HeadScratch,
 ) {
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
     let key_scale = geometry.key_scale();
-    let len = gates.len() / 2;
-    let cum = &scratch.cum[..len];
-    let total = cum[len - 1];
+    let len = qkv.len() / qkv_width;
+    let total = scratch.cum[len - 1];
+    input_weights(scratch, len, prev.m, Some(m_next));
     let carry = ((total + prev.m) - m_next).exp();
     let grad_carry = lanes.dot(carry_c, prev.c) + lanes.dot(carry_n, prev.n);
     lanes.axpy(next_c, carry, carry_c);
     lanes.axpy(next_n, carry, carry_n);
     let mut grad_total = grad_carry * carry;
-    let projected = &mut scratch.projected;
+    // rows_b[τ] = dC v_τ + dn: the gradient w.r.t. the weighted key of row τ.
+    transpose_square(carry_c, d, &mut scratch.small_t);
+    let projected = &mut scratch.rows_b[..len * d];
+    for row in projected.chunks_exact_mut(d) {
+        row.copy_from_slice(carry_n);
+    }
+    lanes.gemm_acc(
+        (len, d, d),
+        Strided::rows(&qkv[2 * d..], qkv_width),
+        &scratch.small_t,
+        d,
+        projected,
+        d,
+    );
+    // grad_v[τ] += weight_τ/√DH · Σ_a k_τ[a] dC[a, :]
+    lanes.gemm_acc(
+        (len, d, d),
+        Strided::rows(&scratch.weighted_keys_t[..d * len], len).transposed(),
+        carry_c,
+        d,
+        &mut scratch.grad_v[..len * d],
+        d,
+    );
     for tau in 0..len {
-        let weight = (((total - cum[tau]) + gates[2 * tau]) - m_next).exp();
-        let (k, v) = qkv[tau * qkv_width + d..(tau + 1) * qkv_width].split_at(d);
-        // projected = dC v + dn, the gradient w.r.t. the weighted key.
-        for (p, (c_row, n_a)) in projected
-            .iter_mut()
-            .zip(carry_c.chunks_exact(d).zip(carry_n))
-        {
-            *p = lanes.dot(c_row, v) + n_a;
-        }
-        let grad_weight = key_scale * lanes.dot(k, projected);
-        let (grad_k, grad_v) = grad_qkv[tau * qkv_width + d..(tau + 1) * qkv_width].split_at_mut(d);
-        lanes.axpy(grad_k, weight * key_scale, projected);
-        for (ka, c_row) in k.iter().zip(carry_c.chunks_exact(d)) {
-            lanes.axpy(grad_v, weight * key_scale * ka, c_row);
-        }
-        let grad_log_input = grad_weight * weight;
+        let weight = scratch.row[tau];
+        let k = &qkv[tau * qkv_width + d..tau * qkv_width + 2 * d];
+        let projected = &scratch.rows_b[tau * d..(tau + 1) * d];
+        lanes.axpy(
+            &mut scratch.grad_k[tau * d..(tau + 1) * d],
+            weight * key_scale,
+            projected,
+        );
+        let grad_log_input = key_scale * lanes.dot(k, projected) * weight;
         grad_total += grad_log_input;
         scratch.grad_cum[tau] -= grad_log_input;
-        grad_gates[2 * tau] += grad_log_input;
+        scratch.grad_igate[tau] += grad_log_input;
     }
     scratch.grad_cum[len - 1] += grad_total;
 }
 
-/// Backward of the output rows of one chunk: adds to the gradients of q, k, v, igate
-/// and `cum`, and to the gradient of the state before the chunk (`next`).
+/// Backward of the output rows of one chunk: writes the q gradient buffer, adds to the
+/// k and v gradient buffers, the igate and `cum` gradients and to the gradient of the
+/// state before the chunk (`next`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_rows_backward<L: Lanes>(
     lanes: L,
     geometry: HeadGeometry,
     qkv: &[f32],
-    gates: &[f32],
     prev: Option<StateView<'_>>,
     rows: &[f32],
     grad_rows: &[f32],
     (next_c, next_n): (&mut [f32], &mut [f32]),
-    grad_qkv: &mut [f32],
-    grad_gates: &mut [f32],
-    scratch: &mut BackwardScratch,
+    scratch: &mut HeadScratch,
 ) {
     let d = geometry.head_dim;
     let qkv_width = geometry.qkv_width();
     let row_width = geometry.row_width();
     let key_scale = geometry.key_scale();
-    let len = gates.len() / 2;
-    let BackwardScratch {
-        cum,
-        log_weights: log_decay,
-        grad_cum,
-        grad_num,
-        grad_q,
-        projected,
-    } = scratch;
+    let len = qkv.len() / qkv_width;
+    // rows_a[τ] = dL/dnum_τ; row_grad_normaliser[τ] = dL/db_τ.
     for tau in 0..len {
         let row = &rows[tau * row_width..(tau + 1) * row_width];
         let (h, stats) = row.split_at(d);
-        let (m_row, b) = (stats[0], stats[1]);
+        let (m_row, normaliser) = (stats[0], stats[1]);
         let grad_h = &grad_rows[tau * row_width..tau * row_width + d];
         let floor = (-m_row).exp();
-        let den = b.abs().max(floor) + DENOMINATOR_EPS;
-        for (gn, gh) in grad_num.iter_mut().zip(grad_h) {
+        let den = normaliser.abs().max(floor) + DENOMINATOR_EPS;
+        for (gn, gh) in scratch.rows_a[tau * d..(tau + 1) * d]
+            .iter_mut()
+            .zip(grad_h)
+        {
             *gn = gh / den;
         }
         let grad_den = -lanes.dot(grad_h, h) / den;
         // The max picks |b| only above the floor; the floor depends on m alone.
-        let grad_b = if b.abs() > floor {
-            grad_den * b.signum()
+        scratch.row_grad_normaliser[tau] = if normaliser.abs() > floor {
+            grad_den * normaliser.signum()
         } else {
             0.0
         };
-        let q = &qkv[tau * qkv_width..tau * qkv_width + d];
-        grad_q.fill(0.0);
-        for sigma in 0..=tau {
-            log_decay[sigma] = (cum[tau] - cum[sigma]) + gates[2 * sigma];
-        }
-        let mut grad_cum_tau = 0.0;
-        for sigma in 0..=tau {
-            let (k, v) = qkv[sigma * qkv_width + d..(sigma + 1) * qkv_width].split_at(d);
-            let decay = (log_decay[sigma] - m_row).exp();
-            let weight = lanes.dot(q, k) * key_scale * decay;
-            let grad_weight = lanes.dot(grad_num, v) + grad_b;
-            let (grad_k, grad_v) =
-                grad_qkv[sigma * qkv_width + d..(sigma + 1) * qkv_width].split_at_mut(d);
-            lanes.axpy(grad_v, weight, grad_num);
-            let grad_score = grad_weight * decay * key_scale;
-            lanes.axpy(grad_q, grad_score, k);
-            lanes.axpy(grad_k, grad_score, q);
-            let grad_log_decay = grad_weight * weight;
-            grad_cum_tau += grad_log_decay;
-            grad_cum[sigma] -= grad_log_decay;
-            grad_gates[2 * sigma] += grad_log_decay;
-        }
-        if let Some(prev) = prev {
-            let inter_weight = ((cum[tau] + prev.m) - m_row).exp();
-            // projected = C_prev · grad_num
-            for (p, c_row) in projected.iter_mut().zip(prev.c.chunks_exact(d)) {
-                *p = lanes.dot(c_row, grad_num);
-            }
+        scratch.row_stabiliser[tau] = m_row;
+    }
+    scratch.fill_log_decay(len);
+    scratch.fill_weights(lanes, geometry, qkv, len);
+    let grad_num = &scratch.rows_a[..len * d];
+    // square[τ, σ] = dL/dweight[τ, σ] = grad_num_τ · v_σ + dL/db_τ
+    let grad_weights = &mut scratch.square[..len * len];
+    for (tau, row) in grad_weights.chunks_exact_mut(len).enumerate() {
+        row.fill(scratch.row_grad_normaliser[tau]);
+    }
+    lanes.gemm_acc(
+        (len, len, d),
+        Strided::rows(grad_num, d),
+        &scratch.values_t[..d * len],
+        len,
+        grad_weights,
+        len,
+    );
+    let weights = &scratch.weights[..len * len];
+    lanes.gemm_acc(
+        (len, d, len),
+        Strided::rows(weights, len).transposed(),
+        grad_num,
+        d,
+        &mut scratch.grad_v[..len * d],
+        d,
+    );
+    lanes.scaled_product(
+        &mut scratch.grad_scores[..len * len],
+        grad_weights,
+        &scratch.decay[..len * len],
+        key_scale,
+    );
+    for tau in 0..len {
+        let n = tau + 1;
+        let grad_log_decay = &mut scratch.row[..n];
+        lanes.scaled_product(
+            grad_log_decay,
+            &grad_weights[tau * len..tau * len + n],
+            &weights[tau * len..tau * len + n],
+            1.0,
+        );
+        let grad_cum_tau: f32 = grad_log_decay.iter().sum();
+        lanes.axpy(&mut scratch.grad_cum[..n], -1.0, grad_log_decay);
+        lanes.axpy(&mut scratch.grad_igate[..n], 1.0, grad_log_decay);
+        scratch.grad_cum[tau] += grad_cum_tau;
+    }
+    let grad_scores = &scratch.grad_scores[..len * len];
+    let grad_q = &mut scratch.grad_q[..len * d];
+    grad_q.fill(0.0);
+    lanes.gemm_acc(
+        (len, d, len),
+        Strided::rows(grad_scores, len),
+        &qkv[d..],
+        qkv_width,
+        grad_q,
+        d,
+    );
+    lanes.gemm_acc(
+        (len, d, len),
+        Strided::rows(grad_scores, len).transposed(),
+        qkv,
+        qkv_width,
+        &mut scratch.grad_k[..len * d],
+        d,
+    );
+    if let Some(prev) = prev {
+        // rows_b[τ] = C_prev · grad_num_τ
+        transpose_square(prev.c, d, &mut scratch.small_t);
+        let projected = &mut scratch.rows_b[..len * d];
+        projected.fill(0.0);
+        lanes.gemm_acc(
+            (len, d, d),
+            Strided::rows(grad_num, d),
+            &scratch.small_t,
+            d,
+            projected,
+            d,
+        );
+        for tau in 0..len {
+            let q = &qkv[tau * qkv_width..tau * qkv_width + d];
+            let grad_b = scratch.row_grad_normaliser[tau];
+            let inter_weight = ((scratch.cum[tau] + prev.m) - scratch.row_stabiliser[tau]).exp();
+            let projected = &scratch.rows_b[tau * d..(tau + 1) * d];
             let grad_inter_weight = lanes.dot(q, projected) + grad_b * lanes.dot(prev.n, q);
+            let grad_q = &mut scratch.grad_q[tau * d..(tau + 1) * d];
             lanes.axpy(grad_q, inter_weight, projected);
             lanes.axpy(grad_q, inter_weight * grad_b, prev.n);
-            grad_cum_tau += grad_inter_weight * inter_weight;
-            for (qa, c_row) in q.iter().zip(next_c.chunks_exact_mut(d)) {
-                lanes.axpy(c_row, inter_weight * qa, grad_num);
-            }
+            scratch.grad_cum[tau] += grad_inter_weight * inter_weight;
             lanes.axpy(next_n, inter_weight * grad_b, q);
+            // rows_c[τ] = inter_weight_τ · grad_num_τ, for dC_prev = Qᵀ rows_c
+            let weighted = &mut scratch.rows_c[tau * d..(tau + 1) * d];
+            weighted.fill(0.0);
+            lanes.axpy(
+                weighted,
+                inter_weight,
+                &scratch.rows_a[tau * d..(tau + 1) * d],
+            );
         }
-        grad_cum[tau] += grad_cum_tau;
-        lanes.axpy(
-            &mut grad_qkv[tau * qkv_width..tau * qkv_width + d],
-            1.0,
-            grad_q,
+        lanes.gemm_acc(
+            (d, d, len),
+            Strided::rows(qkv, qkv_width).transposed(),
+            &scratch.rows_c[..len * d],
+            d,
+            next_c,
+            d,
         );
     }
 }
@@ -775,9 +1274,9 @@ impl CustomOp2 for ParallelOp {
         let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
         let mut rows = vec![0f32; batch * heads * g.rows_len()];
-        rows.par_chunks_mut(g.rows_len())
-            .enumerate()
-            .for_each(|(head, rows)| {
+        rows.par_chunks_mut(g.rows_len()).enumerate().for_each_init(
+            || HeadScratch::new(g),
+            |scratch, (head, rows)| {
                 let head = HeadForward {
                     qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
                     gates: &gates[head * g.seq_len * 2..][..g.seq_len * 2],
@@ -785,8 +1284,9 @@ impl CustomOp2 for ParallelOp {
                     rows,
                     states: &mut [],
                 };
-                with_best_lanes!(forward_head_avx2, forward_head(g, head));
-            });
+                with_best_lanes!(forward_head_avx2, forward_head(g, head, scratch));
+            },
+        );
         let shape = Shape::from((batch, heads, g.seq_len, g.row_width()));
         Ok((CpuStorage::F32(rows), shape))
     }
@@ -811,22 +1311,25 @@ impl CustomOp2 for ParallelOp {
             .par_chunks_mut(qkv_len)
             .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
             .enumerate()
-            .for_each(|(head, (grad_qkv, grad_gates))| {
-                let rows_range = head * g.rows_len()..(head + 1) * g.rows_len();
-                let head = HeadBackward {
-                    qkv: &qkv_data[head * qkv_len..][..qkv_len],
-                    gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
-                    initial: None,
-                    rows: &rows[rows_range.clone()],
-                    states: &[],
-                    grad_rows: &grad_rows[rows_range],
-                    grad_final: None,
-                    grad_qkv,
-                    grad_gates,
-                    grad_initial: None,
-                };
-                with_best_lanes!(backward_head_avx2, backward_head(g, head));
-            });
+            .for_each_init(
+                || HeadScratch::new(g),
+                |scratch, (head, (grad_qkv, grad_gates))| {
+                    let rows_range = head * g.rows_len()..(head + 1) * g.rows_len();
+                    let head = HeadBackward {
+                        qkv: &qkv_data[head * qkv_len..][..qkv_len],
+                        gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
+                        initial: None,
+                        rows: &rows[rows_range.clone()],
+                        states: &[],
+                        grad_rows: &grad_rows[rows_range],
+                        grad_final: None,
+                        grad_qkv,
+                        grad_gates,
+                        grad_initial: None,
+                    };
+                    with_best_lanes!(backward_head_avx2, backward_head(g, head, scratch));
+                },
+            );
         Ok((
             Some(Tensor::from_vec(grad_qkv, qkv.shape(), &Device::Cpu)?),
             Some(Tensor::from_vec(grad_gates, gates.shape(), &Device::Cpu)?),
@@ -862,9 +1365,9 @@ impl CustomOp3 for ChunkwiseOp {
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
         let out_len = g.chunkwise_output_len();
         let mut out = vec![0f32; batch * heads * out_len];
-        out.par_chunks_mut(out_len)
-            .enumerate()
-            .for_each(|(head, out)| {
+        out.par_chunks_mut(out_len).enumerate().for_each_init(
+            || HeadScratch::new(g),
+            |scratch, (head, out)| {
                 let (rows, states) = out.split_at_mut(g.rows_len());
                 let head = HeadForward {
                     qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
@@ -873,8 +1376,9 @@ impl CustomOp3 for ChunkwiseOp {
                     rows,
                     states,
                 };
-                with_best_lanes!(forward_head_avx2, forward_head(g, head));
-            });
+                with_best_lanes!(forward_head_avx2, forward_head(g, head, scratch));
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((batch, heads, out_len))))
     }
 
@@ -904,24 +1408,27 @@ impl CustomOp3 for ChunkwiseOp {
             .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
             .zip(grad_initial.par_chunks_mut(state_len))
             .enumerate()
-            .for_each(|(head, ((grad_qkv, grad_gates), grad_initial))| {
-                let (rows, states) = out[head * out_len..][..out_len].split_at(g.rows_len());
-                let (grad_rows, grad_states) =
-                    grad_out[head * out_len..][..out_len].split_at(g.rows_len());
-                let head = HeadBackward {
-                    qkv: &qkv_data[head * qkv_len..][..qkv_len],
-                    gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
-                    initial: Some(&initial_data[head * state_len..][..state_len]),
-                    rows,
-                    states,
-                    grad_rows,
-                    grad_final: Some(&grad_states[g.num_chunks() * state_len..]),
-                    grad_qkv,
-                    grad_gates,
-                    grad_initial: Some(grad_initial),
-                };
-                with_best_lanes!(backward_head_avx2, backward_head(g, head));
-            });
+            .for_each_init(
+                || HeadScratch::new(g),
+                |scratch, (head, ((grad_qkv, grad_gates), grad_initial))| {
+                    let (rows, states) = out[head * out_len..][..out_len].split_at(g.rows_len());
+                    let (grad_rows, grad_states) =
+                        grad_out[head * out_len..][..out_len].split_at(g.rows_len());
+                    let head = HeadBackward {
+                        qkv: &qkv_data[head * qkv_len..][..qkv_len],
+                        gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
+                        initial: Some(&initial_data[head * state_len..][..state_len]),
+                        rows,
+                        states,
+                        grad_rows,
+                        grad_final: Some(&grad_states[g.num_chunks() * state_len..]),
+                        grad_qkv,
+                        grad_gates,
+                        grad_initial: Some(grad_initial),
+                    };
+                    with_best_lanes!(backward_head_avx2, backward_head(g, head, scratch));
+                },
+            );
         Ok((
             Some(Tensor::from_vec(grad_qkv, qkv.shape(), &Device::Cpu)?),
             Some(Tensor::from_vec(grad_gates, gates.shape(), &Device::Cpu)?),

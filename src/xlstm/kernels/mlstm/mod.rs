@@ -27,8 +27,10 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 /// Added to the normaliser of `h` (the official `eps`).
 pub const DENOMINATOR_EPS: f32 = 1e-6;
 
-/// Chunk length used when the caller has no reason to pick another one.
-pub const DEFAULT_CHUNK_SIZE: usize = 64;
+/// Chunk length used when the caller has no reason to pick another one. Measured on the
+/// fused CPU kernels (B 32, NH 4, DH 16/32, S 96–1024, forward + backward): 32 is as
+/// fast as or faster than 64 everywhere except S = 96 at DH 16.
+pub const DEFAULT_CHUNK_SIZE: usize = 32;
 
 /// Recurrent mLSTM state per batch element and head.
 #[derive(Debug, Clone)]
