@@ -2,4 +2,5 @@
 //! oracle) and a fused CPU custom op with a hand-written backward; the public
 //! function of each kernel dispatches by device.
 
+pub mod mlstm;
 pub mod slstm;

@@ -1,0 +1,264 @@
+//! The mLSTM cell (XLSTM.md §1): matrix memory with exponential input gate and
+//! sigmoid forget gate, in three equivalent forms.
+//!
+//! * [`parallel`]: the stabilised quadratic form used by the official block for
+//!   full-sequence forward passes (O(S²) per head).
+//! * [`chunkwise`]: the same outputs from chunk-local quadratic parts plus a
+//!   recurrence over chunk states (O(S·L + S/L·DH²)); also returns the final state.
+//! * [`step`]: one recurrent step for inference.
+//!
+//! State convention (xlstm's): `C` and `n` are built from `k / sqrt(DH)`, `m` is the
+//! per-head stabiliser, all in stabilised coordinates.
+//!
+//! All inputs must be f32 (other dtypes are rejected, not converted). On the CPU the
+//! fused kernels of [`fused_cpu`] run; every other device uses [`reference`] until
+//! a device kernel is added as one more match arm per function.
+//!
+//! Gradients: the stabiliser `m` is treated as a constant (stop-gradient) everywhere,
+//! which is exact for losses on `h` because `h` does not depend on `m`. The final
+//! state returned by [`chunkwise`] carries gradients for `C` and `n` under the same
+//! convention; the initial state receives gradients for `C`, `n` and `m`.
+
+pub mod fused_cpu;
+pub mod reference;
+
+use candle_core::{DType, Device, Error, Result, Tensor};
+
+/// Added to the normaliser of `h` (the official `eps`).
+pub const DENOMINATOR_EPS: f32 = 1e-6;
+
+/// Chunk length used when the caller has no reason to pick another one.
+pub const DEFAULT_CHUNK_SIZE: usize = 64;
+
+/// Recurrent mLSTM state per batch element and head.
+#[derive(Debug, Clone)]
+pub struct MlstmState {
+    /// Matrix memory `[B, NH, DH, DH]`; first index = key dim, second = value dim.
+    pub c: Tensor,
+    /// Normaliser `[B, NH, DH]`.
+    pub n: Tensor,
+    /// Stabiliser `[B, NH]`.
+    pub m: Tensor,
+}
+
+impl MlstmState {
+    /// The all-zero initial state (`m = 0`, as in the official recurrent form).
+    pub fn zeros(batch: usize, heads: usize, head_dim: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            c: Tensor::zeros((batch, heads, head_dim, head_dim), DType::F32, device)?,
+            n: Tensor::zeros((batch, heads, head_dim), DType::F32, device)?,
+            m: Tensor::zeros((batch, heads), DType::F32, device)?,
+        })
+    }
+}
+
+/// Stabilised parallel form. q, k, v `[B, NH, S, DH]` (k not pre-scaled); igate and
+/// fgate pre-activations `[B, NH, S]`. Returns h `[B, NH, S, DH]`.
+pub fn parallel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    igate: &Tensor,
+    fgate: &Tensor,
+) -> Result<Tensor> {
+    match q.device() {
+        Device::Cpu => fused_cpu::parallel(q, k, v, igate, fgate),
+        _ => reference::parallel(q, k, v, igate, fgate),
+    }
+}
+
+/// Chunkwise form for any S (the last chunk may be shorter than `chunk_size`).
+/// `initial` None = the all-zero state. Returns (h `[B, NH, S, DH]`, final state).
+pub fn chunkwise(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    igate: &Tensor,
+    fgate: &Tensor,
+    chunk_size: usize,
+    initial: Option<&MlstmState>,
+) -> Result<(Tensor, MlstmState)> {
+    match q.device() {
+        Device::Cpu => fused_cpu::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
+        _ => reference::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
+    }
+}
+
+/// One recurrent step: q, k, v `[B, NH, DH]`, gate pre-activations `[B, NH]`.
+/// Returns (h `[B, NH, DH]`, new state). Not differentiable on the CPU path.
+pub fn step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    igate: &Tensor,
+    fgate: &Tensor,
+    state: &MlstmState,
+) -> Result<(Tensor, MlstmState)> {
+    match q.device() {
+        Device::Cpu => fused_cpu::step(q, k, v, igate, fgate, state),
+        _ => reference::step(q, k, v, igate, fgate, state),
+    }
+}
+
+/// Sizes of a checked sequence call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SequenceDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub seq_len: usize,
+    pub head_dim: usize,
+}
+
+/// Sizes of a checked step call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StepDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+fn expect_f32_on(op: &str, name: &str, t: &Tensor, device: &Device) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::Msg(format!(
+            "{op}: {name} has dtype {:?}, expected F32",
+            t.dtype()
+        )));
+    }
+    if !t.device().same_device(device) {
+        return Err(Error::Msg(format!(
+            "{op}: {name} is on {:?}, but q is on {:?}",
+            t.device(),
+            device
+        )));
+    }
+    Ok(())
+}
+
+fn expect_shape(op: &str, name: &str, t: &Tensor, expected: &[usize], meaning: &str) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::Msg(format!(
+            "{op}: {name} has shape {:?}, expected {meaning} = {expected:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks dtypes, devices and shapes of the sequence inputs (q sets B, NH, S, DH).
+pub(crate) fn check_sequence_inputs(
+    op: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    igate: &Tensor,
+    fgate: &Tensor,
+) -> Result<SequenceDims> {
+    let &[batch, heads, seq_len, head_dim] = q.dims() else {
+        return Err(Error::Msg(format!(
+            "{op}: q has shape {:?}, expected [B, NH, S, DH]",
+            q.dims()
+        )));
+    };
+    if batch == 0 || heads == 0 || seq_len == 0 || head_dim == 0 {
+        return Err(Error::Msg(format!(
+            "{op}: q has shape {:?}, expected [B, NH, S, DH] with every size at least 1",
+            q.dims()
+        )));
+    }
+    let device = q.device();
+    expect_f32_on(op, "q", q, device)?;
+    let qkv_shape = [batch, heads, seq_len, head_dim];
+    for (name, t) in [("k", k), ("v", v)] {
+        expect_f32_on(op, name, t, device)?;
+        expect_shape(op, name, t, &qkv_shape, "[B, NH, S, DH] (the shape of q)")?;
+    }
+    for (name, t) in [("igate", igate), ("fgate", fgate)] {
+        expect_f32_on(op, name, t, device)?;
+        expect_shape(op, name, t, &qkv_shape[..3], "[B, NH, S]")?;
+    }
+    Ok(SequenceDims {
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+    })
+}
+
+/// Checks that `state` matches B, NH, DH and is f32 on `device`.
+pub(crate) fn check_state(
+    op: &str,
+    state: &MlstmState,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    device: &Device,
+) -> Result<()> {
+    expect_f32_on(op, "state.c", &state.c, device)?;
+    expect_f32_on(op, "state.n", &state.n, device)?;
+    expect_f32_on(op, "state.m", &state.m, device)?;
+    expect_shape(
+        op,
+        "state.c",
+        &state.c,
+        &[batch, heads, head_dim, head_dim],
+        "[B, NH, DH, DH]",
+    )?;
+    expect_shape(
+        op,
+        "state.n",
+        &state.n,
+        &[batch, heads, head_dim],
+        "[B, NH, DH]",
+    )?;
+    expect_shape(op, "state.m", &state.m, &[batch, heads], "[B, NH]")
+}
+
+pub(crate) fn check_chunk_size(op: &str, chunk_size: usize) -> Result<()> {
+    if chunk_size == 0 {
+        return Err(Error::Msg(format!(
+            "{op}: chunk_size is 0, expected at least 1"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks dtypes, devices and shapes of the step inputs and the state.
+pub(crate) fn check_step_inputs(
+    op: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    igate: &Tensor,
+    fgate: &Tensor,
+    state: &MlstmState,
+) -> Result<StepDims> {
+    let &[batch, heads, head_dim] = q.dims() else {
+        return Err(Error::Msg(format!(
+            "{op}: q has shape {:?}, expected [B, NH, DH]",
+            q.dims()
+        )));
+    };
+    if batch == 0 || heads == 0 || head_dim == 0 {
+        return Err(Error::Msg(format!(
+            "{op}: q has shape {:?}, expected [B, NH, DH] with every size at least 1",
+            q.dims()
+        )));
+    }
+    let device = q.device();
+    expect_f32_on(op, "q", q, device)?;
+    let qkv_shape = [batch, heads, head_dim];
+    for (name, t) in [("k", k), ("v", v)] {
+        expect_f32_on(op, name, t, device)?;
+        expect_shape(op, name, t, &qkv_shape, "[B, NH, DH] (the shape of q)")?;
+    }
+    for (name, t) in [("igate", igate), ("fgate", fgate)] {
+        expect_f32_on(op, name, t, device)?;
+        expect_shape(op, name, t, &qkv_shape[..2], "[B, NH]")?;
+    }
+    check_state(op, state, batch, heads, head_dim, device)?;
+    Ok(StepDims {
+        batch,
+        heads,
+        head_dim,
+    })
+}
