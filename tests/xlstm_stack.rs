@@ -11,7 +11,11 @@ use xlstm_forecast::xlstm::{MlstmKernel, StackState, XlstmConfig, XlstmStack};
 /// zero-initialised weights (recurrent kernel, gate weights, norm offsets) are exercised too.
 fn random_stack(cfg: &XlstmConfig) -> (XlstmStack, VarMap) {
     let varmap = VarMap::new();
-    let stack = XlstmStack::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let stack = XlstmStack::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     for var in varmap.all_vars() {
         let noise = Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap();
         var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
@@ -29,7 +33,14 @@ fn config(embedding_dim: usize, num_blocks: usize, slstm_at: Vec<usize>) -> Xlst
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn steps(stack: &XlstmStack, x: &Tensor) -> Result<Tensor> {
@@ -63,14 +74,17 @@ fn forward_equals_step_by_step() {
     ];
     for (name, cfg, batch, seq_len) in cases {
         let (stack, _) = random_stack(&cfg);
-        let x = Tensor::randn(0f32, 1.0, (batch, seq_len, cfg.embedding_dim), &Device::Cpu).unwrap();
+        let x =
+            Tensor::randn(0f32, 1.0, (batch, seq_len, cfg.embedding_dim), &Device::Cpu).unwrap();
         let y = stack.forward(&x).unwrap();
         let y_steps = steps(&stack, &x).unwrap();
         let diff = max_abs_diff(&y, &y_steps);
         assert!(diff < 1e-4, "{name}: forward vs step differ by {diff}");
         // The [B, E] form of a step gives the same as [B, 1, E].
         let mut state = StackState::new(&cfg, batch, &Device::Cpu).unwrap();
-        let first = stack.step(&x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &mut state).unwrap();
+        let first = stack
+            .step(&x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &mut state)
+            .unwrap();
         assert_eq!(first.dims(), [batch, cfg.embedding_dim]);
         let diff = max_abs_diff(&first, &y.narrow(1, 0, 1).unwrap().squeeze(1).unwrap());
         assert!(diff < 1e-4, "{name}: [B, E] step differs by {diff}");
@@ -89,11 +103,21 @@ fn chunkwise_and_parallel_kernels_agree() {
     });
     cfg.mlstm.kernel = MlstmKernel::Parallel;
     // The same parameters, read back from the first stack's VarMap.
-    let stack_parallel = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let stack_parallel = XlstmStack::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     for seq_len in [1, 8, 21] {
         let x = Tensor::randn(0f32, 1.0, (2, seq_len, 32), &Device::Cpu).unwrap();
-        let diff = max_abs_diff(&stack_chunkwise.forward(&x).unwrap(), &stack_parallel.forward(&x).unwrap());
-        assert!(diff < 1e-4, "S = {seq_len}: chunkwise vs parallel differ by {diff}");
+        let diff = max_abs_diff(
+            &stack_chunkwise.forward(&x).unwrap(),
+            &stack_parallel.forward(&x).unwrap(),
+        );
+        assert!(
+            diff < 1e-4,
+            "S = {seq_len}: chunkwise vs parallel differ by {diff}"
+        );
     }
 }
 
@@ -104,10 +128,17 @@ fn forward_with_state_continues_where_it_stopped() {
     let x = Tensor::randn(0f32, 1.0, (2, 13, 16), &Device::Cpu).unwrap();
     let y = stack.forward(&x).unwrap();
     let zero = StackState::new(&cfg, 2, &Device::Cpu).unwrap();
-    let (head, state) = stack.forward_with_state(&x.narrow(1, 0, 10).unwrap(), &zero).unwrap();
-    let (tail, _) = stack.forward_with_state(&x.narrow(1, 10, 3).unwrap(), &state).unwrap();
+    let (head, state) = stack
+        .forward_with_state(&x.narrow(1, 0, 10).unwrap(), &zero)
+        .unwrap();
+    let (tail, _) = stack
+        .forward_with_state(&x.narrow(1, 10, 3).unwrap(), &state)
+        .unwrap();
     let diff = max_abs_diff(&Tensor::cat(&[head, tail], 1).unwrap(), &y);
-    assert!(diff < 1e-4, "history + continuation differs from one forward by {diff}");
+    assert!(
+        diff < 1e-4,
+        "history + continuation differs from one forward by {diff}"
+    );
 }
 
 #[test]
@@ -115,12 +146,23 @@ fn training_gradients_reach_every_parameter() {
     let cfg = config(16, 2, vec![1]);
     let (stack, varmap) = random_stack(&cfg);
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 6, 16), &Device::Cpu).unwrap()).unwrap();
-    let loss = stack.forward_t(x.as_tensor(), true).unwrap().sqr().unwrap().sum_all().unwrap();
+    let loss = stack
+        .forward_t(x.as_tensor(), true)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in varmap.data().lock().unwrap().iter() {
-        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let norm: f32 = grad.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(norm.is_finite() && norm > 0.0, "{name}: gradient norm {norm}");
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: gradient norm {norm}"
+        );
     }
 }
 
@@ -132,8 +174,19 @@ fn dropout_only_acts_in_training() {
     };
     let (stack, _) = random_stack(&cfg);
     let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &Device::Cpu).unwrap();
-    assert_eq!(max_abs_diff(&stack.forward(&x).unwrap(), &stack.forward_t(&x, false).unwrap()), 0.0);
-    assert!(max_abs_diff(&stack.forward(&x).unwrap(), &stack.forward_t(&x, true).unwrap()) > 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &stack.forward(&x).unwrap(),
+            &stack.forward_t(&x, false).unwrap()
+        ),
+        0.0
+    );
+    assert!(
+        max_abs_diff(
+            &stack.forward(&x).unwrap(),
+            &stack.forward_t(&x, true).unwrap()
+        ) > 0.0
+    );
 }
 
 #[test]
@@ -183,10 +236,19 @@ fn invalid_configs_name_the_field() {
     ];
     for (cfg, expected) in bad {
         let err = cfg.validate().expect_err(expected).to_string();
-        assert!(err.contains(expected), "error {err:?} should mention {expected:?}");
+        assert!(
+            err.contains(expected),
+            "error {err:?} should mention {expected:?}"
+        );
         let varmap = VarMap::new();
-        let built = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu));
-        assert!(built.is_err(), "building from an invalid config ({expected}) must fail");
+        let built = XlstmStack::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        );
+        assert!(
+            built.is_err(),
+            "building from an invalid config ({expected}) must fail"
+        );
         assert!(StackState::new(&cfg, 1, &Device::Cpu).is_err());
     }
 }
@@ -197,10 +259,16 @@ fn step_refuses_mismatched_state_and_shapes() {
     let (stack, _) = random_stack(&cfg);
     let mut state = StackState::new(&cfg, 2, &Device::Cpu).unwrap();
     let wrong_batch = Tensor::zeros((3, 1, 16), DType::F32, &Device::Cpu).unwrap();
-    let err = stack.step(&wrong_batch, &mut state).unwrap_err().to_string();
+    let err = stack
+        .step(&wrong_batch, &mut state)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("batch"), "{err}");
     let wrong_width = Tensor::zeros((2, 1, 8), DType::F32, &Device::Cpu).unwrap();
-    let err = stack.step(&wrong_width, &mut state).unwrap_err().to_string();
+    let err = stack
+        .step(&wrong_width, &mut state)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("x_t has shape [2, 1, 8]"), "{err}");
     let mut other_layout = StackState::new(&config(16, 2, vec![0]), 2, &Device::Cpu).unwrap();
     let x = Tensor::zeros((2, 1, 16), DType::F32, &Device::Cpu).unwrap();
@@ -219,5 +287,8 @@ fn config_round_trips_through_toml_with_defaults() {
     assert_eq!(cfg.mlstm_inner_dim(), 64);
     let text = toml::to_string(&cfg).unwrap();
     assert_eq!(toml::from_str::<XlstmConfig>(&text).unwrap(), cfg);
-    assert!(toml::from_str::<XlstmConfig>("embedding_dims = 3").is_err(), "unknown fields are refused");
+    assert!(
+        toml::from_str::<XlstmConfig>("embedding_dims = 3").is_err(),
+        "unknown fields are refused"
+    );
 }

@@ -171,7 +171,11 @@ fn time_ms(iters: usize, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resul
     time_runs(1, iters, f)
 }
 
-fn time_runs(warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+fn time_runs(
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
     for _ in 0..warmup {
         f()?;
     }
@@ -213,7 +217,11 @@ enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 3] = [Kernel::MlstmParallel, Kernel::MlstmChunkwise, Kernel::SlstmScan];
+    const ALL: [Kernel; 3] = [
+        Kernel::MlstmParallel,
+        Kernel::MlstmChunkwise,
+        Kernel::SlstmScan,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -230,7 +238,12 @@ impl Kernel {
             .with_context(|| format!("unknown kernel {name:?}"))
     }
 
-    fn inputs(self, batch: usize, seq_len: usize, head_dim: usize) -> candle_core::Result<KernelInputs> {
+    fn inputs(
+        self,
+        batch: usize,
+        seq_len: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<KernelInputs> {
         let dev = Device::Cpu;
         Ok(match self {
             Kernel::MlstmParallel | Kernel::MlstmChunkwise => {
@@ -247,7 +260,12 @@ impl Kernel {
                 let hidden = HEADS * head_dim;
                 KernelInputs::Slstm {
                     x: Tensor::randn(0f32, 1.0, (batch, seq_len, 4 * hidden), &dev)?,
-                    r: Tensor::randn(0f32, (1.0 / head_dim as f64).sqrt() as f32, (HEADS, head_dim, 4, head_dim), &dev)?,
+                    r: Tensor::randn(
+                        0f32,
+                        (1.0 / head_dim as f64).sqrt() as f32,
+                        (HEADS, head_dim, 4, head_dim),
+                        &dev,
+                    )?,
                     bias: Tensor::randn(0f32, 1.0, (HEADS, 4, head_dim), &dev)?,
                 }
             }
@@ -256,7 +274,12 @@ impl Kernel {
 
     /// Runs the kernel (fused dispatch or reference) once; with `backward`, the inputs become
     /// variables and a weighted-sum loss is back-propagated to all of them.
-    fn run(self, inputs: &KernelInputs, reference: bool, backward: bool) -> candle_core::Result<()> {
+    fn run(
+        self,
+        inputs: &KernelInputs,
+        reference: bool,
+        backward: bool,
+    ) -> candle_core::Result<()> {
         let track = |t: &Tensor| -> candle_core::Result<Tensor> {
             if backward {
                 Ok(Var::from_tensor(t)?.as_tensor().clone())
@@ -265,13 +288,29 @@ impl Kernel {
             }
         };
         let out = match inputs {
-            KernelInputs::Mlstm { q, k, v, igate, fgate } => {
-                let (q, k, v, i, f) = (track(q)?, track(k)?, track(v)?, track(igate)?, track(fgate)?);
+            KernelInputs::Mlstm {
+                q,
+                k,
+                v,
+                igate,
+                fgate,
+            } => {
+                let (q, k, v, i, f) = (
+                    track(q)?,
+                    track(k)?,
+                    track(v)?,
+                    track(igate)?,
+                    track(fgate)?,
+                );
                 match (self, reference) {
                     (Kernel::MlstmParallel, false) => mlstm::parallel(&q, &k, &v, &i, &f)?,
-                    (Kernel::MlstmParallel, true) => mlstm::reference::parallel(&q, &k, &v, &i, &f)?,
+                    (Kernel::MlstmParallel, true) => {
+                        mlstm::reference::parallel(&q, &k, &v, &i, &f)?
+                    }
                     (_, false) => mlstm::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0,
-                    (_, true) => mlstm::reference::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0,
+                    (_, true) => {
+                        mlstm::reference::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0
+                    }
                 }
             }
             KernelInputs::Slstm { x, r, bias } => {
@@ -300,7 +339,8 @@ fn kernel_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Resul
             for &seq_len in &sizes.seq_lens {
                 let inputs = kernel.inputs(sizes.batch, seq_len, head_dim)?;
                 for (mode, backward) in [("forward", false), ("forward_backward", true)] {
-                    let (median, min) = time_ms(iters, || Ok(kernel.run(&inputs, false, backward)?))?;
+                    let (median, min) =
+                        time_ms(iters, || Ok(kernel.run(&inputs, false, backward)?))?;
                     let mut case = json!({
                         "case": kernel.name(), "mode": mode, "seq_len": seq_len, "batch": sizes.batch,
                         "heads": HEADS, "head_dim": head_dim, "median_ms": round2(median), "min_ms": round2(min),
@@ -317,7 +357,8 @@ fn kernel_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Resul
                         // The references are slow (the sLSTM one steps S times through candle
                         // ops): fewer runs and no warm-up keep the benchmark short.
                         let runs = iters.min(REFERENCE_MAX_ITERS);
-                        let (reference, _) = time_runs(0, runs, || Ok(kernel.run(&inputs, true, backward)?))?;
+                        let (reference, _) =
+                            time_runs(0, runs, || Ok(kernel.run(&inputs, true, backward)?))?;
                         case["reference_median_ms"] = json!(round2(reference));
                         case["speedup_vs_reference"] = json!(round2(reference / median));
                     }
@@ -345,7 +386,10 @@ fn memory_cases(sizes: &Sizes, report: &Reporter) -> anyhow::Result<()> {
                 .output()
                 .with_context(|| format!("running the memory probe {spec}"))?;
             if !out.status.success() {
-                bail!("memory probe {spec} failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "memory probe {spec} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             let delta: u64 = String::from_utf8_lossy(&out.stdout)
                 .trim()
@@ -380,7 +424,8 @@ fn probe_memory(spec: &str) -> anyhow::Result<()> {
 
 /// A `kB` field of /proc/self/status (Linux), in bytes.
 fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
@@ -390,7 +435,11 @@ fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
 }
 
 /// The benchmarked stack variants: (name, mLSTM parts, sLSTM parts) of E = 64, 4 blocks.
-const VARIANTS: [(&str, usize, usize); 3] = [("xLSTM[3:1]", 3, 1), ("mLSTM-only", 1, 0), ("sLSTM-only", 0, 1)];
+const VARIANTS: [(&str, usize, usize); 3] = [
+    ("xLSTM[3:1]", 3, 1),
+    ("mLSTM-only", 1, 0),
+    ("sLSTM-only", 0, 1),
+];
 
 /// Our median ms per (variant, context, mode) for the peer comparison.
 type StackTimings = Vec<(String, usize, &'static str, f64)>;
@@ -449,7 +498,10 @@ fn stack_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
                 let mut per_step = Vec::with_capacity(sizes.step_tokens);
                 for _ in 0..sizes.step_tokens {
                     let start = Instant::now();
-                    stack.step(&token, &mut state)?.sum_all()?.to_scalar::<f32>()?;
+                    stack
+                        .step(&token, &mut state)?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
                     per_step.push(start.elapsed().as_secs_f64() * 1e3);
                 }
                 per_step.sort_by(f64::total_cmp);
@@ -477,7 +529,11 @@ fn state_bytes(state: &StackState) -> usize {
         .map(|b| match b {
             BlockState::Mlstm(s) => t(&s.conv) + t(&s.cell.c) + t(&s.cell.n) + t(&s.cell.m),
             BlockState::Slstm(s) => {
-                s.conv.as_ref().map_or(0, t) + t(&s.cell.h) + t(&s.cell.c) + t(&s.cell.n) + t(&s.cell.m)
+                s.conv.as_ref().map_or(0, t)
+                    + t(&s.cell.h)
+                    + t(&s.cell.c)
+                    + t(&s.cell.n)
+                    + t(&s.cell.m)
             }
         })
         .sum()
@@ -495,16 +551,31 @@ fn peer_cases(
     let contexts: Vec<String> = sizes.contexts.iter().map(|c| c.to_string()).collect();
     let out = Command::new(python)
         .arg(script)
-        .args(["--iters", &iters.to_string(), "--batch", &sizes.batch.to_string()])
+        .args([
+            "--iters",
+            &iters.to_string(),
+            "--batch",
+            &sizes.batch.to_string(),
+        ])
         .args(["--ctx", &contexts.join(",")])
         .args(["--threads", &rayon::current_num_threads().to_string()])
         .output()
-        .with_context(|| format!("running the peer benchmark {} {}", python.display(), script.display()))?;
+        .with_context(|| {
+            format!(
+                "running the peer benchmark {} {}",
+                python.display(),
+                script.display()
+            )
+        })?;
     if !out.status.success() {
-        bail!("peer benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "peer benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let peer: Value = serde_json::from_str(line).with_context(|| format!("peer printed {line:?}"))?;
+        let peer: Value =
+            serde_json::from_str(line).with_context(|| format!("peer printed {line:?}"))?;
         if let Some(err) = peer.get("error") {
             bail!("peer case {} failed: {err}", peer["variant"]);
         }
@@ -515,10 +586,17 @@ fn peer_cases(
             .map(|v| v.0)
             .find(|v| peer_variant.starts_with(v))
             .with_context(|| format!("unknown peer variant {peer_variant:?}"))?;
-        let context = peer["context"].as_u64().context("peer line without context")? as usize;
+        let context = peer["context"]
+            .as_u64()
+            .context("peer line without context")? as usize;
         for (mode, peer_key) in [("forward", "forward_nograd"), ("train_step", "train_step")] {
-            let peer_ms = peer[peer_key]["median_ms"].as_f64().context("peer line without median_ms")?;
-            let Some(&(_, _, _, ours_ms)) = ours.iter().find(|t| t.0 == variant && t.1 == context && t.2 == mode) else {
+            let peer_ms = peer[peer_key]["median_ms"]
+                .as_f64()
+                .context("peer line without median_ms")?;
+            let Some(&(_, _, _, ours_ms)) = ours
+                .iter()
+                .find(|t| t.0 == variant && t.1 == context && t.2 == mode)
+            else {
                 continue;
             };
             report.emit(&json!({
