@@ -453,11 +453,16 @@ fn stack_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
             let varmap = VarMap::new();
             let stack = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
             let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+            let head_dim = if cfg.num_slstm_blocks() == cfg.num_blocks {
+                cfg.slstm_head_dim()
+            } else {
+                cfg.mlstm_head_dim()
+            };
             let x = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), &dev)?;
             let target = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), &dev)?;
             let base = json!({
                 "case": "stack", "variant": variant, "seq_len": context, "batch": sizes.batch,
-                "heads": HEADS, "head_dim": cfg.mlstm_head_dim(), "embedding_dim": EMBEDDING,
+                "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
                 "num_blocks": 4, "params": params, "iters": iters, "threads": rayon::current_num_threads(),
             });
 
