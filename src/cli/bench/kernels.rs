@@ -16,7 +16,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde_json::{Value, json};
 
-use crate::xlstm::config::slstm_at_for_ratio;
 use crate::xlstm::kernels::{mlstm, slstm};
 use crate::xlstm::{StackState, XlstmConfig, XlstmStack};
 
