@@ -1,10 +1,615 @@
+//! `xlstm-forecast bench kernels`: times the xLSTM kernels (fused vs the candle-ops reference),
+//! the chunkwise kernel's peak memory against the sequence length, and the whole residual stack
+//! (inference forward, one AdamW training step, recurrent step); optionally runs the official
+//! PyTorch implementation (`--peer`) in the same run and prints ours/peer ratios.
+//!
+//! One JSON object per case with `--json`, a readable line otherwise. Memory probes run in a
+//! fresh child process of this binary each, so the peak RSS of one case is not hidden by the
+//! high-water mark of an earlier one.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use serde_json::{Value, json};
+
+use crate::xlstm::kernels::{mlstm, slstm};
+use crate::xlstm::{StackState, XlstmConfig, XlstmStack};
+
+/// Which groups of cases to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaseGroup {
+    /// Each kernel, fused vs reference, forward and forward+backward.
+    Kernels,
+    /// Peak memory of the mLSTM kernels' forward+backward against the sequence length.
+    Memory,
+    /// The whole stack: forward, training step, recurrent step.
+    Stack,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct KernelBenchArgs {
     /// Print one JSON object per case.
     #[arg(long)]
     pub json: bool,
+    /// Timed iterations per case (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// A tiny subset at small sizes (a smoke test of every code path, seconds).
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only these groups (repeatable); all by default.
+    #[arg(long = "only", value_enum)]
+    pub only: Vec<CaseGroup>,
+    /// Python of a virtual environment with the official xLSTM (see
+    /// ../shared/bench/setup-peer.sh): also time it on the stack cases and print ours/peer.
+    #[arg(long, value_name = "PYTHON")]
+    pub peer: Option<PathBuf>,
+    /// The peer benchmark script.
+    #[arg(long, default_value = "../shared/bench/peer_xlstm_cpu.py")]
+    pub peer_script: PathBuf,
+    /// Internal: measure one memory case (`<kernel>:<seq_len>:<head_dim>:<batch>`) in this process.
+    #[arg(long, hide = true)]
+    pub probe_memory: Option<String>,
 }
 
-pub fn run(_args: KernelBenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("kernel benchmark: under construction")
+/// Batch, heads and embedding of the benchmarked configuration (the forecasting default).
+const BATCH: usize = 32;
+const HEADS: usize = 4;
+const EMBEDDING: usize = 64;
+const CHUNK_SIZE: usize = mlstm::DEFAULT_CHUNK_SIZE;
+/// The quadratic candle-ops reference of the parallel form keeps several [B, NH, S, S] tensors
+/// for its backward (≈ 0.5 GiB each at S = 1024); it is only timed up to this length.
+const PARALLEL_REFERENCE_MAX_SEQ: usize = 336;
+/// Timed runs of a reference kernel at most.
+const REFERENCE_MAX_ITERS: usize = 3;
+
+struct Sizes {
+    batch: usize,
+    seq_lens: Vec<usize>,
+    head_dims: Vec<usize>,
+    memory_seq_lens: Vec<usize>,
+    contexts: Vec<usize>,
+    step_tokens: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Sizes {
+                batch: 2,
+                seq_lens: vec![24],
+                head_dims: vec![16],
+                memory_seq_lens: vec![64],
+                contexts: vec![16],
+                step_tokens: 4,
+            }
+        } else {
+            Sizes {
+                batch: BATCH,
+                seq_lens: vec![96, 336, 1024],
+                head_dims: vec![16, 32],
+                memory_seq_lens: vec![256, 512, 1024, 2048],
+                contexts: vec![96, 336],
+                step_tokens: 32,
+            }
+        }
+    }
+}
+
+pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
+    if let Some(spec) = &args.probe_memory {
+        return probe_memory(spec);
+    }
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let sizes = Sizes::new(args.quick);
+    let iters = if args.quick { 1 } else { args.iters };
+    let wants = |g: CaseGroup| args.only.is_empty() || args.only.contains(&g);
+    let report = Reporter { json: args.json };
+    if wants(CaseGroup::Kernels) {
+        kernel_cases(&sizes, iters, &report)?;
+    }
+    if wants(CaseGroup::Memory) {
+        memory_cases(&sizes, &report)?;
+    }
+    if wants(CaseGroup::Stack) {
+        let ours = stack_cases(&sizes, iters, &report)?;
+        if let Some(python) = &args.peer {
+            peer_cases(python, &args.peer_script, &sizes, iters, &ours, &report)?;
+        }
+    }
+    Ok(())
+}
+
+struct Reporter {
+    json: bool,
+}
+
+impl Reporter {
+    fn emit(&self, case: &Value) {
+        if self.json {
+            println!("{case}");
+            return;
+        }
+        let field = |k: &str| case.get(k).map(|v| v.to_string()).unwrap_or_default();
+        let mut line = format!(
+            "{:<16} {:<12} {:<16} S={:<5} B={:<3} NH={:<2} DH={:<3}",
+            field("case").trim_matches('"'),
+            field("variant").trim_matches('"'),
+            field("mode").trim_matches('"'),
+            field("seq_len"),
+            field("batch"),
+            field("heads"),
+            field("head_dim"),
+        );
+        for (key, label) in [
+            ("median_ms", "median ms"),
+            ("reference_median_ms", "reference ms"),
+            ("speedup_vs_reference", "speedup"),
+            ("peak_rss_delta_bytes", "peak RSS Δ bytes"),
+            ("state_bytes", "state bytes"),
+            ("peer_median_ms", "peer ms"),
+            ("ratio_ours_over_peer", "ours/peer"),
+            ("note", "note"),
+        ] {
+            if let Some(v) = case.get(key) {
+                line.push_str(&format!("  {label}: {v}"));
+            }
+        }
+        println!("{line}");
+    }
+}
+
+/// Median and minimum wall time in ms of `iters` runs after one warm-up run.
+fn time_ms(iters: usize, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+    time_runs(1, iters, f)
+}
+
+fn time_runs(
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times: Vec<f64> = (0..iters)
+        .map(|_| {
+            let start = Instant::now();
+            f().map(|()| start.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Random inputs of one kernel case.
+enum KernelInputs {
+    Mlstm {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        igate: Tensor,
+        fgate: Tensor,
+    },
+    Slstm {
+        x: Tensor,
+        r: Tensor,
+        bias: Tensor,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    MlstmParallel,
+    MlstmChunkwise,
+    SlstmScan,
+}
+
+impl Kernel {
+    const ALL: [Kernel; 3] = [
+        Kernel::MlstmParallel,
+        Kernel::MlstmChunkwise,
+        Kernel::SlstmScan,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::MlstmParallel => "mlstm_parallel",
+            Kernel::MlstmChunkwise => "mlstm_chunkwise",
+            Kernel::SlstmScan => "slstm_scan",
+        }
+    }
+
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .with_context(|| format!("unknown kernel {name:?}"))
+    }
+
+    fn inputs(
+        self,
+        batch: usize,
+        seq_len: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<KernelInputs> {
+        let dev = Device::Cpu;
+        Ok(match self {
+            Kernel::MlstmParallel | Kernel::MlstmChunkwise => {
+                let qkv = (batch, HEADS, seq_len, head_dim);
+                KernelInputs::Mlstm {
+                    q: Tensor::randn(0f32, 1.0, qkv, &dev)?,
+                    k: Tensor::randn(0f32, 1.0, qkv, &dev)?,
+                    v: Tensor::randn(0f32, 1.0, qkv, &dev)?,
+                    igate: Tensor::randn(0f32, 1.0, (batch, HEADS, seq_len), &dev)?,
+                    fgate: Tensor::randn(3f32, 1.0, (batch, HEADS, seq_len), &dev)?,
+                }
+            }
+            Kernel::SlstmScan => {
+                let hidden = HEADS * head_dim;
+                KernelInputs::Slstm {
+                    x: Tensor::randn(0f32, 1.0, (batch, seq_len, 4 * hidden), &dev)?,
+                    r: Tensor::randn(
+                        0f32,
+                        (1.0 / head_dim as f64).sqrt() as f32,
+                        (HEADS, head_dim, 4, head_dim),
+                        &dev,
+                    )?,
+                    bias: Tensor::randn(0f32, 1.0, (HEADS, 4, head_dim), &dev)?,
+                }
+            }
+        })
+    }
+
+    /// Runs the kernel (fused dispatch or reference) once; with `backward`, the inputs become
+    /// variables and a weighted-sum loss is back-propagated to all of them.
+    fn run(
+        self,
+        inputs: &KernelInputs,
+        reference: bool,
+        backward: bool,
+    ) -> candle_core::Result<()> {
+        let track = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if backward {
+                Ok(Var::from_tensor(t)?.as_tensor().clone())
+            } else {
+                Ok(t.clone())
+            }
+        };
+        let out = match inputs {
+            KernelInputs::Mlstm {
+                q,
+                k,
+                v,
+                igate,
+                fgate,
+            } => {
+                let (q, k, v, i, f) = (
+                    track(q)?,
+                    track(k)?,
+                    track(v)?,
+                    track(igate)?,
+                    track(fgate)?,
+                );
+                match (self, reference) {
+                    (Kernel::MlstmParallel, false) => mlstm::parallel(&q, &k, &v, &i, &f)?,
+                    (Kernel::MlstmParallel, true) => {
+                        mlstm::reference::parallel(&q, &k, &v, &i, &f)?
+                    }
+                    (_, false) => mlstm::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0,
+                    (_, true) => {
+                        mlstm::reference::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0
+                    }
+                }
+            }
+            KernelInputs::Slstm { x, r, bias } => {
+                let (x, r, bias) = (track(x)?, track(r)?, track(bias)?);
+                if reference {
+                    slstm::reference::scan(&x, &r, &bias, None)?.0
+                } else {
+                    slstm::scan(&x, &r, &bias, None)?.0
+                }
+            }
+        };
+        if backward {
+            // A fixed non-uniform weighting so that every output element carries gradient.
+            let weight = out.ones_like()?.affine(0.5, 0.25)?;
+            (out * weight)?.sum_all()?.backward()?;
+        } else {
+            out.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(())
+    }
+}
+
+fn kernel_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<()> {
+    for kernel in Kernel::ALL {
+        for &head_dim in &sizes.head_dims {
+            for &seq_len in &sizes.seq_lens {
+                let inputs = kernel.inputs(sizes.batch, seq_len, head_dim)?;
+                for (mode, backward) in [("forward", false), ("forward_backward", true)] {
+                    let (median, min) =
+                        time_ms(iters, || Ok(kernel.run(&inputs, false, backward)?))?;
+                    let mut case = json!({
+                        "case": kernel.name(), "mode": mode, "seq_len": seq_len, "batch": sizes.batch,
+                        "heads": HEADS, "head_dim": head_dim, "median_ms": round2(median), "min_ms": round2(min),
+                        "iters": iters, "threads": rayon::current_num_threads(),
+                    });
+                    if kernel == Kernel::MlstmChunkwise {
+                        case["chunk_size"] = json!(CHUNK_SIZE);
+                    }
+                    if kernel == Kernel::MlstmParallel && seq_len > PARALLEL_REFERENCE_MAX_SEQ {
+                        case["note"] = json!(format!(
+                            "reference not timed above S = {PARALLEL_REFERENCE_MAX_SEQ} (quadratic memory)"
+                        ));
+                    } else {
+                        // The references are slow (the sLSTM one steps S times through candle
+                        // ops): fewer runs and no warm-up keep the benchmark short.
+                        let runs = iters.min(REFERENCE_MAX_ITERS);
+                        let (reference, _) =
+                            time_runs(0, runs, || Ok(kernel.run(&inputs, true, backward)?))?;
+                        case["reference_median_ms"] = json!(round2(reference));
+                        case["speedup_vs_reference"] = json!(round2(reference / median));
+                    }
+                    report.emit(&case);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn memory_cases(sizes: &Sizes, report: &Reporter) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this binary for the memory probes")?;
+    let head_dim = *sizes.head_dims.last().expect("at least one head dim");
+    for kernel in [Kernel::MlstmChunkwise, Kernel::MlstmParallel] {
+        // The quadratic form for contrast, up to the longest kernel-timing length.
+        let max_seq = match kernel {
+            Kernel::MlstmParallel => *sizes.seq_lens.last().expect("at least one sequence length"),
+            _ => usize::MAX,
+        };
+        for &seq_len in sizes.memory_seq_lens.iter().filter(|&&s| s <= max_seq) {
+            let spec = format!("{}:{seq_len}:{head_dim}:{}", kernel.name(), sizes.batch);
+            let out = Command::new(&exe)
+                .args(["bench", "kernels", "--probe-memory", &spec])
+                .output()
+                .with_context(|| format!("running the memory probe {spec}"))?;
+            if !out.status.success() {
+                bail!(
+                    "memory probe {spec} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let delta: u64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .with_context(|| format!("memory probe {spec} printed no byte count"))?;
+            report.emit(&json!({
+                "case": kernel.name(), "mode": "peak_memory_forward_backward", "seq_len": seq_len,
+                "batch": sizes.batch, "heads": HEADS, "head_dim": head_dim,
+                "peak_rss_delta_bytes": delta,
+                "input_bytes": 4 * sizes.batch * HEADS * seq_len * (3 * head_dim + 2),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// `kernel:seq_len:head_dim:batch` → prints the peak RSS growth (bytes) of one
+/// forward+backward, measured from just after the inputs were made.
+fn probe_memory(spec: &str) -> anyhow::Result<()> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [kernel, seq_len, head_dim, batch] = parts[..] else {
+        bail!("--probe-memory expects kernel:seq_len:head_dim:batch, got {spec:?}");
+    };
+    let kernel = Kernel::parse(kernel)?;
+    let inputs = kernel.inputs(batch.parse()?, seq_len.parse()?, head_dim.parse()?)?;
+    let before = proc_status_bytes("VmRSS")?;
+    kernel.run(&inputs, false, true)?;
+    let peak = proc_status_bytes("VmHWM")?;
+    println!("{}", peak.saturating_sub(before));
+    Ok(())
+}
+
+/// A `kB` field of /proc/self/status (Linux), in bytes.
+fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .with_context(|| format!("no {field} in /proc/self/status"))
+}
+
+/// The benchmarked stack variants: (name, mLSTM parts, sLSTM parts) of E = 64, 4 blocks.
+const VARIANTS: [(&str, usize, usize); 3] = [
+    ("xLSTM[3:1]", 3, 1),
+    ("mLSTM-only", 1, 0),
+    ("sLSTM-only", 0, 1),
+];
+
+/// Our median ms per (variant, context, mode) for the peer comparison.
+type StackTimings = Vec<(String, usize, &'static str, f64)>;
+
+fn stack_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<StackTimings> {
+    let dev = Device::Cpu;
+    let mut timings = Vec::new();
+    for &context in &sizes.contexts {
+        for (variant, mlstm_parts, slstm_parts) in VARIANTS {
+            let cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
+            let varmap = VarMap::new();
+            let stack = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+            let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+            let head_dim = if cfg.num_slstm_blocks() == cfg.num_blocks {
+                cfg.slstm_head_dim()
+            } else {
+                cfg.mlstm_head_dim()
+            };
+            let x = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), &dev)?;
+            let target = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), &dev)?;
+            let base = json!({
+                "case": "stack", "variant": variant, "seq_len": context, "batch": sizes.batch,
+                "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
+                "num_blocks": 4, "params": params, "iters": iters, "threads": rayon::current_num_threads(),
+            });
+
+            let (forward, _) = time_ms(iters, || {
+                stack.forward(&x)?.sum_all()?.to_scalar::<f32>()?;
+                Ok(())
+            })?;
+            let mut case = base.clone();
+            case["mode"] = json!("forward");
+            case["median_ms"] = json!(round2(forward));
+            report.emit(&case);
+            timings.push((variant.to_string(), context, "forward", forward));
+
+            let mut opt = AdamW::new(
+                varmap.all_vars(),
+                ParamsAdamW {
+                    lr: 1e-3,
+                    weight_decay: 0.01,
+                    ..ParamsAdamW::default()
+                },
+            )?;
+            let (train, _) = time_ms(iters, || {
+                let loss = (stack.forward_t(&x, true)? - &target)?.sqr()?.mean_all()?;
+                opt.backward_step(&loss)?;
+                Ok(())
+            })?;
+            let mut case = base.clone();
+            case["mode"] = json!("train_step");
+            case["median_ms"] = json!(round2(train));
+            report.emit(&case);
+            timings.push((variant.to_string(), context, "train_step", train));
+
+            // The recurrent step is the same for every context; measure it once per variant.
+            if context == sizes.contexts[0] {
+                let mut state = StackState::new(&cfg, sizes.batch, &dev)?;
+                let state_bytes = state_bytes(&state);
+                let token = x.narrow(1, 0, 1)?;
+                let mut per_step = Vec::with_capacity(sizes.step_tokens);
+                for _ in 0..sizes.step_tokens {
+                    let start = Instant::now();
+                    stack
+                        .step(&token, &mut state)?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
+                    per_step.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+                per_step.sort_by(f64::total_cmp);
+                let mut case = base;
+                case["mode"] = json!("step");
+                case["seq_len"] = json!(1);
+                case["steps"] = json!(sizes.step_tokens);
+                case["median_ms"] = json!(round2(per_step[per_step.len() / 2]));
+                case["state_bytes"] = json!(state_bytes);
+                case["state_bytes_after_steps"] = json!(self::state_bytes(&state));
+                report.emit(&case);
+            }
+        }
+    }
+    Ok(timings)
+}
+
+/// Bytes of every tensor the recurrent state holds (constant in the number of steps taken).
+fn state_bytes(state: &StackState) -> usize {
+    use crate::xlstm::stack::BlockState;
+    let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    state
+        .blocks
+        .iter()
+        .map(|b| match b {
+            BlockState::Mlstm(s) => t(&s.conv) + t(&s.cell.c) + t(&s.cell.n) + t(&s.cell.m),
+            BlockState::Slstm(s) => {
+                s.conv.as_ref().map_or(0, t)
+                    + t(&s.cell.h)
+                    + t(&s.cell.c)
+                    + t(&s.cell.n)
+                    + t(&s.cell.m)
+            }
+        })
+        .sum()
+}
+
+/// Runs the official implementation on the same stack cases and prints ours/peer per case.
+fn peer_cases(
+    python: &PathBuf,
+    script: &PathBuf,
+    sizes: &Sizes,
+    iters: usize,
+    ours: &StackTimings,
+    report: &Reporter,
+) -> anyhow::Result<()> {
+    let contexts: Vec<String> = sizes.contexts.iter().map(|c| c.to_string()).collect();
+    let out = Command::new(python)
+        .arg(script)
+        .args([
+            "--iters",
+            &iters.to_string(),
+            "--batch",
+            &sizes.batch.to_string(),
+        ])
+        .args(["--ctx", &contexts.join(",")])
+        .args(["--threads", &rayon::current_num_threads().to_string()])
+        .output()
+        .with_context(|| {
+            format!(
+                "running the peer benchmark {} {}",
+                python.display(),
+                script.display()
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "peer benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let peer: Value =
+            serde_json::from_str(line).with_context(|| format!("peer printed {line:?}"))?;
+        if let Some(err) = peer.get("error") {
+            bail!("peer case {} failed: {err}", peer["variant"]);
+        }
+        // The peer names variants with their ratio appended ("mLSTM-only[1:0]").
+        let peer_variant = peer["variant"].as_str().unwrap_or_default();
+        let variant = VARIANTS
+            .iter()
+            .map(|v| v.0)
+            .find(|v| peer_variant.starts_with(v))
+            .with_context(|| format!("unknown peer variant {peer_variant:?}"))?;
+        let context = peer["context"]
+            .as_u64()
+            .context("peer line without context")? as usize;
+        for (mode, peer_key) in [("forward", "forward_nograd"), ("train_step", "train_step")] {
+            let peer_ms = peer[peer_key]["median_ms"]
+                .as_f64()
+                .context("peer line without median_ms")?;
+            let Some(&(_, _, _, ours_ms)) = ours
+                .iter()
+                .find(|t| t.0 == variant && t.1 == context && t.2 == mode)
+            else {
+                continue;
+            };
+            report.emit(&json!({
+                "case": "stack_vs_peer", "variant": variant, "seq_len": context, "batch": sizes.batch,
+                "heads": HEADS, "mode": mode, "median_ms": round2(ours_ms), "peer_median_ms": peer_ms,
+                "ratio_ours_over_peer": (ours_ms / peer_ms * 1000.0).round() / 1000.0,
+                "peer_params": peer["params"], "peer_torch": peer["torch"],
+            }));
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,231 @@
+//! The mLSTM block with pre up-projection (XLSTM.md §4), official parameter names
+//! (`xlstm_norm`, `xlstm.proj_up`, `xlstm.conv1d.conv`, `xlstm.{q,k,v}_proj`,
+//! `xlstm.mlstm_cell.{igate,fgate,outnorm}`, `xlstm.learnable_skip`, `xlstm.proj_down`):
+//!
+//! ```text
+//! x_m, z = split(proj_up(LN(x)));  x_c = SiLU(conv(x_m))
+//! q, k = Q(x_c), K(x_c);  v = V(x_m);  ĩ, f̃ = igate/fgate(concat(q, k, v))
+//! h = (GroupNorm(mLSTM(q, k, v, ĩ, f̃)) + skip ⊙ x_c) ⊙ SiLU(z)
+//! out = x + proj_down(h)
+//! ```
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use super::config::{MlstmKernel, XlstmConfig};
+use super::kernels::mlstm::{self, MlstmState};
+use super::layers::{
+    CausalConv1d, LayerNorm, Linear, LinearHeadwiseExpand, MultiHeadLayerNorm, get_or_init_with,
+    linspace, small_init, wang_init,
+};
+
+/// Chunk size of `forward_with_state` when the configured kernel is the parallel form.
+const STATE_CHUNK_SIZE: usize = 64;
+
+/// Carried state of one mLSTM block: the conv's last K inputs `[B, K, D]` and the cell state.
+#[derive(Debug, Clone)]
+pub struct MlstmBlockState {
+    pub conv: Tensor,
+    pub cell: MlstmState,
+}
+
+/// Everything computed from the block input before the cell runs.
+struct CellInputs {
+    /// SiLU(conv(x_m)) `[B, S, D]`, reused by the skip connection.
+    x_conv: Tensor,
+    /// The output-gate branch `[B, S, D]`.
+    z: Tensor,
+    /// `[B, NH, S, DH]` each.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Gate pre-activations `[B, NH, S]`.
+    igate: Tensor,
+    fgate: Tensor,
+    conv_state: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct MlstmBlock {
+    norm: LayerNorm,
+    proj_up: Linear,
+    conv: CausalConv1d,
+    q_proj: LinearHeadwiseExpand,
+    k_proj: LinearHeadwiseExpand,
+    v_proj: LinearHeadwiseExpand,
+    /// `igate.weight` `[NH, 3D]`, `igate.bias` `[NH]`, and the same for fgate.
+    igate_weight: Tensor,
+    igate_bias: Tensor,
+    fgate_weight: Tensor,
+    fgate_bias: Tensor,
+    outnorm: MultiHeadLayerNorm,
+    learnable_skip: Tensor,
+    proj_down: Linear,
+    inner_dim: usize,
+    num_heads: usize,
+    kernel: MlstmKernel,
+    dropout: f64,
+}
+
+impl MlstmBlock {
+    /// `vb` is the block's prefix (`blocks.<idx>`).
+    pub fn new(cfg: &XlstmConfig, vb: VarBuilder) -> Result<Self> {
+        let e = cfg.embedding_dim;
+        let d = cfg.mlstm_inner_dim();
+        let nh = cfg.mlstm.num_heads;
+        let layer = vb.pp("xlstm");
+        let qkv_blocks = d / cfg.mlstm.qkv_proj_blocksize;
+        let cell = layer.pp("mlstm_cell");
+        let gate = |name: &str| {
+            cell.pp(name)
+                .get_with_hints((nh, 3 * d), "weight", Init::Const(0.0))
+        };
+        Ok(Self {
+            norm: LayerNorm::new(e, vb.pp("xlstm_norm"))?,
+            proj_up: Linear::new(e, 2 * d, small_init(e), layer.pp("proj_up"))?,
+            conv: CausalConv1d::new(d, cfg.mlstm.conv_kernel_size, layer.pp("conv1d"))?,
+            q_proj: LinearHeadwiseExpand::new(d, qkv_blocks, small_init(e), layer.pp("q_proj"))?,
+            k_proj: LinearHeadwiseExpand::new(d, qkv_blocks, small_init(e), layer.pp("k_proj"))?,
+            v_proj: LinearHeadwiseExpand::new(d, qkv_blocks, small_init(e), layer.pp("v_proj"))?,
+            igate_weight: gate("igate")?,
+            igate_bias: cell.pp("igate").get_with_hints(
+                nh,
+                "bias",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.1,
+                },
+            )?,
+            fgate_weight: gate("fgate")?,
+            // One forget bias per head spread over [3, 6]: heads start with different memory spans.
+            fgate_bias: get_or_init_with(&cell.pp("fgate"), &[nh], "bias", |dev| {
+                linspace(3.0, 6.0, nh, dev)
+            })?,
+            outnorm: MultiHeadLayerNorm::new(nh, d / nh, cell.pp("outnorm"))?,
+            learnable_skip: layer.get_with_hints(d, "learnable_skip", Init::Const(1.0))?,
+            proj_down: Linear::new(d, e, wang_init(e, cfg.num_blocks), layer.pp("proj_down"))?,
+            inner_dim: d,
+            num_heads: nh,
+            kernel: cfg.mlstm.kernel,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `x` `[B, S, E]` → `[B, S, E]` with the configured kernel, from the zero state.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let inputs = self.cell_inputs(x, None)?;
+        let (q, k, v, i, f) = (
+            &inputs.q,
+            &inputs.k,
+            &inputs.v,
+            &inputs.igate,
+            &inputs.fgate,
+        );
+        let h = match self.kernel {
+            MlstmKernel::Parallel => mlstm::parallel(q, k, v, i, f)?,
+            MlstmKernel::Chunkwise { chunk_size } => {
+                mlstm::chunkwise(q, k, v, i, f, chunk_size, None)?.0
+            }
+        };
+        self.output(x, &inputs, &h, train)
+    }
+
+    /// Continues from `state` over `x` `[B, S, E]` (chunkwise kernel); returns the output and
+    /// the state after the last token. Inference only (no dropout).
+    pub fn forward_with_state(
+        &self,
+        x: &Tensor,
+        state: &MlstmBlockState,
+    ) -> Result<(Tensor, MlstmBlockState)> {
+        let inputs = self.cell_inputs(x, Some(&state.conv))?;
+        let chunk_size = match self.kernel {
+            MlstmKernel::Chunkwise { chunk_size } => chunk_size,
+            MlstmKernel::Parallel => STATE_CHUNK_SIZE,
+        };
+        let (q, k, v, i, f) = (
+            &inputs.q,
+            &inputs.k,
+            &inputs.v,
+            &inputs.igate,
+            &inputs.fgate,
+        );
+        let (h, cell) = mlstm::chunkwise(q, k, v, i, f, chunk_size, Some(&state.cell))?;
+        let out = self.output(x, &inputs, &h, false)?;
+        Ok((
+            out,
+            MlstmBlockState {
+                conv: inputs.conv_state.clone(),
+                cell,
+            },
+        ))
+    }
+
+    /// One token `x_t` `[B, 1, E]` with the recurrent kernel.
+    pub fn step(&self, x_t: &Tensor, state: &MlstmBlockState) -> Result<(Tensor, MlstmBlockState)> {
+        let inputs = self.cell_inputs(x_t, Some(&state.conv))?;
+        let token = |t: &Tensor| t.squeeze(2);
+        let (h, cell) = mlstm::step(
+            &token(&inputs.q)?,
+            &token(&inputs.k)?,
+            &token(&inputs.v)?,
+            &token(&inputs.igate)?,
+            &token(&inputs.fgate)?,
+            &state.cell,
+        )?;
+        let out = self.output(x_t, &inputs, &h.unsqueeze(2)?, false)?;
+        Ok((
+            out,
+            MlstmBlockState {
+                conv: inputs.conv_state.clone(),
+                cell,
+            },
+        ))
+    }
+
+    fn cell_inputs(&self, x: &Tensor, conv_state: Option<&Tensor>) -> Result<CellInputs> {
+        let (b, s, _) = x.dims3()?;
+        let (d, nh) = (self.inner_dim, self.num_heads);
+        let up = self.proj_up.forward(&self.norm.forward(x)?)?;
+        let x_m = up.narrow(D::Minus1, 0, d)?;
+        let z = up.narrow(D::Minus1, d, d)?;
+        let (x_conv, conv_state) = self.conv.forward_with_state(&x_m, conv_state)?;
+        let x_conv = x_conv.silu()?;
+        let q = self.q_proj.forward(&x_conv)?;
+        let k = self.k_proj.forward(&x_conv)?;
+        let v = self.v_proj.forward(&x_m)?;
+        // Both gates in one GEMM: [B, S, 3D] × [3D, 2NH].
+        let gate_w = Tensor::cat(&[&self.igate_weight, &self.fgate_weight], 0)?;
+        let gate_b = Tensor::cat(&[&self.igate_bias, &self.fgate_bias], 0)?;
+        let gates = Tensor::cat(&[&q, &k, &v], D::Minus1)?
+            .broadcast_matmul(&gate_w.t()?)?
+            .broadcast_add(&gate_b)?
+            .transpose(1, 2)?; // [B, 2NH, S]
+        let heads = |t: &Tensor| t.reshape((b, s, nh, d / nh))?.transpose(1, 2)?.contiguous();
+        Ok(CellInputs {
+            q: heads(&q)?,
+            k: heads(&k)?,
+            v: heads(&v)?,
+            igate: gates.narrow(1, 0, nh)?.contiguous()?,
+            fgate: gates.narrow(1, nh, nh)?.contiguous()?,
+            x_conv,
+            z,
+            conv_state,
+        })
+    }
+
+    /// Cell output `h` `[B, NH, S, DH]` → block output `x + proj_down(...)`.
+    fn output(&self, x: &Tensor, inputs: &CellInputs, h: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self
+            .outnorm
+            .forward_heads(h)?
+            .add(&inputs.x_conv.broadcast_mul(&self.learnable_skip)?)?
+            .mul(&inputs.z.silu()?)?;
+        let y = self.proj_down.forward(&h)?;
+        let y = if train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(&y, self.dropout as f32)?
+        } else {
+            y
+        };
+        x + y
+    }
+}
