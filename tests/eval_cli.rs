@@ -30,6 +30,30 @@ fn fail(args: &[&str]) -> String {
     String::from_utf8(output.stderr).unwrap()
 }
 
+/// The error of a one-step linear `eval` on `csv` (a path that need not exist).
+fn linear_eval_failure(csv: &str) -> String {
+    fail(&[
+        "eval",
+        "--csv",
+        csv,
+        "--lookback",
+        "1",
+        "--horizon",
+        "1",
+        "--split-rows",
+        "1,1,1",
+        "--model",
+        "linear",
+    ])
+}
+
+/// Writes `text` as `name` in `dir` and returns the linear `eval` error on it.
+fn linear_eval_failure_on(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    linear_eval_failure(path.to_str().unwrap())
+}
+
 fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|err| panic!("not JSON ({err}): {stdout}"))
 }
@@ -254,84 +278,30 @@ fn bad_input_is_rejected_with_a_message_naming_the_argument() {
         "{xlstm}"
     );
 
-    let bad_cell = dir.path().join("bad_cell.csv");
-    std::fs::write(
-        &bad_cell,
+    let message = linear_eval_failure_on(
+        dir.path(),
+        "bad_cell.csv",
         "ts,a\n2024-01-01 00:00:00,1\n2024-01-01 01:00:00,abc\n",
-    )
-    .unwrap();
-    let message = fail(&[
-        "eval",
-        "--csv",
-        bad_cell.to_str().unwrap(),
-        "--lookback",
-        "1",
-        "--horizon",
-        "1",
-        "--split-rows",
-        "1,1,1",
-        "--model",
-        "linear",
-    ]);
+    );
     assert!(
         message.contains("line 3, column 'a'") && message.contains("'abc'"),
         "{message}"
     );
 
-    let unordered = dir.path().join("unordered.csv");
-    std::fs::write(
-        &unordered,
+    let message = linear_eval_failure_on(
+        dir.path(),
+        "unordered.csv",
         "ts,a\n2024-01-01 01:00:00,1\n2024-01-01 00:00:00,2\n",
-    )
-    .unwrap();
-    let message = fail(&[
-        "eval",
-        "--csv",
-        unordered.to_str().unwrap(),
-        "--lookback",
-        "1",
-        "--horizon",
-        "1",
-        "--split-rows",
-        "1,1,1",
-        "--model",
-        "linear",
-    ]);
+    );
     assert!(
         message.contains("line 3") && message.contains("strictly increasing"),
         "{message}"
     );
 
-    let bad_time = dir.path().join("bad_time.csv");
-    std::fs::write(&bad_time, "ts,a\nyesterday,1\n").unwrap();
-    let message = fail(&[
-        "eval",
-        "--csv",
-        bad_time.to_str().unwrap(),
-        "--lookback",
-        "1",
-        "--horizon",
-        "1",
-        "--split-rows",
-        "1,1,1",
-        "--model",
-        "linear",
-    ]);
+    let message = linear_eval_failure_on(dir.path(), "bad_time.csv", "ts,a\nyesterday,1\n");
     assert!(message.contains("line 2, column 'ts'"), "{message}");
 
-    let missing_file = fail(&[
-        "eval",
-        "--csv",
-        "/nonexistent/file.csv",
-        "--lookback",
-        "1",
-        "--horizon",
-        "1",
-        "--split-rows",
-        "1,1,1",
-        "--model",
-        "linear",
-    ]);
+    let missing_file = linear_eval_failure("/nonexistent/file.csv");
     assert!(missing_file.contains("--csv"), "{missing_file}");
 }
 
