@@ -9,7 +9,9 @@ mod health;
 pub mod metrics;
 mod middleware;
 mod observations;
+pub mod run_body;
 mod series;
+mod sources;
 pub mod startup;
 
 pub use error::ApiError;

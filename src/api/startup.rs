@@ -11,8 +11,9 @@ use actix_web::{App, HttpServer, web};
 use super::error;
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
-use super::{health, metrics, observations, series};
+use super::{health, metrics, observations, series, sources};
 use crate::config::Settings;
+use crate::jobs::SchedulerHandle;
 use crate::store::Store;
 
 /// How the HTTP service runs: what the settings say plus limits.
@@ -64,6 +65,9 @@ impl ApiConfig {
 /// What every handler can reach.
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// This process's cron scheduler, when it runs one (roles `all` and
+    /// `worker`): schedule changes are registered there at once.
+    pub scheduler: Option<SchedulerHandle>,
     pub metrics: HttpMetrics,
     pub api_key: Option<String>,
     pub limits: BodyLimits,
@@ -79,11 +83,21 @@ impl Application {
     /// Binds `config.bind` and prepares the server over `store` (already
     /// connected and migrated).
     pub fn build(config: &ApiConfig, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        Self::build_with_scheduler(config, store, None)
+    }
+
+    /// `build`, with the process's running scheduler for schedule changes.
+    pub fn build_with_scheduler(
+        config: &ApiConfig,
+        store: Arc<dyn Store>,
+        scheduler: Option<SchedulerHandle>,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(config.bind)
             .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.bind))?;
         let local_addr = listener.local_addr()?;
         let state = web::Data::new(AppState {
             store,
+            scheduler,
             metrics: HttpMetrics::default(),
             api_key: config.api_key.clone(),
             limits: config.limits,
@@ -147,7 +161,14 @@ fn routes(config: &mut web::ServiceConfig) {
                     resource("/series/{name}/observations")
                         .route(web::get().to(observations::read))
                         .route(web::post().to(observations::upload)),
-                ),
+                )
+                .service(
+                    resource("/series/{name}/source")
+                        .route(web::get().to(sources::get))
+                        .route(web::put().to(sources::put))
+                        .route(web::delete().to(sources::delete)),
+                )
+                .service(resource("/series/{name}/pull").route(web::post().to(sources::pull))),
         );
 }
 
