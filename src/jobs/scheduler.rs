@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
@@ -89,6 +89,8 @@ pub fn next_fire_time(
 /// The fire time a job running at `now` belongs to: the latest occurrence
 /// at or before `now`.
 pub fn fire_time_at(cron: &Cron, zone: Tz, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    // Cron resolves whole seconds; croner returns an inclusive match as given.
+    let now = now.with_nanosecond(0).unwrap_or(now);
     cron.find_previous_occurrence(&now.with_timezone(&zone), true)
         .ok()
         .map(|at| at.with_timezone(&Utc))
