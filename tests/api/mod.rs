@@ -7,6 +7,7 @@ mod health;
 mod observations;
 mod rejected_requests;
 mod series;
+mod sources;
 
 use serde_json::{Value, json};
 use xlstm_forecast::api::{ApiConfig, Application, BodyLimits};
