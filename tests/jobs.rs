@@ -7,6 +7,8 @@ mod common;
 
 #[path = "jobs/fixtures.rs"]
 mod fixtures;
+#[path = "jobs/policy.rs"]
+mod policy;
 #[path = "jobs/processes.rs"]
 mod processes;
 #[path = "jobs/pull.rs"]
