@@ -32,7 +32,9 @@ impl RunExecutor for RetrainingPolicy {
             .get_series_by_id(run.series_id)
             .await
             .map_err(RunFailure::failed)?
-            .ok_or_else(|| RunFailure::failed(format!("series {} no longer exists", run.series_id)))?;
+            .ok_or_else(|| {
+                RunFailure::failed(format!("series {} no longer exists", run.series_id))
+            })?;
         if run.schedule_id.is_some()
             && store
                 .get_source(series.id)
@@ -42,7 +44,9 @@ impl RunExecutor for RetrainingPolicy {
         {
             ctx.check_continue()?;
             let report = pull_series(store, &series).await.map_err(|err| {
-                RunFailure::failed(format!("pulling new rows before the scheduled run failed: {err}"))
+                RunFailure::failed(format!(
+                    "pulling new rows before the scheduled run failed: {err}"
+                ))
             })?;
             ctx.report_progress(json!({"phase": "pulled", "pull": report}));
         }

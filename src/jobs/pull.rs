@@ -28,7 +28,9 @@ impl RunExecutor for PullExecutor {
             .get_series_by_id(run.series_id)
             .await
             .map_err(RunFailure::failed)?
-            .ok_or_else(|| RunFailure::failed(format!("series {} no longer exists", run.series_id)))?;
+            .ok_or_else(|| {
+                RunFailure::failed(format!("series {} no longer exists", run.series_id))
+            })?;
         ctx.report_progress(json!({"phase": "pulling"}));
         let report = pull_series(self.store.as_ref(), &series)
             .await

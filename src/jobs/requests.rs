@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::scheduler::{SchedulerHandle, ScheduleError, parse_cron, parse_timezone};
+use super::scheduler::{ScheduleError, SchedulerHandle, parse_cron, parse_timezone};
 use super::source::PullError;
 use crate::store::{NewRun, Run, RunKind, Schedule, ScheduleSpec, Series, Store, StoreError};
 

@@ -22,16 +22,16 @@ use tokio::task::JoinHandle;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use uuid::Uuid;
 
-use crate::store::{
-    EnqueuedRun, NewRun, RunKind, Schedule, ScheduleMode, Store, StoreError,
-};
+use crate::store::{EnqueuedRun, NewRun, RunKind, Schedule, ScheduleMode, Store, StoreError};
 
 /// Attempts a scheduled run gets (a lapsed lease is retried up to this).
 pub const SCHEDULED_RUN_MAX_ATTEMPTS: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("invalid cron expression '{cron}': {message} (expected 6 fields with seconds first, e.g. \"0 0 3 * * *\")")]
+    #[error(
+        "invalid cron expression '{cron}': {message} (expected 6 fields with seconds first, e.g. \"0 0 3 * * *\")"
+    )]
     Cron { cron: String, message: String },
     #[error("unknown time zone '{0}' (expected an IANA name such as Europe/Berlin)")]
     Timezone(String),
@@ -333,7 +333,10 @@ mod tests {
         let err = parse_cron("0 3 * * *").unwrap_err();
         assert_eq!(err.field(), Some("cron"));
         assert!(err.to_string().contains("'0 3 * * *'"), "{err}");
-        assert_eq!(parse_timezone("Mars/Base").unwrap_err().field(), Some("timezone"));
+        assert_eq!(
+            parse_timezone("Mars/Base").unwrap_err().field(),
+            Some("timezone")
+        );
     }
 
     #[test]

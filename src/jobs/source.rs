@@ -17,9 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{Column, Connection, Executor, PgConnection, Row, Statement, TypeInfo};
 
 use crate::data::{DataError, ImportOptions, import_csv};
-use crate::store::{
-    MIN_TS_MICROS, SecretUrl, Series, Source, SourceSpec, Store, StoreError,
-};
+use crate::store::{MIN_TS_MICROS, SecretUrl, Series, Source, SourceSpec, Store, StoreError};
 
 /// Stands for the series' last stored timestamp in a source query.
 pub const AFTER_PLACEHOLDER: &str = "{{after}}";
@@ -187,10 +185,11 @@ async fn read_source(
         url: url.masked(),
         message: scrub(&message, url),
     };
-    let mut connection = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
-        .await
-        .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|err| connect_error(err.to_string()))?;
+    let mut connection =
+        tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|err| connect_error(err.to_string()))?;
     let query_error = |err: sqlx::Error| PullError::Query(scrub(&err.to_string(), url));
     let mut transaction = connection
         .begin_with("BEGIN READ ONLY")
@@ -233,7 +232,9 @@ async fn describe_columns(
     url: &SecretUrl,
 ) -> Result<Vec<(String, String)>, PullError> {
     let statement = connection
-        .prepare(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(query.to_string())))
+        .prepare(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(
+            query.to_string(),
+        )))
         .await
         .map_err(|err| PullError::Query(scrub(&err.to_string(), url)))?;
     Ok(statement
@@ -461,10 +462,19 @@ mod tests {
         let good = "SELECT ts, v FROM t WHERE ts > {{after}}";
         assert!(check_source(&spec("postgres://u:p@h/db", good)).is_ok());
         let err = check_source(&spec("mysql://u:s3cret@h/db", good)).unwrap_err();
-        assert!(matches!(err, PullError::InvalidSource { field: "connection_url", .. }));
+        assert!(matches!(
+            err,
+            PullError::InvalidSource {
+                field: "connection_url",
+                ..
+            }
+        ));
         assert!(!err.to_string().contains("s3cret"), "{err}");
         let err = check_source(&spec("postgres://u:p@h/db", "SELECT ts, v FROM t")).unwrap_err();
-        assert!(matches!(err, PullError::InvalidSource { field: "query", .. }));
+        assert!(matches!(
+            err,
+            PullError::InvalidSource { field: "query", .. }
+        ));
     }
 
     #[test]
@@ -495,7 +505,10 @@ mod tests {
         );
         let err = ResultLayout::new(&columns(&[("v", "FLOAT8"), ("ts", "TIMESTAMPTZ")]), None)
             .unwrap_err();
-        assert!(err.to_string().contains("the time column has type FLOAT8"), "{err}");
+        assert!(
+            err.to_string().contains("the time column has type FLOAT8"),
+            "{err}"
+        );
         let by_name = ResultLayout::new(
             &columns(&[("v", "FLOAT8"), ("ts", "TIMESTAMPTZ")]),
             Some("ts"),
@@ -512,7 +525,10 @@ mod tests {
             "auth failed for reader:****"
         );
         assert_eq!(format!("{url}"), "postgres://reader:****@db.example/prod");
-        assert_eq!(format!("{url:?}"), "SecretUrl(\"postgres://reader:****@db.example/prod\")");
+        assert_eq!(
+            format!("{url:?}"),
+            "SecretUrl(\"postgres://reader:****@db.example/prod\")"
+        );
         assert_eq!(
             serde_json::to_string(&url).unwrap(),
             "\"postgres://reader:****@db.example/prod\""

@@ -367,9 +367,9 @@ pub(crate) async fn join_spans(
 /// The error for a worker acting on a run it no longer holds the lease of.
 pub(crate) fn lease_lost(id: i64, owner: &str, status: &str, holder: Option<&str>) -> StoreError {
     StoreError::Conflict(match holder {
-        Some(holder) => format!(
-            "run {id} is not leased to {owner}: it is {status} under the lease of {holder}"
-        ),
+        Some(holder) => {
+            format!("run {id} is not leased to {owner}: it is {status} under the lease of {holder}")
+        }
         None => format!("run {id} is not leased to {owner}: it is {status}"),
     })
 }

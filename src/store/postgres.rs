@@ -13,12 +13,12 @@ use sqlx::{Connection, Postgres, Row, Transaction};
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
 use super::{
-    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
-    MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary, NewForecast,
-    NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome,
-    LeaseState, RunClaim, Schedule, ScheduleSpec, SecretUrl, Series, SeriesSpec, Source, SourceSpec,
-    Store, StoreError, apply_migrations,
-    datetime_from_micros, join_spans, series_named, split_time_span, validate,
+    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LeaseState,
+    LongObservations, MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary,
+    NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunClaim,
+    RunFilter, RunOutcome, Schedule, ScheduleSpec, SecretUrl, Series, SeriesSpec, Source,
+    SourceSpec, Store, StoreError, apply_migrations, datetime_from_micros, join_spans,
+    series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 

@@ -22,12 +22,12 @@ use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection, Transaction
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
 use super::{
-    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
-    MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary, NewForecast,
-    NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome,
-    LeaseState, RunClaim, Schedule, ScheduleSpec, SecretUrl, Series, SeriesSpec, Source, SourceSpec,
-    Store, StoreError, apply_migrations,
-    datetime_from_micros, join_spans, series_named, split_time_span, validate,
+    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LeaseState,
+    LongObservations, MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary,
+    NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunClaim,
+    RunFilter, RunOutcome, Schedule, ScheduleSpec, SecretUrl, Series, SeriesSpec, Source,
+    SourceSpec, Store, StoreError, apply_migrations, datetime_from_micros, join_spans,
+    series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
@@ -283,11 +283,7 @@ fn source_from_row(row: &SqliteRow) -> Result<Source, StoreError> {
 }
 
 /// Why `owner` could not act on run `id` under its lease (see the Postgres twin).
-async fn lease_refusal(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: i64,
-    owner: &str,
-) -> StoreError {
+async fn lease_refusal(tx: &mut Transaction<'static, Sqlite>, id: i64, owner: &str) -> StoreError {
     let row = sqlx::query("SELECT status, lease_owner FROM runs WHERE id = ?1")
         .bind(id)
         .fetch_optional(&mut **tx)

@@ -2,8 +2,8 @@
 //! input with the same error, and the batch flattening they share.
 
 use super::{
-    NewForecast, NewModelVersion, NewRun, ObservationBatch, RunClaim, RunOutcome, ScheduleSpec, SeriesSpec,
-    SourceSpec, StoreError,
+    NewForecast, NewModelVersion, NewRun, ObservationBatch, RunClaim, RunOutcome, ScheduleSpec,
+    SeriesSpec, SourceSpec, StoreError,
 };
 
 /// 0001-01-01T00:00:00Z: the earliest timestamp both backends store.
@@ -301,7 +301,10 @@ pub(crate) fn final_outcome(outcome: &RunOutcome) -> Result<(), StoreError> {
 
 pub(crate) fn run_claim(claim: &RunClaim) -> Result<(), StoreError> {
     if claim.owner.trim().is_empty() {
-        return Err(StoreError::invalid("owner", "the lease owner must not be empty"));
+        return Err(StoreError::invalid(
+            "owner",
+            "the lease owner must not be empty",
+        ));
     }
     lease(claim.lease)
 }

@@ -58,7 +58,11 @@ where
 }
 
 pub async fn run_of(store: &Arc<dyn Store>, id: i64) -> Run {
-    store.get_run(id).await.expect("get run").expect("run exists")
+    store
+        .get_run(id)
+        .await
+        .expect("get run")
+        .expect("run exists")
 }
 
 /// Executes a run as `steps` steps of `step` each, reporting progress after

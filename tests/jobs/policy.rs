@@ -18,10 +18,17 @@ use crate::common::fresh_postgres;
 use crate::fixtures::{StepExecutor, create_series, enqueue, run_of, wait_until};
 
 fn hour(h: i64) -> i64 {
-    Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap().timestamp_micros() + h * 3_600_000_000
+    Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0)
+        .unwrap()
+        .timestamp_micros()
+        + h * 3_600_000_000
 }
 
-async fn import_hours(store: &Arc<dyn Store>, series: &xlstm_forecast::store::Series, hours: std::ops::Range<i64>) {
+async fn import_hours(
+    store: &Arc<dyn Store>,
+    series: &xlstm_forecast::store::Series,
+    hours: std::ops::Range<i64>,
+) {
     let mut spec = xlstm_forecast::store::SeriesSpec {
         name: series.name.clone(),
         frequency: series.frequency.clone(),
@@ -49,7 +56,10 @@ fn policy(store: &Arc<dyn Store>, training: Arc<StepExecutor>) -> Executors {
 }
 
 fn quick() -> WorkerConfig {
-    WorkerConfig { poll_interval: Duration::from_millis(20), ..WorkerConfig::default() }
+    WorkerConfig {
+        poll_interval: Duration::from_millis(20),
+        ..WorkerConfig::default()
+    }
 }
 
 store_tests! {

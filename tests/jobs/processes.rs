@@ -19,7 +19,14 @@ struct WorkerProcess(Child);
 impl WorkerProcess {
     fn start(database_url: &str, lease_seconds: f64) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_xlstm-forecast"))
-            .args(["serve", "--role", "worker", "--workers", "2", "--lease-seconds"])
+            .args([
+                "serve",
+                "--role",
+                "worker",
+                "--workers",
+                "2",
+                "--lease-seconds",
+            ])
             .arg(lease_seconds.to_string())
             .env("DATABASE_URL", database_url)
             .env_remove("XLSTM_FORECAST_CONFIG")
@@ -85,11 +92,18 @@ async fn three_worker_processes_execute_twelve_runs_exactly_once() {
     let mut runs = Vec::new();
     for index in 0..12 {
         let series = create_series(&store, &format!("s{index}")).await;
-        bind(&store, series.id, user.url(), "SELECT ts, load, temp FROM meters WHERE ts > {{after}}").await;
+        bind(
+            &store,
+            series.id,
+            user.url(),
+            "SELECT ts, load, temp FROM meters WHERE ts > {{after}}",
+        )
+        .await;
         runs.push(enqueue_pull(store.as_ref(), &series).await.unwrap().id);
     }
-    let mut workers: Vec<WorkerProcess> =
-        (0..3).map(|_| WorkerProcess::start(database.url(), 10.0)).collect();
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::start(database.url(), 10.0))
+        .collect();
     wait_until(Duration::from_secs(60), "all twelve runs", || {
         let store = store.clone();
         let runs = runs.clone();
@@ -132,19 +146,31 @@ async fn a_run_of_a_killed_worker_process_is_finished_by_another() {
     .await;
     let run = enqueue_pull(store.as_ref(), &series).await.unwrap();
     let mut doomed = WorkerProcess::start(database.url(), 1.0);
-    wait_until(Duration::from_secs(30), "the first worker to claim the run", || {
-        let store = store.clone();
-        async move { run_of(&store, run.id).await.status == RunStatus::Running }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the first worker to claim the run",
+        || {
+            let store = store.clone();
+            async move { run_of(&store, run.id).await.status == RunStatus::Running }
+        },
+    )
     .await;
     doomed.kill();
-    assert_eq!(store.observation_range("s").await.unwrap().count, 0, "nothing half-written");
+    assert_eq!(
+        store.observation_range("s").await.unwrap().count,
+        0,
+        "nothing half-written"
+    );
 
     let _rescuer = WorkerProcess::start(database.url(), 1.0);
-    wait_until(Duration::from_secs(40), "another worker to finish the run", || {
-        let store = store.clone();
-        async move { run_of(&store, run.id).await.status.is_final() }
-    })
+    wait_until(
+        Duration::from_secs(40),
+        "another worker to finish the run",
+        || {
+            let store = store.clone();
+            async move { run_of(&store, run.id).await.status.is_final() }
+        },
+    )
     .await;
     let finished = run_of(&store, run.id).await;
     assert_eq!(finished.status, RunStatus::Succeeded, "{finished:?}");

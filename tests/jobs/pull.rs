@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{Connection, Executor, PgConnection};
-use xlstm_forecast::jobs::{PullError, WorkerConfig, WorkerPool, enqueue_pull, pull_series, standard_executors};
+use xlstm_forecast::jobs::{
+    PullError, WorkerConfig, WorkerPool, enqueue_pull, pull_series, standard_executors,
+};
 use xlstm_forecast::store::{RunStatus, SecretUrl, Series, SourceSpec, Store};
 
 use crate::common::{TestPostgres, fresh_postgres};

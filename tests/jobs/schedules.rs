@@ -39,11 +39,22 @@ async fn two_schedulers_queue_one_run_per_fire_time() {
     let first_store = store::connect(database.url()).await.unwrap();
     let second_store = store::connect(database.url()).await.unwrap();
     let series = create_series(&first_store, "s").await;
-    let schedule = first_store.upsert_schedule(&every_second(series.id)).await.unwrap();
+    let schedule = first_store
+        .upsert_schedule(&every_second(series.id))
+        .await
+        .unwrap();
 
-    let first = SchedulerHandle::start(first_store.clone(), Duration::from_secs(60)).await.unwrap();
-    let second = SchedulerHandle::start(second_store.clone(), Duration::from_secs(60)).await.unwrap();
-    assert_eq!(first.registered().await, vec![schedule.id], "loaded at start");
+    let first = SchedulerHandle::start(first_store.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let second = SchedulerHandle::start(second_store.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.registered().await,
+        vec![schedule.id],
+        "loaded at start"
+    );
     assert_eq!(second.registered().await, vec![schedule.id]);
     tokio::time::sleep(Duration::from_millis(3_600)).await;
     first.shutdown().await;
@@ -51,12 +62,20 @@ async fn two_schedulers_queue_one_run_per_fire_time() {
 
     let runs = scheduled_runs(&first_store).await;
     let fire_times: BTreeSet<_> = runs.iter().map(|run| run.scheduled_for.unwrap()).collect();
-    assert_eq!(fire_times.len(), runs.len(), "one run per fire time: {runs:#?}");
+    assert_eq!(
+        fire_times.len(),
+        runs.len(),
+        "one run per fire time: {runs:#?}"
+    );
     assert!(runs.len() >= 2, "fired at least twice in 3.6 s: {runs:#?}");
     for run in &runs {
         assert_eq!(run.kind, RunKind::Finetune);
         assert_eq!(run.schedule_id, Some(schedule.id));
-        assert_eq!(run.scheduled_for.unwrap().nanosecond(), 0, "the fire time, not the clock");
+        assert_eq!(
+            run.scheduled_for.unwrap().nanosecond(),
+            0,
+            "the fire time, not the clock"
+        );
         assert_eq!(run.requested["trigger"], "schedule");
     }
 }
@@ -67,7 +86,10 @@ async fn firing_twice_for_one_fire_time_queues_once() {
     let first_store = store::connect(database.url()).await.unwrap();
     let second_store = store::connect(database.url()).await.unwrap();
     let series = create_series(&first_store, "s").await;
-    let schedule = first_store.upsert_schedule(&every_second(series.id)).await.unwrap();
+    let schedule = first_store
+        .upsert_schedule(&every_second(series.id))
+        .await
+        .unwrap();
     let at = chrono::Utc::now().with_nanosecond(0).unwrap();
     let (a, b) = tokio::join!(
         fire(first_store.as_ref(), &schedule, at),
@@ -75,7 +97,13 @@ async fn firing_twice_for_one_fire_time_queues_once() {
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.run.id, b.run.id);
-    assert_eq!([a.created, b.created].iter().filter(|created| **created).count(), 1);
+    assert_eq!(
+        [a.created, b.created]
+            .iter()
+            .filter(|created| **created)
+            .count(),
+        1
+    );
 }
 
 store_tests! {

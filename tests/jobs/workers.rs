@@ -179,14 +179,21 @@ async fn cut_connections(admin_url: &str, database: &str, outage: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_going_away_mid_run_leaves_the_run_clean_and_the_worker_serving() {
     let database = crate::common::fresh_postgres().await;
-    let store = xlstm_forecast::store::connect(database.url()).await.unwrap();
+    let store = xlstm_forecast::store::connect(database.url())
+        .await
+        .unwrap();
     let series = create_series(&store, "s").await;
     let run = enqueue(&store, series.id, RunKind::Train).await;
     let executor = StepExecutor::new(30, Duration::from_millis(50));
     let pool = WorkerPool::start(store.clone(), training(executor.clone()), config(1));
     wait_until(Duration::from_secs(10), "the run to start", || {
         let store = store.clone();
-        async move { run_of(&store, run.id).await.progress["step"].as_u64().unwrap_or(0) >= 1 }
+        async move {
+            run_of(&store, run.id).await.progress["step"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        }
     })
     .await;
     let url = url::Url::parse(database.url()).unwrap();
@@ -195,7 +202,10 @@ async fn the_store_going_away_mid_run_leaves_the_run_clean_and_the_worker_servin
     admin.set_path("/postgres");
     cut_connections(admin.as_str(), &name, Duration::from_millis(1_200)).await;
 
-    wait_until(Duration::from_secs(30), "the run to end", || all_final(&store, vec![run.id])).await;
+    wait_until(Duration::from_secs(30), "the run to end", || {
+        all_final(&store, vec![run.id])
+    })
+    .await;
     let ended = run_of(&store, run.id).await;
     assert!(
         matches!(ended.status, RunStatus::Succeeded | RunStatus::Failed),
@@ -204,11 +214,18 @@ async fn the_store_going_away_mid_run_leaves_the_run_clean_and_the_worker_servin
     assert_eq!(ended.lease_owner, None);
     // The worker keeps serving without a restart.
     let next = enqueue(&store, series.id, RunKind::Train).await;
-    wait_until(Duration::from_secs(30), "the next run", || all_final(&store, vec![next.id])).await;
+    wait_until(Duration::from_secs(30), "the next run", || {
+        all_final(&store, vec![next.id])
+    })
+    .await;
     pool.shutdown().await;
     assert_eq!(run_of(&store, next.id).await.status, RunStatus::Succeeded);
     assert_eq!(
-        executor.executed().iter().filter(|(id, _)| *id == run.id).count(),
+        executor
+            .executed()
+            .iter()
+            .filter(|(id, _)| *id == run.id)
+            .count(),
         1,
         "the interrupted run was not executed twice: {:?}",
         executor.executed()

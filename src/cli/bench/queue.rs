@@ -209,7 +209,11 @@ async fn measure(
     Ok(QueueFigures {
         bench: "queue",
         backend,
-        build: if cfg!(debug_assertions) { "dev" } else { "release" },
+        build: if cfg!(debug_assertions) {
+            "dev"
+        } else {
+            "release"
+        },
         workers: args.workers,
         poll_interval_ms: poll_interval.as_millis(),
         latency_samples: latencies.len(),
@@ -240,7 +244,10 @@ async fn wait_until_drained(store: &dyn Store) -> anyhow::Result<()> {
         if !busy {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "the queue did not drain within 600 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the queue did not drain within 600 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -264,7 +271,10 @@ fn print_figures(figures: &QueueFigures, json: bool) -> anyhow::Result<()> {
     );
     println!(
         "  throughput: {} trivial runs in {:.2} s = {:.0} runs/s (goal >= {:.0})",
-        figures.runs, figures.throughput_seconds, figures.runs_per_second, figures.goal_runs_per_second
+        figures.runs,
+        figures.throughput_seconds,
+        figures.runs_per_second,
+        figures.goal_runs_per_second
     );
     Ok(())
 }
