@@ -14,10 +14,12 @@ use xlstm_forecast::store::{self, RunStatus, SecretUrl, SourceSpec, Store};
 use crate::common::fresh_postgres;
 use crate::fixtures::{create_series, run_of, wait_until};
 
-struct WorkerProcess(Child);
+/// A worker process; its stderr goes to a file shown when the test fails.
+struct WorkerProcess(Child, tempfile::NamedTempFile);
 
 impl WorkerProcess {
     fn start(database_url: &str, lease_seconds: f64) -> Self {
+        let log = tempfile::NamedTempFile::new().expect("a log file");
         let child = Command::new(env!("CARGO_BIN_EXE_xlstm-forecast"))
             .args([
                 "serve",
@@ -30,12 +32,13 @@ impl WorkerProcess {
             .arg(lease_seconds.to_string())
             .env("DATABASE_URL", database_url)
             .env_remove("XLSTM_FORECAST_CONFIG")
+            .env("XLSTM_FORECAST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().expect("the log file"))
             .spawn()
             .expect("start a worker process");
-        Self(child)
+        Self(child, log)
     }
 
     fn kill(&mut self) {
@@ -56,6 +59,10 @@ impl WorkerProcess {
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.1.path()).unwrap_or_default();
+            eprintln!("--- worker process {} stderr ---\n{log}", self.0.id());
+        }
     }
 }
 
@@ -175,5 +182,33 @@ async fn a_run_of_a_killed_worker_process_is_finished_by_another() {
     let finished = run_of(&store, run.id).await;
     assert_eq!(finished.status, RunStatus::Succeeded, "{finished:?}");
     assert_eq!(finished.attempts, 2);
+    assert_eq!(store.observation_range("s").await.unwrap().count, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_run_finish_before_the_process_exits() {
+    let database = fresh_postgres().await;
+    let user = fresh_postgres().await;
+    let _user_connection = user_table(user.url()).await;
+    let store = store::connect(database.url()).await.unwrap();
+    let series = create_series(&store, "s").await;
+    bind(
+        &store,
+        series.id,
+        user.url(),
+        "WITH pause AS (SELECT pg_sleep(2)) SELECT ts, load, temp FROM meters WHERE ts > {{after}} AND EXISTS (SELECT 1 FROM pause)",
+    )
+    .await;
+    let run = enqueue_pull(store.as_ref(), &series).await.unwrap();
+    let mut worker = WorkerProcess::start(database.url(), 10.0);
+    wait_until(Duration::from_secs(30), "the worker to claim the run", || {
+        let store = store.clone();
+        async move { run_of(&store, run.id).await.status == RunStatus::Running }
+    })
+    .await;
+    assert!(worker.terminate().success(), "graceful exit on SIGTERM");
+    let finished = run_of(&store, run.id).await;
+    assert_eq!(finished.status, RunStatus::Succeeded, "{finished:?}");
+    assert_eq!(finished.lease_owner, None);
     assert_eq!(store.observation_range("s").await.unwrap().count, 10);
 }
