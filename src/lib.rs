@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod forecast;
+pub mod jobs;
 pub mod store;
 pub mod xlstm;

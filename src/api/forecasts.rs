@@ -13,7 +13,10 @@ use super::error::{ApiError, ErrorBody};
 use super::query;
 use super::series::find_series;
 use super::startup::AppState;
-use crate::data::Frequency;
+use crate::data::{FrameOptions, Frequency, load_frame};
+use crate::forecast::{ForecastError, Predict};
+use crate::forecast::xlstm::{SeriesData, forecast_latest};
+use crate::jobs::training::forecast_record;
 use crate::store::{Forecast, Series};
 
 /// Forecasts listed when the request names no limit, and the most it may ask for.
@@ -24,7 +27,8 @@ const MAX_FORECASTS_LIMIT: u32 = 100;
 /// forecast and each quantile aligned with it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ForecastBody {
-    pub id: i64,
+    /// The stored forecast's id; null for a fresh forecast that was not persisted.
+    pub id: Option<i64>,
     /// The series' name.
     pub series: String,
     /// The model version that produced it.
@@ -120,7 +124,7 @@ impl ForecastBody {
             _ => None,
         };
         Self {
-            id: forecast.id,
+            id: Some(forecast.id),
             series: series.name.clone(),
             model_version_id: forecast.model_version_id,
             created_at: forecast.issued_at,
@@ -180,6 +184,167 @@ pub async fn list(
         .map(|forecast| ForecastBody::new(forecast, &series))
         .collect();
     Ok(HttpResponse::Ok().json(ForecastList { forecasts }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FreshForecastQuery {
+    /// Steps to forecast, 1 to the model's horizon (default: the model's horizon).
+    #[param(value_type = Option<u32>)]
+    pub horizon: Option<String>,
+    /// Comma-separated quantile levels among the model's (default: all of them).
+    pub quantiles: Option<String>,
+    /// `true` stores the forecast for the dashboards (default `false`).
+    #[param(value_type = Option<bool>)]
+    pub persist: Option<String>,
+}
+
+/// A fresh forecast of the steps after the series' last observation, from its champion
+/// model (held in memory) and its latest observations.
+#[utoipa::path(
+    get,
+    path = "/api/v1/series/{name}/forecast",
+    operation_id = "forecast",
+    tag = "forecasts",
+    params(("name" = String, Path, description = "Series name"), FreshForecastQuery),
+    responses(
+        (status = 200, description = "The forecast (`id` set when persisted)", body = ForecastBody),
+        (status = 400, description = "A query parameter is malformed; the message names it", body = ErrorBody),
+        (status = 404, description = "No such series", body = ErrorBody),
+        (status = 409, description = "The series has no trained model yet", body = ErrorBody),
+        (status = 422, description = "Horizon beyond the model's, unknown quantile level, or too few recent rows", body = ErrorBody),
+    )
+)]
+pub async fn fresh(
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    query: web::Query<FreshForecastQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let series = find_series(&state, &name).await?;
+    let champion = state
+        .store
+        .list_model_versions(series.id)
+        .await?
+        .into_iter()
+        .find(|version| version.is_champion)
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "series '{0}' has no trained model yet; train one first with POST \
+                 /api/v1/series/{0}/train",
+                series.name
+            ))
+        })?;
+    let model = match state.models.get(champion.id) {
+        Some(model) => model,
+        None => {
+            let version = state
+                .store
+                .get_model_version(champion.id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("model version {}", champion.id)))?;
+            state
+                .models
+                .insert(&version)
+                .map_err(|err| ApiError::Internal(format!("loading model version {}: {err}", champion.id)))?
+        }
+    };
+    let limit = model.horizon();
+    let horizon = match query.horizon.as_deref() {
+        None => limit,
+        Some(text) => text.trim().parse::<usize>().map_err(|_| {
+            ApiError::BadRequest(format!("horizon: expected a whole number, got '{text}'"))
+        })?,
+    };
+    if horizon == 0 || horizon > limit {
+        return Err(ApiError::Unprocessable {
+            field: Some("horizon".into()),
+            message: format!("must be between 1 and the model's horizon {limit}, got {horizon}"),
+        });
+    }
+    let levels = model.quantile_levels().to_vec();
+    let wanted = match query.quantiles.as_deref() {
+        None => (0..levels.len()).collect::<Vec<_>>(),
+        Some(text) => text
+            .split(',')
+            .map(|item| {
+                let level: f32 = item.trim().parse().map_err(|_| {
+                    ApiError::BadRequest(format!("quantiles: '{item}' is not a number"))
+                })?;
+                levels
+                    .iter()
+                    .position(|known| (known - level).abs() < 1e-6)
+                    .ok_or_else(|| ApiError::Unprocessable {
+                        field: Some("quantiles".into()),
+                        message: format!("the model has no level {level}; it has {levels:?}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let persist = match query.persist.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "persist: expected true or false, got '{other}'"
+            )));
+        }
+    };
+    let data = recent_rows(&state, &series, model.lookback()).await?;
+    let forecast = web::block(move || forecast_latest(&model, &data, horizon))
+        .await
+        .map_err(|err| ApiError::Internal(format!("forecast thread: {err}")))?
+        .map_err(|err| match err {
+            ForecastError::InvalidArgument { argument, message } => ApiError::Unprocessable {
+                field: Some(argument),
+                message,
+            },
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    let mut record = forecast_record(series.id, champion.id, &forecast);
+    record.quantile_levels = wanted.iter().map(|&l| record.quantile_levels[l]).collect();
+    for point in &mut record.points {
+        point.quantiles = wanted.iter().map(|&l| point.quantiles[l]).collect();
+    }
+    let body = if persist {
+        ForecastBody::new(state.store.insert_forecast(&record).await?, &series)
+    } else {
+        let mut body = ForecastBody::new(
+            Forecast {
+                id: 0,
+                series_id: record.series_id,
+                model_version_id: record.model_version_id,
+                issued_at: record.issued_at,
+                horizon: record.horizon,
+                quantile_levels: record.quantile_levels,
+                points: record.points,
+            },
+            &series,
+        );
+        body.id = None;
+        body
+    };
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// The series' most recent `lookback` rows (a few more, the forecaster takes the last ones).
+async fn recent_rows(state: &AppState, series: &Series, lookback: usize) -> Result<SeriesData, ApiError> {
+    let range = state.store.observation_range(&series.name).await?;
+    let frequency = series.frequency.as_deref().and_then(|text| Frequency::parse(text).ok());
+    let from = match (range.last_ts_micros, frequency) {
+        (Some(last), Some(frequency)) => {
+            DateTime::from_timestamp_micros(last - (lookback as i64 + 1) * frequency.micros())
+        }
+        _ => None,
+    };
+    let frame = load_frame(state.store.as_ref(), &series.name, from, None, &FrameOptions::default()).await?;
+    Ok(SeriesData {
+        series: Some(series.name.clone()),
+        channels: frame.channels.clone(),
+        ts_micros: frame.ts_micros()?,
+        matrix: frame.channel_matrix()?,
+        frequency: Some(frame.frequency),
+    })
 }
 
 #[cfg(test)]

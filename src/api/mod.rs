@@ -10,14 +10,17 @@ pub mod error;
 mod forecasts;
 mod health;
 pub mod metrics;
+mod model_cache;
 mod middleware;
 mod models;
 mod observations;
 pub mod openapi;
 mod query;
-mod runs;
+pub mod runs;
 mod schedules;
 mod series;
+mod sources;
+mod training;
 pub mod startup;
 
 use serde::ser::SerializeMap;

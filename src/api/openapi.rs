@@ -11,7 +11,9 @@ use actix_web::HttpResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{forecasts, health, metrics, models, observations, runs, schedules, series};
+use super::{
+    forecasts, health, metrics, models, observations, runs, schedules, series, sources, training,
+};
 
 /// The route the document is served at.
 pub const OPENAPI_PATH: &str = "/api-docs/openapi.json";
@@ -42,6 +44,13 @@ pub const OPENAPI_PATH: &str = "/api-docs/openapi.json";
         runs::list,
         runs::get,
         forecasts::list,
+        forecasts::fresh,
+        training::train,
+        training::cancel,
+        sources::put,
+        sources::get,
+        sources::delete,
+        sources::pull,
         schedules::get,
         schedules::put,
         schedules::delete,
@@ -52,8 +61,9 @@ pub const OPENAPI_PATH: &str = "/api-docs/openapi.json";
         (name = "series", description = "Series and their observations"),
         (name = "models", description = "The model registry and champion promotion"),
         (name = "runs", description = "Training and data runs"),
-        (name = "forecasts", description = "Persisted forecasts"),
+        (name = "forecasts", description = "Fresh and persisted forecasts"),
         (name = "schedules", description = "Cron schedules that retrain a series"),
+        (name = "sources", description = "Pulling new rows from the user's Postgres"),
     )
 )]
 struct ApiDoc;

@@ -50,6 +50,8 @@ pub struct RunBody {
     #[schema(value_type = Object)]
     pub progress: Value,
     pub error: Option<String>,
+    /// A cancel was asked for; a running run stops at its next heartbeat.
+    pub cancel_requested: bool,
     /// The model version a successful training run wrote.
     pub model_version_id: Option<i64>,
     /// Set for runs a schedule queued, with the fire time they belong to.
@@ -74,6 +76,7 @@ impl RunBody {
             requested: run.requested,
             progress: run.progress,
             error: run.error,
+            cancel_requested: run.cancel_requested,
             model_version_id: run.model_version_id,
             schedule_id: run.schedule_id,
             scheduled_for: run.scheduled_for,

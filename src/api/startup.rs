@@ -15,8 +15,11 @@ use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
 use super::{
     docs, forecasts, health, metrics, models, observations, openapi, runs, schedules, series,
+    sources, training,
 };
 use crate::config::{ANY_ORIGIN, Settings};
+use super::model_cache::{DEFAULT_MODEL_CACHE_BYTES, ModelCache};
+use crate::jobs::SchedulerHandle;
 use crate::store::Store;
 
 /// How long browsers may cache a CORS preflight answer.
@@ -74,9 +77,14 @@ impl ApiConfig {
 /// What every handler can reach.
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// This process's cron scheduler, when it runs one (roles `all` and
+    /// `worker`): schedule changes are registered there at once.
+    pub scheduler: Option<SchedulerHandle>,
     pub metrics: HttpMetrics,
     pub api_key: Option<String>,
     pub limits: BodyLimits,
+    /// Champion models in memory for forecasting.
+    pub models: ModelCache,
 }
 
 /// A bound, not yet running server.
@@ -89,14 +97,25 @@ impl Application {
     /// Binds `config.bind` and prepares the server over `store` (already
     /// connected and migrated).
     pub fn build(config: &ApiConfig, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        Self::build_with_scheduler(config, store, None)
+    }
+
+    /// `build`, with the process's running scheduler for schedule changes.
+    pub fn build_with_scheduler(
+        config: &ApiConfig,
+        store: Arc<dyn Store>,
+        scheduler: Option<SchedulerHandle>,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(config.bind)
             .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.bind))?;
         let local_addr = listener.local_addr()?;
         let state = web::Data::new(AppState {
             store,
+            scheduler,
             metrics: HttpMetrics::default(),
             api_key: config.api_key.clone(),
             limits: config.limits,
+            models: ModelCache::new(DEFAULT_MODEL_CACHE_BYTES),
         });
         let json_limit = config.limits.json_bytes;
         let cors_allowed_origins = config.cors_allowed_origins.clone();
@@ -185,6 +204,8 @@ fn routes(config: &mut web::ServiceConfig) {
                 )
                 .service(resource("/series/{name}/models").route(web::get().to(models::list)))
                 .service(resource("/series/{name}/forecasts").route(web::get().to(forecasts::list)))
+                .service(resource("/series/{name}/forecast").route(web::get().to(forecasts::fresh)))
+                .service(resource("/series/{name}/train").route(web::post().to(training::train)))
                 .service(
                     resource("/series/{name}/schedule")
                         .route(web::get().to(schedules::get))
@@ -194,7 +215,15 @@ fn routes(config: &mut web::ServiceConfig) {
                 .service(resource("/models/{id}").route(web::get().to(models::get)))
                 .service(resource("/models/{id}/promote").route(web::post().to(models::promote)))
                 .service(resource("/runs").route(web::get().to(runs::list)))
-                .service(resource("/runs/{id}").route(web::get().to(runs::get))),
+                .service(resource("/runs/{id}").route(web::get().to(runs::get)))
+                .service(resource("/runs/{id}/cancel").route(web::post().to(training::cancel)))
+                .service(
+                    resource("/series/{name}/source")
+                        .route(web::get().to(sources::get))
+                        .route(web::put().to(sources::put))
+                        .route(web::delete().to(sources::delete)),
+                )
+                .service(resource("/series/{name}/pull").route(web::post().to(sources::pull))),
         );
 }
 

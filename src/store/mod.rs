@@ -253,6 +253,51 @@ pub trait Store: Send + Sync {
     /// `Conflict` when it already finished, `Invalid` for a non-final status.
     async fn finish_run(&self, id: i64, outcome: &RunOutcome) -> Result<Run, StoreError>;
 
+    // --- the run queue (leases) ---
+
+    /// Claims the oldest run of one of `claim.kinds` that is queued or whose
+    /// lease lapsed, atomically (Postgres `FOR UPDATE SKIP LOCKED`, SQLite one
+    /// write transaction): it becomes running under a lease held by
+    /// `claim.owner` and its attempts count up by one. Before that, running
+    /// runs whose lease lapsed on their last allowed attempt are failed with
+    /// the reason. `None` when nothing is claimable.
+    async fn claim_run(&self, claim: &RunClaim) -> Result<Option<Run>, StoreError>;
+    /// Extends the lease `owner` holds on a running run by `lease` from now,
+    /// records a heartbeat and, when given, replaces the progress document.
+    /// `Conflict` when the run is no longer running under this owner's lease
+    /// (it lapsed and another worker claimed it, or it finished).
+    async fn heartbeat_run(
+        &self,
+        id: i64,
+        owner: &str,
+        lease: std::time::Duration,
+        progress: Option<&serde_json::Value>,
+    ) -> Result<LeaseState, StoreError>;
+    /// `finish_run` for the worker holding the lease: `Conflict` when `owner`
+    /// no longer holds it, so a run is never finished twice.
+    async fn finish_leased_run(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &RunOutcome,
+    ) -> Result<Run, StoreError>;
+    /// Gives a run back on graceful shutdown: it is queued again and the
+    /// interrupted attempt does not count (cancelled instead when a cancel was
+    /// requested). `Conflict` when `owner` no longer holds the lease.
+    async fn release_run(&self, id: i64, owner: &str) -> Result<Run, StoreError>;
+    /// Cancels a run: a queued one becomes cancelled at once; a running one is
+    /// flagged, and its worker stops at its next heartbeat. `Conflict` when it
+    /// already finished, `NotFound` for an unknown id.
+    async fn request_run_cancel(&self, id: i64) -> Result<Run, StoreError>;
+
+    // --- sources ---
+
+    /// Creates or replaces the source a series pulls from (one per series).
+    async fn upsert_source(&self, source: &SourceSpec) -> Result<Source, StoreError>;
+    async fn get_source(&self, series_id: i64) -> Result<Option<Source>, StoreError>;
+    /// `NotFound` when the series has no source.
+    async fn delete_source(&self, series_id: i64) -> Result<(), StoreError>;
+
     // --- schedules ---
 
     /// Creates or replaces the schedule of a series (one per series).
@@ -362,6 +407,16 @@ pub(crate) async fn join_spans(
         }
     }
     Ok(observations)
+}
+
+/// The error for a worker acting on a run it no longer holds the lease of.
+pub(crate) fn lease_lost(id: i64, owner: &str, status: &str, holder: Option<&str>) -> StoreError {
+    StoreError::Conflict(match holder {
+        Some(holder) => {
+            format!("run {id} is not leased to {owner}: it is {status} under the lease of {holder}")
+        }
+        None => format!("run {id} is not leased to {owner}: it is {status}"),
+    })
 }
 
 /// The `what` of a `NotFound` for a series named `name`.

@@ -14,9 +14,10 @@ use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_po
 use super::validate::{max_option, min_option};
 use super::{
     Backend, EnqueuedRun, Forecast, ForecastPoint, ImportSession, ImportSummary, LOAD_SPANS,
-    LongObservations, MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary,
-    NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange, PendingMigration,
-    Run, RunFilter, RunOutcome, Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError,
+    LeaseState, LongObservations, MigrationReport, ModelVersion, ModelVersionStatus,
+    ModelVersionSummary, NewForecast, NewModelVersion, NewRun, ObservationBatch,
+    ObservationRange, PendingMigration, Run, RunClaim, RunFilter, RunOutcome, Schedule,
+    ScheduleSpec, SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError,
     apply_migrations, datetime_from_micros, join_spans, pending_migrations, series_named,
     split_time_span, validate,
 };
@@ -43,7 +44,12 @@ macro_rules! run_columns {
     () => {
         "id, series_id, kind, status, requested, progress, error, attempts, max_attempts, lease_owner, \
          lease_expires_at, schedule_id, scheduled_for, model_version_id, created_at, started_at, finished_at, \
-         heartbeat_at"
+         heartbeat_at, cancel_requested"
+    };
+}
+macro_rules! source_columns {
+    () => {
+        "series_id, connection_url, query, time_column, created_at, updated_at"
     };
 }
 macro_rules! schedule_columns {
@@ -208,7 +214,37 @@ fn run_from_row(row: &PgRow) -> Result<Run, StoreError> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         heartbeat_at: row.try_get("heartbeat_at")?,
+        cancel_requested: row.try_get("cancel_requested")?,
     })
+}
+
+fn source_from_row(row: &PgRow) -> Result<Source, StoreError> {
+    Ok(Source {
+        series_id: row.try_get("series_id")?,
+        connection_url: SecretUrl::new(row.try_get::<String, _>("connection_url")?),
+        query: row.try_get("query")?,
+        time_column: row.try_get("time_column")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Why `owner` could not act on run `id` under its lease: it does not exist
+/// (`NotFound`) or is not running under that owner's lease (`Conflict`).
+async fn lease_refusal(pool: &PgPool, id: i64, owner: &str) -> StoreError {
+    let row = sqlx::query("SELECT status, lease_owner FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await;
+    match row {
+        Err(err) => err.into(),
+        Ok(None) => StoreError::not_found(format!("run {id}")),
+        Ok(Some(row)) => {
+            let status: String = row.try_get(0).unwrap_or_default();
+            let holder: Option<String> = row.try_get(1).unwrap_or_default();
+            super::lease_lost(id, owner, &status, holder.as_deref())
+        }
+    }
 }
 
 fn schedule_from_row(row: &PgRow) -> Result<Schedule, StoreError> {
@@ -235,6 +271,20 @@ fn forecast_header_from_row(row: &PgRow) -> Result<Forecast, StoreError> {
         quantile_levels: row.try_get("quantile_levels")?,
         points: Vec::new(),
     })
+}
+
+/// A finish naming a model version that does not exist is the caller's mistake.
+fn model_version_reference(err: sqlx::Error, outcome: &RunOutcome) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::invalid(
+            "model_version_id",
+            format!(
+                "model version {} does not exist",
+                outcome.model_version_id.unwrap_or_default()
+            ),
+        ),
+        _ => err.into(),
+    }
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -713,15 +763,7 @@ impl Store for PostgresStore {
     }
 
     async fn finish_run(&self, id: i64, outcome: &RunOutcome) -> Result<Run, StoreError> {
-        if !outcome.status.is_final() {
-            return Err(StoreError::invalid(
-                "status",
-                format!(
-                    "'{}' is not a final run status (succeeded, failed, cancelled, skipped)",
-                    outcome.status
-                ),
-            ));
-        }
+        validate::final_outcome(outcome)?;
         let finished = sqlx::query(concat!(
             "UPDATE runs SET status = $2, error = $3, model_version_id = $4, finished_at = now(), \
              lease_owner = NULL, lease_expires_at = NULL \
@@ -734,16 +776,7 @@ impl Store for PostgresStore {
         .bind(outcome.model_version_id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(|err| match &err {
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::invalid(
-                "model_version_id",
-                format!(
-                    "model version {} does not exist",
-                    outcome.model_version_id.unwrap_or_default()
-                ),
-            ),
-            _ => err.into(),
-        })?;
+        .map_err(|err| model_version_reference(err, outcome))?;
         match finished {
             Some(row) => run_from_row(&row),
             None => match self.get_run(id).await? {
@@ -754,6 +787,186 @@ impl Store for PostgresStore {
                 ))),
             },
         }
+    }
+
+    async fn claim_run(&self, claim: &RunClaim) -> Result<Option<Run>, StoreError> {
+        validate::run_claim(claim)?;
+        // Runs whose lease lapsed on their last allowed attempt are failed
+        // first, so they are never claimed again.
+        sqlx::query(
+            "UPDATE runs SET status = 'failed', finished_at = now(), \
+             error = format('the lease lapsed on attempt %s of %s (last held by %s): the worker stopped \
+             heartbeating (killed, crashed or cut off from the store)', attempts, max_attempts, lease_owner), \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now() \
+             AND attempts >= max_attempts FOR UPDATE SKIP LOCKED)",
+        )
+        .execute(&self.pool)
+        .await?;
+        let kinds: Vec<&str> = claim.kinds.iter().map(|kind| kind.as_str()).collect();
+        let claimed = sqlx::query(concat!(
+            "UPDATE runs SET status = 'running', attempts = attempts + 1, lease_owner = $1, \
+             lease_expires_at = now() + make_interval(secs => $2), started_at = coalesce(started_at, now()), \
+             heartbeat_at = now() \
+             WHERE id = (SELECT id FROM runs WHERE kind = ANY($3) AND (status = 'queued' \
+             OR (status = 'running' AND lease_expires_at < now() AND attempts < max_attempts)) \
+             ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING ",
+            run_columns!()
+        ))
+        .bind(&claim.owner)
+        .bind(claim.lease.as_secs_f64())
+        .bind(kinds)
+        .fetch_optional(&self.pool)
+        .await?;
+        claimed.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn heartbeat_run(
+        &self,
+        id: i64,
+        owner: &str,
+        lease: Duration,
+        progress: Option<&Value>,
+    ) -> Result<LeaseState, StoreError> {
+        validate::lease(lease)?;
+        let row = sqlx::query(
+            "UPDATE runs SET lease_expires_at = now() + make_interval(secs => $3), heartbeat_at = now(), \
+             progress = coalesce($4, progress) \
+             WHERE id = $1 AND status = 'running' AND lease_owner = $2 \
+             RETURNING lease_expires_at, cancel_requested",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .bind(progress)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(LeaseState {
+                expires_at: row.try_get(0)?,
+                cancel_requested: row.try_get(1)?,
+            }),
+            None => Err(lease_refusal(&self.pool, id, owner).await),
+        }
+    }
+
+    async fn finish_leased_run(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &RunOutcome,
+    ) -> Result<Run, StoreError> {
+        validate::final_outcome(outcome)?;
+        let finished = sqlx::query(concat!(
+            "UPDATE runs SET status = $3, error = $4, model_version_id = $5, finished_at = now(), \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND status = 'running' AND lease_owner = $2 RETURNING ",
+            run_columns!()
+        ))
+        .bind(id)
+        .bind(owner)
+        .bind(outcome.status.as_str())
+        .bind(&outcome.error)
+        .bind(outcome.model_version_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|err| model_version_reference(err, outcome))?;
+        match finished {
+            Some(row) => run_from_row(&row),
+            None => Err(lease_refusal(&self.pool, id, owner).await),
+        }
+    }
+
+    async fn release_run(&self, id: i64, owner: &str) -> Result<Run, StoreError> {
+        let released = sqlx::query(concat!(
+            "UPDATE runs SET \
+             status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, \
+             error = CASE WHEN cancel_requested THEN 'cancelled while running' ELSE error END, \
+             finished_at = CASE WHEN cancel_requested THEN now() ELSE NULL END, \
+             attempts = greatest(attempts - 1, 0), lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND status = 'running' AND lease_owner = $2 RETURNING ",
+            run_columns!()
+        ))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        match released {
+            Some(row) => run_from_row(&row),
+            None => Err(lease_refusal(&self.pool, id, owner).await),
+        }
+    }
+
+    async fn request_run_cancel(&self, id: i64) -> Result<Run, StoreError> {
+        let cancelled = sqlx::query(concat!(
+            "UPDATE runs SET cancel_requested = TRUE, \
+             status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, \
+             error = CASE WHEN status = 'queued' THEN 'cancelled before it started' ELSE error END, \
+             finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END \
+             WHERE id = $1 AND status IN ('queued', 'running') RETURNING ",
+            run_columns!()
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match cancelled {
+            Some(row) => run_from_row(&row),
+            None => match self.get_run(id).await? {
+                None => Err(StoreError::not_found(format!("run {id}"))),
+                Some(run) => Err(StoreError::Conflict(format!(
+                    "run {id} already finished as {}",
+                    run.status
+                ))),
+            },
+        }
+    }
+
+    async fn upsert_source(&self, source: &SourceSpec) -> Result<Source, StoreError> {
+        validate::source(source)?;
+        let mut tx = self.pool.begin().await?;
+        require_series(&mut tx, source.series_id).await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO series_sources (series_id, connection_url, query, time_column) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (series_id) DO UPDATE SET connection_url = EXCLUDED.connection_url, \
+             query = EXCLUDED.query, time_column = EXCLUDED.time_column, updated_at = now() RETURNING ",
+            source_columns!()
+        ))
+        .bind(source.series_id)
+        .bind(source.connection_url.expose())
+        .bind(&source.query)
+        .bind(&source.time_column)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stored = source_from_row(&row)?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_source(&self, series_id: i64) -> Result<Option<Source>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            source_columns!(),
+            " FROM series_sources WHERE series_id = $1"
+        ))
+        .bind(series_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(source_from_row)
+        .transpose()
+    }
+
+    async fn delete_source(&self, series_id: i64) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM series_sources WHERE series_id = $1")
+            .bind(series_id)
+            .execute(&self.pool)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!(
+                "source of series {series_id}"
+            )));
+        }
+        Ok(())
     }
 
     async fn upsert_schedule(&self, schedule: &ScheduleSpec) -> Result<Schedule, StoreError> {

@@ -188,6 +188,9 @@ pub struct Run {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub heartbeat_at: Option<DateTime<Utc>>,
+    /// A cancel was requested while the run was running; its worker stops at
+    /// its next heartbeat.
+    pub cancel_requested: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +214,89 @@ pub struct RunOutcome {
     pub status: RunStatus,
     pub error: Option<String>,
     pub model_version_id: Option<i64>,
+}
+
+/// What a worker asks for when it claims a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunClaim {
+    /// Who holds the lease (unique per worker, e.g. host:pid:worker).
+    pub owner: String,
+    /// How long the lease lasts without a heartbeat.
+    pub lease: std::time::Duration,
+    /// Only runs of these kinds are claimed (the kinds the worker can execute).
+    pub kinds: Vec<RunKind>,
+}
+
+/// A lease extended by a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    pub expires_at: DateTime<Utc>,
+    /// A cancel was requested: the worker should stop and finish the run as cancelled.
+    pub cancel_requested: bool,
+}
+
+// --- sources ---
+
+/// A connection URL that usually carries a password: every Debug, Display and
+/// Serialize form masks the password; only `expose` gives the real text.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The real URL, to connect with. Never log or return it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password masked (safe to show).
+    pub fn masked(&self) -> String {
+        crate::config::mask_database_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({:?})", self.masked())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.masked())
+    }
+}
+
+/// Binds a series to a query on the user's Postgres.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    pub series_id: i64,
+    pub connection_url: SecretUrl,
+    /// Read-only SQL returning a timestamp column and numeric columns, with
+    /// `{{after}}` standing for the series' last stored timestamp.
+    pub query: String,
+    /// The timestamp column of the result; `None` = the first column.
+    pub time_column: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Source {
+    pub series_id: i64,
+    pub connection_url: SecretUrl,
+    pub query: String,
+    pub time_column: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 // --- schedules ---

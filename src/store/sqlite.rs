@@ -23,9 +23,10 @@ use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_po
 use super::validate::{max_option, min_option};
 use super::{
     Backend, EnqueuedRun, Forecast, ForecastPoint, ImportSession, ImportSummary, LOAD_SPANS,
-    LongObservations, MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary,
-    NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange, PendingMigration,
-    Run, RunFilter, RunOutcome, Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError,
+    LeaseState, LongObservations, MigrationReport, ModelVersion, ModelVersionStatus,
+    ModelVersionSummary, NewForecast, NewModelVersion, NewRun, ObservationBatch,
+    ObservationRange, PendingMigration, Run, RunClaim, RunFilter, RunOutcome, Schedule,
+    ScheduleSpec, SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError,
     apply_migrations, datetime_from_micros, join_spans, pending_migrations, series_named,
     split_time_span, validate,
 };
@@ -54,7 +55,12 @@ macro_rules! run_columns {
     () => {
         "id, series_id, kind, status, requested, progress, error, attempts, max_attempts, lease_owner, \
          lease_expires_at, schedule_id, scheduled_for, model_version_id, created_at, started_at, finished_at, \
-         heartbeat_at"
+         heartbeat_at, cancel_requested"
+    };
+}
+macro_rules! source_columns {
+    () => {
+        "series_id, connection_url, query, time_column, created_at, updated_at"
     };
 }
 macro_rules! schedule_columns {
@@ -289,7 +295,40 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         started_at: optional_timestamp(row, "started_at")?,
         finished_at: optional_timestamp(row, "finished_at")?,
         heartbeat_at: optional_timestamp(row, "heartbeat_at")?,
+        cancel_requested: row.try_get("cancel_requested")?,
     })
+}
+
+fn source_from_row(row: &SqliteRow) -> Result<Source, StoreError> {
+    Ok(Source {
+        series_id: row.try_get("series_id")?,
+        connection_url: SecretUrl::new(row.try_get::<String, _>("connection_url")?),
+        query: row.try_get("query")?,
+        time_column: row.try_get("time_column")?,
+        created_at: timestamp(row, "created_at")?,
+        updated_at: timestamp(row, "updated_at")?,
+    })
+}
+
+/// Why `owner` could not act on run `id` under its lease (see the Postgres twin).
+async fn lease_refusal(tx: &mut Transaction<'static, Sqlite>, id: i64, owner: &str) -> StoreError {
+    let row = sqlx::query("SELECT status, lease_owner FROM runs WHERE id = ?1")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await;
+    match row {
+        Err(err) => err.into(),
+        Ok(None) => StoreError::not_found(format!("run {id}")),
+        Ok(Some(row)) => {
+            let status: String = row.try_get(0).unwrap_or_default();
+            let holder: Option<String> = row.try_get(1).unwrap_or_default();
+            super::lease_lost(id, owner, &status, holder.as_deref())
+        }
+    }
+}
+
+fn lease_micros(lease: Duration) -> i64 {
+    i64::try_from(lease.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn schedule_from_row(row: &SqliteRow) -> Result<Schedule, StoreError> {
@@ -793,15 +832,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish_run(&self, id: i64, outcome: &RunOutcome) -> Result<Run, StoreError> {
-        if !outcome.status.is_final() {
-            return Err(StoreError::invalid(
-                "status",
-                format!(
-                    "'{}' is not a final run status (succeeded, failed, cancelled, skipped)",
-                    outcome.status
-                ),
-            ));
-        }
+        validate::final_outcome(outcome)?;
         let mut tx = self.begin_write().await?;
         if let Some(version) = outcome.model_version_id
             && model_version_series(&mut tx, version).await?.is_none()
@@ -842,6 +873,234 @@ impl Store for SqliteStore {
         };
         tx.commit().await?;
         Ok(finished)
+    }
+
+    async fn claim_run(&self, claim: &RunClaim) -> Result<Option<Run>, StoreError> {
+        validate::run_claim(claim)?;
+        let kinds: Vec<&str> = claim.kinds.iter().map(|kind| kind.as_str()).collect();
+        let mut tx = self.begin_write().await?;
+        // Runs whose lease lapsed on their last allowed attempt are failed
+        // first, so they are never claimed again.
+        sqlx::query(concat!(
+            "UPDATE runs SET status = 'failed', finished_at = ",
+            now_micros!(),
+            ", error = 'the lease lapsed on attempt ' || attempts || ' of ' || max_attempts || \
+             ' (last held by ' || ifnull(lease_owner, 'nobody') || '): the worker stopped heartbeating \
+             (killed, crashed or cut off from the store)', lease_owner = NULL, lease_expires_at = NULL \
+             WHERE status = 'running' AND lease_expires_at < ",
+            now_micros!(),
+            " AND attempts >= max_attempts"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let claimed = sqlx::query(concat!(
+            "UPDATE runs SET status = 'running', attempts = attempts + 1, lease_owner = ?1, \
+             lease_expires_at = ",
+            now_micros!(),
+            " + ?2, started_at = coalesce(started_at, ",
+            now_micros!(),
+            "), heartbeat_at = ",
+            now_micros!(),
+            " WHERE id = (SELECT id FROM runs WHERE kind IN (SELECT value FROM json_each(?3)) \
+             AND (status = 'queued' OR (status = 'running' AND lease_expires_at < ",
+            now_micros!(),
+            " AND attempts < max_attempts)) ORDER BY created_at, id LIMIT 1) RETURNING ",
+            run_columns!()
+        ))
+        .bind(&claim.owner)
+        .bind(lease_micros(claim.lease))
+        .bind(to_json("kinds", &kinds)?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let claimed = claimed.as_ref().map(run_from_row).transpose()?;
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn heartbeat_run(
+        &self,
+        id: i64,
+        owner: &str,
+        lease: Duration,
+        progress: Option<&Value>,
+    ) -> Result<LeaseState, StoreError> {
+        validate::lease(lease)?;
+        let progress = progress
+            .map(|progress| to_json("progress", progress))
+            .transpose()?;
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(concat!(
+            "UPDATE runs SET lease_expires_at = ",
+            now_micros!(),
+            " + ?3, heartbeat_at = ",
+            now_micros!(),
+            ", progress = coalesce(?4, progress) \
+             WHERE id = ?1 AND status = 'running' AND lease_owner = ?2 \
+             RETURNING lease_expires_at, cancel_requested"
+        ))
+        .bind(id)
+        .bind(owner)
+        .bind(lease_micros(lease))
+        .bind(progress)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let state = match row {
+            Some(row) => LeaseState {
+                expires_at: timestamp(&row, "lease_expires_at")?,
+                cancel_requested: row.try_get("cancel_requested")?,
+            },
+            None => return Err(lease_refusal(&mut tx, id, owner).await),
+        };
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    async fn finish_leased_run(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &RunOutcome,
+    ) -> Result<Run, StoreError> {
+        validate::final_outcome(outcome)?;
+        let mut tx = self.begin_write().await?;
+        if let Some(version) = outcome.model_version_id
+            && model_version_series(&mut tx, version).await?.is_none()
+        {
+            return Err(StoreError::invalid(
+                "model_version_id",
+                format!("model version {version} does not exist"),
+            ));
+        }
+        let finished = sqlx::query(concat!(
+            "UPDATE runs SET status = ?3, error = ?4, model_version_id = ?5, finished_at = ",
+            now_micros!(),
+            ", lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND status = 'running' AND lease_owner = ?2 RETURNING ",
+            run_columns!()
+        ))
+        .bind(id)
+        .bind(owner)
+        .bind(outcome.status.as_str())
+        .bind(&outcome.error)
+        .bind(outcome.model_version_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let finished = match finished {
+            Some(row) => run_from_row(&row)?,
+            None => return Err(lease_refusal(&mut tx, id, owner).await),
+        };
+        tx.commit().await?;
+        Ok(finished)
+    }
+
+    async fn release_run(&self, id: i64, owner: &str) -> Result<Run, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let released = sqlx::query(concat!(
+            "UPDATE runs SET \
+             status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, \
+             error = CASE WHEN cancel_requested THEN 'cancelled while running' ELSE error END, \
+             finished_at = CASE WHEN cancel_requested THEN ",
+            now_micros!(),
+            " ELSE NULL END, \
+             attempts = max(attempts - 1, 0), lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND status = 'running' AND lease_owner = ?2 RETURNING ",
+            run_columns!()
+        ))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let released = match released {
+            Some(row) => run_from_row(&row)?,
+            None => return Err(lease_refusal(&mut tx, id, owner).await),
+        };
+        tx.commit().await?;
+        Ok(released)
+    }
+
+    async fn request_run_cancel(&self, id: i64) -> Result<Run, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let cancelled = sqlx::query(concat!(
+            "UPDATE runs SET cancel_requested = 1, \
+             status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, \
+             error = CASE WHEN status = 'queued' THEN 'cancelled before it started' ELSE error END, \
+             finished_at = CASE WHEN status = 'queued' THEN ",
+            now_micros!(),
+            " ELSE finished_at END \
+             WHERE id = ?1 AND status IN ('queued', 'running') RETURNING ",
+            run_columns!()
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let cancelled = match cancelled {
+            Some(row) => run_from_row(&row)?,
+            None => {
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM runs WHERE id = ?1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                return Err(match status {
+                    None => StoreError::not_found(format!("run {id}")),
+                    Some(status) => {
+                        StoreError::Conflict(format!("run {id} already finished as {status}"))
+                    }
+                });
+            }
+        };
+        tx.commit().await?;
+        Ok(cancelled)
+    }
+
+    async fn upsert_source(&self, source: &SourceSpec) -> Result<Source, StoreError> {
+        validate::source(source)?;
+        let mut tx = self.begin_write().await?;
+        require_series(&mut tx, source.series_id).await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO series_sources (series_id, connection_url, query, time_column) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (series_id) DO UPDATE SET connection_url = excluded.connection_url, \
+             query = excluded.query, time_column = excluded.time_column, updated_at = ",
+            now_micros!(),
+            " RETURNING ",
+            source_columns!()
+        ))
+        .bind(source.series_id)
+        .bind(source.connection_url.expose())
+        .bind(&source.query)
+        .bind(&source.time_column)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stored = source_from_row(&row)?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_source(&self, series_id: i64) -> Result<Option<Source>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            source_columns!(),
+            " FROM series_sources WHERE series_id = ?1"
+        ))
+        .bind(series_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(source_from_row)
+        .transpose()
+    }
+
+    async fn delete_source(&self, series_id: i64) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM series_sources WHERE series_id = ?1")
+            .bind(series_id)
+            .execute(&self.pool)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!(
+                "source of series {series_id}"
+            )));
+        }
+        Ok(())
     }
 
     async fn upsert_schedule(&self, schedule: &ScheduleSpec) -> Result<Schedule, StoreError> {

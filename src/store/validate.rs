@@ -2,7 +2,8 @@
 //! input with the same error, and the batch flattening they share.
 
 use super::{
-    NewForecast, NewModelVersion, NewRun, ObservationBatch, ScheduleSpec, SeriesSpec, StoreError,
+    NewForecast, NewModelVersion, NewRun, ObservationBatch, RunClaim, RunOutcome, ScheduleSpec,
+    SeriesSpec, SourceSpec, StoreError,
 };
 
 /// 0001-01-01T00:00:00Z: the earliest timestamp both backends store.
@@ -318,6 +319,66 @@ pub(crate) fn new_run(run: &NewRun) -> Result<(), StoreError> {
         return Err(StoreError::invalid(
             "scheduled_for",
             "schedule_id and scheduled_for go together",
+        ));
+    }
+    Ok(())
+}
+
+/// A run can only be finished with a final status.
+pub(crate) fn final_outcome(outcome: &RunOutcome) -> Result<(), StoreError> {
+    if !outcome.status.is_final() {
+        return Err(StoreError::invalid(
+            "status",
+            format!(
+                "'{}' is not a final run status (succeeded, failed, cancelled, skipped)",
+                outcome.status
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn run_claim(claim: &RunClaim) -> Result<(), StoreError> {
+    if claim.owner.trim().is_empty() {
+        return Err(StoreError::invalid(
+            "owner",
+            "the lease owner must not be empty",
+        ));
+    }
+    lease(claim.lease)
+}
+
+/// Leases are whole microseconds in the database; anything under a
+/// millisecond or over a day is a mistake.
+pub(crate) fn lease(lease: std::time::Duration) -> Result<(), StoreError> {
+    if lease < std::time::Duration::from_millis(1) || lease > std::time::Duration::from_secs(86_400)
+    {
+        return Err(StoreError::invalid(
+            "lease",
+            format!("{lease:?} is outside 1 ms ..= 1 day"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn source(source: &SourceSpec) -> Result<(), StoreError> {
+    if source.connection_url.expose().trim().is_empty() {
+        return Err(StoreError::invalid(
+            "connection_url",
+            "the connection URL must not be empty",
+        ));
+    }
+    if source.query.trim().is_empty() {
+        return Err(StoreError::invalid("query", "the query must not be empty"));
+    }
+    if source
+        .time_column
+        .as_deref()
+        .is_some_and(|column| column.trim().is_empty())
+    {
+        return Err(StoreError::invalid(
+            "time_column",
+            "must not be empty when given",
         ));
     }
     Ok(())

@@ -82,6 +82,13 @@ async fn openapi_document_describes_every_route_and_marks_writes_as_keyed() {
         "GET /api/v1/series/{name}/schedule",
         "PUT /api/v1/series/{name}/schedule",
         "DELETE /api/v1/series/{name}/schedule",
+        "GET /api/v1/series/{name}/forecast",
+        "POST /api/v1/series/{name}/train",
+        "POST /api/v1/runs/{id}/cancel",
+        "PUT /api/v1/series/{name}/source",
+        "GET /api/v1/series/{name}/source",
+        "DELETE /api/v1/series/{name}/source",
+        "POST /api/v1/series/{name}/pull",
     ]
     .into_iter()
     .map(str::to_string)

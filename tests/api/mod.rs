@@ -13,6 +13,8 @@ mod rejected_requests;
 mod runs;
 mod schedules;
 mod series;
+mod sources;
+mod training;
 
 use std::sync::Arc;
 

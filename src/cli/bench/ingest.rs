@@ -248,14 +248,14 @@ fn peak_rss_kib() -> anyhow::Result<u64> {
 }
 
 /// A database created for one benchmark run on a Postgres server.
-struct ScratchPostgres {
+pub(super) struct ScratchPostgres {
     admin_url: String,
     name: String,
-    url: String,
+    pub(super) url: String,
 }
 
 impl ScratchPostgres {
-    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+    pub(super) async fn create(admin_url: &str) -> anyhow::Result<Self> {
         let mut admin = PgConnection::connect(admin_url).await.with_context(|| {
             format!(
                 "cannot connect to Postgres at {}",
@@ -283,7 +283,7 @@ impl ScratchPostgres {
     }
 
     /// Drops the database; failures are reported, not fatal (the figures are already taken).
-    async fn drop_database(self) {
+    pub(super) async fn drop_database(self) {
         let dropped = async {
             let mut admin = PgConnection::connect(&self.admin_url).await?;
             admin

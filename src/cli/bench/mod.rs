@@ -2,6 +2,7 @@
 
 mod ingest;
 mod kernels;
+mod queue;
 
 use clap::Subcommand;
 
@@ -13,11 +14,14 @@ pub enum BenchCommand {
     Kernels(kernels::KernelBenchArgs),
     /// Bulk CSV ingest into Postgres and SQLite, and frame loading.
     Ingest(ingest::IngestBenchArgs),
+    /// The run queue: claim-to-start latency and throughput of trivial runs.
+    Queue(queue::QueueBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Kernels(args) => kernels::run(args),
         BenchCommand::Ingest(args) => super::block_on(ingest::run(args, settings)),
+        BenchCommand::Queue(args) => super::block_on(queue::run(args)),
     }
 }

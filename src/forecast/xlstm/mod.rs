@@ -16,5 +16,5 @@ pub use preset::{ChannelMode, ForecasterConfig, PointLoss, Preset, TrainingConfi
 pub use train::{EpochRecord, ProgressCallback, TrainingProgress, TrainingSummary};
 pub use series::{
     DEFAULT_VALIDATION_FRACTION, SeriesData, SeriesForecast, finetune_on_series, forecast_latest,
-    train_on_series,
+    recent_validation_mse, train_on_series,
 };

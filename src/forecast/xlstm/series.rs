@@ -198,6 +198,57 @@ fn record_metrics(
     Ok(())
 }
 
+/// The model's MSE on the most recent `validation_fraction` of `data`'s rows (every stride-1
+/// window whose horizon lies there), with errors scaled by each channel's standard deviation
+/// over the rows before them: a yardstick on which models with different preprocessing compare
+/// fairly on the same recent data (registry promotion).
+pub fn recent_validation_mse(
+    model: &XlstmModel,
+    data: &SeriesData,
+    validation_fraction: f64,
+) -> Result<f64, ForecastError> {
+    let description = model.manifest.data.as_ref().ok_or_else(|| {
+        ForecastError::invalid("model", "the model was not trained on a series; it cannot be scored on one")
+    })?;
+    check_channels(description, data)?;
+    let (lookback, horizon) = (model.lookback(), model.horizon());
+    let split = split_rows(data.matrix.steps, lookback, horizon, validation_fraction)?;
+    let yardstick = ZScore::fit(&data.matrix, split.train_range())?;
+    let model_scale = ZScore {
+        mean: description.zscore_mean.clone(),
+        std: description.zscore_std.clone(),
+    };
+    let mut scaled = data.matrix.clone();
+    model_scale.apply(&mut scaled);
+    let channels = data.matrix.channels;
+    let (mut sum, mut count) = (0.0_f64, 0_usize);
+    split.validation_windows(lookback, horizon)?.for_each_block(
+        &scaled,
+        lookback,
+        horizon,
+        256,
+        |inputs, targets| {
+            let forecast = model.predict(&inputs)?;
+            for (cell, missing) in targets.missing.iter().enumerate() {
+                if *missing {
+                    continue;
+                }
+                let channel = cell % channels;
+                let error = (f64::from(forecast.mean[cell]) - f64::from(targets.values[cell]))
+                    * model_scale.std[channel]
+                    / yardstick.std[channel];
+                sum += error * error;
+                count += 1;
+            }
+            Ok(())
+        },
+    )?;
+    if count == 0 {
+        return Err(ForecastError::invalid("series", "the recent rows hold no observed value to score on"));
+    }
+    Ok(sum / count as f64)
+}
+
 /// A forecast in the series' units and time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SeriesForecast {
