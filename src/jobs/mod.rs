@@ -36,8 +36,20 @@ pub use worker::{WorkerConfig, WorkerPool};
 use crate::store::{RunKind, Store};
 
 /// The executors this build has: pull runs. Train and finetune executors are
-/// added with `Executors::with` (wrapped in `RetrainingPolicy`) by the
-/// forecaster; until then those runs stay queued for a process that has them.
+/// added by the forecaster, wrapped in the retraining policy:
+///
+/// ```ignore
+/// let training = Arc::new(RetrainingPolicy::new(store.clone(), Arc::new(TrainingExecutor::new(..))));
+/// standard_executors(store).with(RunKind::Train, training.clone()).with(RunKind::Finetune, training)
+/// ```
+///
+/// The training executor reads `run.requested` (mode, preset, overrides),
+/// reports the progress document of api_contract.md through
+/// `ctx.reporter()` from its training thread, stops when
+/// `reporter.stop_reason()` is `Some` (returning `RunFailure::Stopped`),
+/// writes the complete model version, promotes per the registry, and returns
+/// `ExecutionOutcome::Succeeded { model_version_id }`. Until it exists, train
+/// and finetune runs stay queued (workers only claim kinds they execute).
 pub fn standard_executors(store: Arc<dyn Store>) -> Executors {
     Executors::new().with(RunKind::Pull, Arc::new(PullExecutor::new(store)))
 }
