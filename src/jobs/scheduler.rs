@@ -80,6 +80,8 @@ pub fn next_fire_time(
 ) -> Result<Option<DateTime<Utc>>, ScheduleError> {
     let parsed = parse_cron(cron)?;
     let zone = parse_timezone(timezone)?;
+    // Cron resolves whole seconds; croner keeps the sub-second part it is given.
+    let after = after.with_nanosecond(0).unwrap_or(after);
     Ok(parsed
         .find_next_occurrence(&after.with_timezone(&zone), false)
         .ok()
