@@ -4,6 +4,7 @@
 //!
 //! One file per route group; `startup` wires them together.
 
+mod dashboard;
 pub mod error;
 mod health;
 pub mod metrics;

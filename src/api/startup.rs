@@ -11,7 +11,7 @@ use actix_web::{App, HttpServer, web};
 use super::error;
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
-use super::{health, metrics, observations, series};
+use super::{dashboard, health, metrics, observations, series};
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -128,6 +128,9 @@ impl Application {
 /// Every route. A path served with other methods answers 405 in the error shape.
 fn routes(config: &mut web::ServiceConfig) {
     config
+        .service(resource("/").route(web::get().to(dashboard::index)))
+        .service(resource("/dashboard").route(web::get().to(dashboard::index)))
+        .service(resource("/dashboard/{path:.*}").route(web::get().to(dashboard::file)))
         .service(resource("/livez").route(web::get().to(health::livez)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/metrics").route(web::get().to(metrics::metrics)))
