@@ -496,7 +496,8 @@ async fn every_panel_query_returns_the_columns_its_panel_reads() {
     let seeded = dashboard_seed::seed(store.as_ref(), SERIES).await;
 
     // No Store method claims runs yet (the job queue adds one); give the
-    // finished runs the start times a worker would have recorded.
+    // runs the start times a worker would have recorded, and put the last
+    // one in the state a worker keeps it in while training.
     let mut admin = PgConnection::connect(database.url())
         .await
         .expect("connect");
@@ -514,6 +515,11 @@ async fn every_panel_query_returns_the_columns_its_panel_reads() {
         .await
         .expect("set the run's start time");
     }
+    sqlx::query("UPDATE runs SET status = 'running', attempts = 1 WHERE id = $1")
+        .bind(seeded.running_run_id)
+        .execute(&mut admin)
+        .await
+        .expect("mark the run as training");
 
     let mut reader = reader_connection(database.url()).await;
     let now = Utc::now();

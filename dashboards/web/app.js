@@ -366,7 +366,12 @@
             ctx.setLineDash([]);
             ctx.fillStyle = COLORS.now;
             ctx.font = 12 * devicePixelRatio + "px system-ui, sans-serif";
-            ctx.fillText("now", x + 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
+            // The label goes left of the line when the line is at the right edge.
+            const label = "now";
+            const gap = 4 * devicePixelRatio;
+            const labelWidth = ctx.measureText(label).width;
+            const labelX = x + gap + labelWidth > u.bbox.left + u.bbox.width ? x - gap - labelWidth : x + gap;
+            ctx.fillText(label, labelX, u.bbox.top + 14 * devicePixelRatio);
             ctx.restore();
           },
         ],
@@ -412,7 +417,8 @@
     const options = {
       height: 320,
       tzDate: utc,
-      scales: { x: { time: true } },
+      // Reach at least to now, so that the "now" marker always shows.
+      scales: { x: { time: true, range: (u, min, max) => [min, Math.max(max, Date.now() / 1000 + 1800)] } },
       series: [
         {},
         { label: "actual", stroke: COLORS.actual, width: 1.5 },
@@ -569,7 +575,8 @@
         { label: "train loss", stroke: COLORS.train, width: 2, points: { show: true } },
         { label: "validation loss", stroke: COLORS.val, width: 2, points: { show: true } },
       ],
-      axes: [{ label: "epoch" }, { size: 60 }],
+      // Whole epochs only.
+      axes: [{ label: "epoch", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500], values: (u, ticks) => ticks.map(String) }, { size: 60 }],
     };
     replaceChart("loss", container, options, data);
   }
@@ -672,8 +679,8 @@
   // --- start ---
 
   function wireControls() {
-    $("#key-form").addEventListener("submit", (event) => {
-      event.preventDefault();
+    // Not a <form>: browsers would offer to save the key as a password.
+    const saveKey = () => {
       const value = $("#api-key").value.trim();
       try {
         if (value) localStorage.setItem(KEY_STORAGE, value);
@@ -682,6 +689,10 @@
       }
       $("#api-key").value = "";
       showKeyState();
+    };
+    $("#key-save").addEventListener("click", saveKey);
+    $("#api-key").addEventListener("keydown", (event) => {
+      if (event.key === "Enter") saveKey();
     });
     $("#key-forget").addEventListener("click", () => {
       try {
