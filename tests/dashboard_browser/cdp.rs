@@ -111,7 +111,7 @@ impl WebSocket {
                 }
             }
             match opcode {
-                0x0 | 0x1 | 0x2 => {
+                0x0..=0x2 => {
                     message.extend_from_slice(&payload);
                     if fin {
                         return String::from_utf8(message).map_err(std::io::Error::other);
