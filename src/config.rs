@@ -7,6 +7,8 @@
 //! - `XLSTM_FORECAST_DATA_DIR`: where local files live (default `./data`).
 //! - `XLSTM_FORECAST_BIND`: the HTTP listen address (default `127.0.0.1:8080`).
 //! - `XLSTM_FORECAST_API_KEY`: the key writes must present (secret; none by default).
+//! - `XLSTM_FORECAST_CORS_ORIGINS`: comma-separated origins (`https://host[:port]`,
+//!   or `*` for any) whose pages may call the API from a browser; none by default.
 //!
 //! An environment variable set to the empty string counts as unset, so that
 //! `FOO=` in a container definition does not silently override the file.
@@ -23,6 +25,10 @@ pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 pub const ENV_DATA_DIR: &str = "XLSTM_FORECAST_DATA_DIR";
 pub const ENV_BIND: &str = "XLSTM_FORECAST_BIND";
 pub const ENV_API_KEY: &str = "XLSTM_FORECAST_API_KEY";
+pub const ENV_CORS_ORIGINS: &str = "XLSTM_FORECAST_CORS_ORIGINS";
+
+/// The `cors_allowed_origins` entry that allows every origin.
+pub const ANY_ORIGIN: &str = "*";
 
 /// The file name of the embedded SQLite store inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "xlstm-forecast.db";
@@ -48,6 +54,10 @@ pub struct ServerSettings {
     /// When set, write requests must present this key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
+    /// Origins (`scheme://host[:port]`, or `*`) whose browser pages may call
+    /// the API across origins. Empty (the default): none may.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -55,6 +65,7 @@ impl Default for ServerSettings {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -103,14 +114,20 @@ impl Settings {
                     .with_context(|| format!("cannot read configuration file {}", path.display()))
             })
             .transpose()?;
-        let env: HashMap<String, String> = [ENV_DATABASE_URL, ENV_DATA_DIR, ENV_BIND, ENV_API_KEY]
-            .into_iter()
-            .filter_map(|name| {
-                std::env::var(name)
-                    .ok()
-                    .map(|value| (name.to_string(), value))
-            })
-            .collect();
+        let env: HashMap<String, String> = [
+            ENV_DATABASE_URL,
+            ENV_DATA_DIR,
+            ENV_BIND,
+            ENV_API_KEY,
+            ENV_CORS_ORIGINS,
+        ]
+        .into_iter()
+        .filter_map(|name| {
+            std::env::var(name)
+                .ok()
+                .map(|value| (name.to_string(), value))
+        })
+        .collect();
         let file_label = file
             .map(|path| path.display().to_string())
             .unwrap_or_default();
@@ -168,6 +185,18 @@ impl Settings {
                 .origins
                 .insert("server.api_key".into(), SettingOrigin::Env(ENV_API_KEY));
         }
+        if let Some(origins) = env_value(ENV_CORS_ORIGINS) {
+            settings.server.cors_allowed_origins = origins
+                .split(',')
+                .map(str::trim)
+                .filter(|origin| !origin.is_empty())
+                .map(str::to_string)
+                .collect();
+            settings.origins.insert(
+                "server.cors_allowed_origins".into(),
+                SettingOrigin::Env(ENV_CORS_ORIGINS),
+            );
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -214,6 +243,14 @@ impl Settings {
                 self.origin_label("server.api_key")
             );
         }
+        for origin in &self.server.cors_allowed_origins {
+            check_cors_origin(origin).map_err(|problem| {
+                anyhow::anyhow!(
+                    "{}: '{origin}' {problem}",
+                    self.origin_label("server.cors_allowed_origins")
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -258,6 +295,33 @@ impl Settings {
         }
         Ok(text)
     }
+}
+
+/// An allowed CORS origin is `*` or exactly what a browser sends in its
+/// `Origin` header: `http` or `https`, a host, an optional port, nothing else.
+fn check_cors_origin(origin: &str) -> Result<(), String> {
+    if origin == ANY_ORIGIN {
+        return Ok(());
+    }
+    let parsed = url::Url::parse(origin).map_err(|err| {
+        format!("is not an origin ({err}); expected e.g. https://grafana.example.com:3000")
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "has the scheme '{}'; expected http or https",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none() {
+        return Err("has no host".to_string());
+    }
+    if parsed.origin().ascii_serialization() != origin {
+        return Err(format!(
+            "is not an origin: write it as '{}' (no path, query, trailing slash or credentials)",
+            parsed.origin().ascii_serialization()
+        ));
+    }
+    Ok(())
 }
 
 /// Replaces the password of a database URL (user-info part and a `password`
@@ -410,6 +474,64 @@ mod tests {
         .to_string();
         assert!(
             err.contains("store.database_url") && err.contains("xf.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cors_origins_come_from_the_file_or_a_comma_separated_env_var() {
+        let settings = Settings::from_sources(None, &HashMap::new()).unwrap();
+        assert!(
+            settings.server.cors_allowed_origins.is_empty(),
+            "CORS is closed by default"
+        );
+        let file = "[server]\ncors_allowed_origins = [\"https://a.example\"]\n";
+        let from_file = Settings::from_sources(Some(("xf.toml", file)), &HashMap::new()).unwrap();
+        assert_eq!(
+            from_file.server.cors_allowed_origins,
+            vec!["https://a.example"]
+        );
+        let from_env = Settings::from_sources(
+            Some(("xf.toml", file)),
+            &env(&[(
+                ENV_CORS_ORIGINS,
+                "http://localhost:3000, https://b.example:8443,",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            from_env.server.cors_allowed_origins,
+            vec!["http://localhost:3000", "https://b.example:8443"]
+        );
+        let any = Settings::from_sources(None, &env(&[(ENV_CORS_ORIGINS, "*")])).unwrap();
+        assert_eq!(any.server.cors_allowed_origins, vec!["*"]);
+    }
+
+    #[test]
+    fn malformed_cors_origins_are_refused_naming_the_source() {
+        for bad in [
+            "localhost:3000",
+            "ftp://a.example",
+            "https://a.example/",
+            "https://a.example/app",
+            "https://u:p@a.example",
+        ] {
+            let err = Settings::from_sources(None, &env(&[(ENV_CORS_ORIGINS, bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(ENV_CORS_ORIGINS) && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
+        let err = Settings::from_sources(
+            Some(("xf.toml", "[server]\ncors_allowed_origins = [\"nope\"]\n")),
+            &HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("server.cors_allowed_origins") && err.contains("xf.toml"),
             "{err}"
         );
     }

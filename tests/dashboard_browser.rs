@@ -298,6 +298,8 @@ async fn dashboard_draws_the_forecast_band_and_lists_the_runs() {
         api_key: Some(API_KEY.to_string()),
         limits: BodyLimits::default(),
         workers: Some(2),
+        // The page is served by the same origin it calls.
+        cors_allowed_origins: Vec::new(),
     };
     let application = Application::build(&config, store).expect("build the application");
     let address = application.local_addr();

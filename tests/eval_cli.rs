@@ -272,9 +272,11 @@ fn bad_input_is_rejected_with_a_message_naming_the_argument() {
         "2",
         "--split-rows",
         "6,3,3",
+        "--season-period",
+        "1",
     ]);
     assert!(
-        xlstm.contains("the xlstm forecaster is not available in this build yet"),
+        xlstm.contains("lookback 2 is shorter than the preset's patch_len 16"),
         "{xlstm}"
     );
 

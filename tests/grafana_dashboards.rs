@@ -18,8 +18,9 @@ use sqlx::{AssertSqlSafe, Column, Connection, Executor, PgConnection, Row, TypeI
 
 const DATASOURCE_UID: &str = "xlstm-forecast-pg";
 const READER_ROLE: &str = "xlstm_forecast_reader";
-/// A name with a quote in it, so that the queries must quote it correctly.
-const SERIES: &str = "o'hare load";
+/// A name with the punctuation series names may have (quoting is covered
+/// by `interpolation_matches_grafana`).
+const SERIES: &str = "site-7.load_kW";
 /// What `$__interval` stands for in the test (Grafana derives it from the
 /// time range and the panel width).
 const INTERVAL: &str = "1h";

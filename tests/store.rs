@@ -558,6 +558,48 @@ store_tests! {
             Err(StoreError::Invalid { field: "model_version_id", .. })
         ));
         assert_eq!(store.latest_forecast(series.id).await.unwrap().unwrap().id, newer.id);
+
+        let listed = store.list_forecasts(series.id, 10).await.unwrap();
+        assert_eq!(listed, vec![newer.clone(), older.clone()], "most recently issued first, with points");
+        assert_eq!(store.list_forecasts(series.id, 1).await.unwrap(), vec![newer]);
+        assert!(store.list_forecasts(other.id, 10).await.unwrap().is_empty());
+    }
+
+    async fn model_version_summary_without_artefact(store) {
+        let series = create(&store, "energy").await;
+        let version = store.insert_model_version(&model_version(series.id, ModelVersionStatus::Ready, None)).await.unwrap();
+        assert_eq!(store.get_model_version_summary(version.id).await.unwrap(), Some(version.clone()));
+        store.promote_model_version(version.id).await.unwrap();
+        assert!(store.get_model_version_summary(version.id).await.unwrap().unwrap().is_champion);
+        assert_eq!(store.get_model_version_summary(999_999).await.unwrap(), None);
+    }
+
+    async fn schedules_need_a_six_field_cron_expression(store) {
+        let series = create(&store, "energy").await;
+        for cron in ["0 3 * * *", "", "0 0 25 * * *", "0 0 3 * * * 2030"] {
+            let spec = ScheduleSpec {
+                series_id: series.id,
+                cron: cron.into(),
+                timezone: "UTC".into(),
+                mode: ScheduleMode::Finetune,
+                enabled: true,
+            };
+            assert!(
+                matches!(store.upsert_schedule(&spec).await, Err(StoreError::Invalid { field: "cron", .. })),
+                "{cron:?}"
+            );
+        }
+        assert_eq!(store.get_schedule(series.id).await.unwrap(), None);
+    }
+
+    async fn series_names_must_be_path_safe(store) {
+        for name in ["has space", "a/b", ".hidden"] {
+            assert!(
+                matches!(store.create_series(&spec(name, &["load"])).await, Err(StoreError::Invalid { field: "name", .. })),
+                "{name}"
+            );
+        }
+        assert!(store.list_series().await.unwrap().is_empty());
     }
 
     async fn deleting_a_series_cascades(store) {
@@ -600,6 +642,7 @@ store_tests! {
         let report = store.migrate().await.unwrap();
         assert!(report.newly_applied.is_empty(), "{report:?}");
         assert!(report.total_applied >= 1);
+        assert_eq!(store.missing_migrations().await.unwrap(), vec![], "a migrated store misses none");
     }
 }
 
@@ -609,7 +652,17 @@ mod reconnect {
 
     async fn reconnect_keeps_schema_and_data(url: &str) {
         let fresh = store::open(url).await.unwrap();
+        let missing = fresh.missing_migrations().await.unwrap();
+        assert_eq!(
+            missing
+                .first()
+                .map(|migration| (migration.version, migration.description.as_str())),
+            Some((20261128000001, "initial")),
+            "a database never migrated misses every migration: {missing:?}"
+        );
         let report = fresh.migrate().await.unwrap();
+        assert_eq!(report.newly_applied.len(), missing.len());
+        assert!(fresh.missing_migrations().await.unwrap().is_empty());
         assert!(
             !report.newly_applied.is_empty(),
             "the first migrate applies the schema"

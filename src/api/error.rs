@@ -73,15 +73,23 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// The body of every error response.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// Stable and machine-readable: bad_request, unauthorized, not_found,
+    /// method_not_allowed, conflict, payload_too_large, unsupported_media_type,
+    /// unprocessable, unavailable, internal.
+    #[schema(example = "not_found")]
     code: &'a str,
+    /// For people; names the field and the problem.
     message: String,
+    /// The request field, query parameter, CSV column or channel concerned,
+    /// when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
 }

@@ -1,27 +1,69 @@
 //! `GET /livez` (the process answers) and `GET /readyz` (it can serve: the
-//! store answers).
+//! store answers and holds every migration this build expects).
 
 use actix_web::{HttpResponse, web};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::startup::AppState;
 
-pub async fn livez() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "live" }))
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Liveness {
+    #[schema(example = "live")]
+    pub status: &'static str,
 }
 
-/// Ready when the store answers a query. Migrations are applied by
-/// `store::connect` before the server starts, so a running server has them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// postgres or sqlite.
+    #[schema(example = "sqlite")]
+    pub store: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = Liveness))
+)]
+pub async fn livez() -> HttpResponse {
+    HttpResponse::Ok().json(Liveness { status: "live" })
+}
+
+/// The store answers and its schema is current, so this instance can serve.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "The store does not answer, or migrations are missing (named in the message)", body = ErrorBody),
+    )
+)]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     // Whatever keeps the store from answering, this instance cannot serve.
-    state
+    let unavailable = |err: crate::store::StoreError| ApiError::Unavailable(err.to_string());
+    state.store.ping().await.map_err(unavailable)?;
+    // Another process may share the database and be older or newer; a
+    // schema missing what this build needs makes queries fail later.
+    let missing = state
         .store
-        .ping()
+        .missing_migrations()
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    Ok(HttpResponse::Ok().json(json!({
-        "status": "ready",
-        "store": state.store.backend().as_str(),
-    })))
+        .map_err(unavailable)?;
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        return Err(ApiError::Unavailable(format!(
+            "migrations not applied: {} (run `xlstm-forecast migrate`)",
+            names.join(", ")
+        )));
+    }
+    Ok(HttpResponse::Ok().json(Readiness {
+        status: "ready",
+        store: state.store.backend().as_str(),
+    }))
 }

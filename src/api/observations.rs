@@ -14,14 +14,14 @@ use actix_web::web::{Bytes, BytesMut};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono_tz::Tz;
 use futures::StreamExt;
-use serde::ser::SerializeMap;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
-use super::rfc3339_micros;
+use super::error::{ApiError, ErrorBody};
 use super::series::find_series;
 use super::startup::AppState;
+use super::{OrderedMap, rfc3339_micros};
 use crate::data::timestamp::parse_timestamp_micros;
 use crate::data::{DataError, ImportOptions, ImportReport, import_csv};
 use crate::store::{LongObservations, Series};
@@ -31,30 +31,33 @@ const JSON_TIME_COLUMN: &str = "ts";
 /// The header is line 1 of the rewritten CSV, so row `i` is on line `i + 2`.
 const FIRST_ROW_LINE: u64 = 2;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ObservationRows {
     pub rows: Vec<ObservationRow>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ObservationRow {
     /// RFC 3339 text, a local date-time in the series' zone, or epoch seconds.
+    #[schema(value_type = String, example = "2024-01-01T00:00:00Z")]
     pub ts: Value,
     /// Channel → number, or null for a missing value.
+    #[schema(value_type = HashMap<String, Option<f64>>)]
     pub values: serde_json::Map<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CsvUploadQuery {
     /// The CSV time column (default: ts/timestamp/time/date/datetime, else the first column).
     pub time_column: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct UploadSummary {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UploadSummary {
     series: String,
     rows: u64,
     cells_written: u64,
@@ -62,6 +65,29 @@ struct UploadSummary {
     last: Option<String>,
 }
 
+/// Adds observations (JSON rows or CSV text), all or nothing: on any error
+/// nothing is written. Existing values at the same time and channel are replaced.
+#[utoipa::path(
+    post,
+    path = "/api/v1/series/{name}/observations",
+    operation_id = "upload_observations",
+    tag = "series",
+    params(("name" = String, Path, description = "Series name"), CsvUploadQuery),
+    request_body(content(
+        (ObservationRows = "application/json"),
+        (String = "text/csv", example = "ts,load,temp\n2024-01-01T00:00:00Z,1.5,20.1\n"),
+    )),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Stored", body = UploadSummary),
+        (status = 400, description = "Malformed JSON or query", body = ErrorBody),
+        (status = 401, description = "An API key is configured and was not presented", body = ErrorBody),
+        (status = 404, description = "No such series", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "Neither application/json nor text/csv", body = ErrorBody),
+        (status = 422, description = "A value, timestamp or channel is unusable; `field` names it", body = ErrorBody),
+    )
+)]
 pub async fn upload(
     state: web::Data<AppState>,
     name: web::Path<String>,
@@ -259,8 +285,9 @@ fn json_row_error(err: DataError) -> ApiError {
     ApiError::unprocessable(field, message)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReadQuery {
     /// Inclusive bounds; RFC 3339, a local date-time in the series' zone, or epoch seconds.
     pub from: Option<String>,
@@ -271,27 +298,29 @@ pub struct ReadQuery {
 
 /// The observations in wide form: one timestamp list and, per channel, one
 /// value (or null) per timestamp.
-#[derive(Debug, Serialize)]
-struct WideObservations {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WideObservations {
     series: String,
     timestamps: Vec<String>,
-    channels: ChannelColumns,
+    /// Channel name → one value (or null) per timestamp, in the series' channel order.
+    #[schema(value_type = HashMap<String, Vec<Option<f64>>>)]
+    channels: OrderedMap<Vec<Option<f64>>>,
 }
 
-/// Channel columns serialised as a JSON object in the series' channel order.
-#[derive(Debug)]
-struct ChannelColumns(Vec<(String, Vec<Option<f64>>)>);
-
-impl Serialize for ChannelColumns {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (name, values) in &self.0 {
-            map.serialize_entry(name, values)?;
-        }
-        map.end()
-    }
-}
-
+/// A series' observations in wide form.
+#[utoipa::path(
+    get,
+    path = "/api/v1/series/{name}/observations",
+    operation_id = "read_observations",
+    tag = "series",
+    params(("name" = String, Path, description = "Series name"), ReadQuery),
+    responses(
+        (status = 200, description = "The observations", body = WideObservations),
+        (status = 400, description = "A query parameter is malformed; the message names it", body = ErrorBody),
+        (status = 404, description = "No such series", body = ErrorBody),
+        (status = 422, description = "An unknown channel", body = ErrorBody),
+    )
+)]
 pub async fn read(
     state: web::Data<AppState>,
     name: web::Path<String>,
@@ -363,7 +392,7 @@ fn widen(series: String, channels: &[String], long: LongObservations) -> WideObs
     WideObservations {
         series,
         timestamps: timestamps.into_iter().map(rfc3339_micros).collect(),
-        channels: ChannelColumns(channels.iter().cloned().zip(columns).collect()),
+        channels: OrderedMap(channels.iter().cloned().zip(columns).collect()),
     }
 }
 

@@ -3,43 +3,51 @@
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::rfc3339_micros;
 use super::startup::AppState;
 use crate::data::Frequency;
 use crate::data::ingest::RESERVED_CHANNEL_NAME;
 use crate::store::{ObservationRange, Series, SeriesSpec};
 
-/// Series names appear in URL paths, so they are limited to characters that
-/// never need escaping there.
-const MAX_SERIES_NAME_CHARS: usize = 128;
-
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSeries {
+    /// Letters, digits, '_', '-' and '.', at most 128 characters, not starting with '.'.
+    #[schema(example = "plant-7.load")]
     pub name: String,
     /// Sampling frequency such as "15m" or "1h"; omitted or null when irregular.
     #[serde(default)]
+    #[schema(example = "1h")]
     pub frequency: Option<String>,
+    /// Channel names in their fixed order.
     pub channels: Vec<String>,
     /// IANA time zone name; UTC when omitted.
     #[serde(default)]
     pub timezone: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SeriesBody {
     pub name: String,
     pub frequency: Option<String>,
     pub timezone: String,
     pub channels: Vec<String>,
     pub created_at: String,
+    /// Present when one series is described, absent in listings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observations: Option<ObservationRangeBody>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SeriesList {
+    /// Ordered by name.
+    pub series: Vec<SeriesBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ObservationRangeBody {
     /// Stored cells (one per timestamp and channel).
     pub count: u64,
@@ -66,12 +74,32 @@ impl SeriesBody {
     }
 }
 
+/// Creates a series.
+#[utoipa::path(
+    post,
+    path = "/api/v1/series",
+    operation_id = "create_series",
+    tag = "series",
+    request_body = CreateSeries,
+    security(("api_key" = [])),
+    responses(
+        (status = 201, description = "Created; Location names it", body = SeriesBody),
+        (status = 400, description = "Malformed JSON, a missing or unknown field", body = ErrorBody),
+        (status = 401, description = "An API key is configured and was not presented", body = ErrorBody),
+        (status = 409, description = "The name is taken", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not application/json", body = ErrorBody),
+        (status = 422, description = "A field is unusable; `field` names it", body = ErrorBody),
+    )
+)]
 pub async fn create(
     state: web::Data<AppState>,
     body: web::Json<CreateSeries>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.into_inner();
-    check_series_name(&request.name)?;
+    // The store checks the name (the same rule for every way in); checking it
+    // first here keeps the name the first problem reported.
+    crate::store::series_name(&request.name)?;
     let frequency = match request.frequency.as_deref() {
         Some(text) => Some(
             Frequency::parse(text)
@@ -103,6 +131,14 @@ pub async fn create(
         .json(SeriesBody::new(series, None)))
 }
 
+/// Every series, ordered by name.
+#[utoipa::path(
+    get,
+    path = "/api/v1/series",
+    operation_id = "list_series",
+    tag = "series",
+    responses((status = 200, description = "Every series", body = SeriesList))
+)]
 pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let series: Vec<SeriesBody> = state
         .store
@@ -111,9 +147,21 @@ pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
         .into_iter()
         .map(|series| SeriesBody::new(series, None))
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "series": series })))
+    Ok(HttpResponse::Ok().json(SeriesList { series }))
 }
 
+/// One series with the count and span of its observations.
+#[utoipa::path(
+    get,
+    path = "/api/v1/series/{name}",
+    operation_id = "get_series",
+    tag = "series",
+    params(("name" = String, Path, description = "Series name")),
+    responses(
+        (status = 200, description = "The series", body = SeriesBody),
+        (status = 404, description = "No such series", body = ErrorBody),
+    )
+)]
 pub async fn get(
     state: web::Data<AppState>,
     name: web::Path<String>,
@@ -123,6 +171,21 @@ pub async fn get(
     Ok(HttpResponse::Ok().json(SeriesBody::new(series, Some(range))))
 }
 
+/// Deletes a series and everything under it (observations, models, runs,
+/// schedule, forecasts).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/series/{name}",
+    operation_id = "delete_series",
+    tag = "series",
+    params(("name" = String, Path, description = "Series name")),
+    security(("api_key" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "An API key is configured and was not presented", body = ErrorBody),
+        (status = 404, description = "No such series", body = ErrorBody),
+    )
+)]
 pub async fn delete(
     state: web::Data<AppState>,
     name: web::Path<String>,
@@ -138,44 +201,4 @@ pub(super) async fn find_series(state: &AppState, name: &str) -> Result<Series, 
         .get_series(name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("series '{name}'")))
-}
-
-fn check_series_name(name: &str) -> Result<(), ApiError> {
-    let problem = if name.is_empty() {
-        Some("must not be empty".to_string())
-    } else if name.chars().count() > MAX_SERIES_NAME_CHARS {
-        Some(format!(
-            "must be at most {MAX_SERIES_NAME_CHARS} characters"
-        ))
-    } else if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-    {
-        Some(format!(
-            "'{bad}' is not allowed; use letters, digits, '_', '-' and '.'"
-        ))
-    } else if name.starts_with('.') {
-        Some("must not start with '.'".to_string())
-    } else {
-        None
-    };
-    match problem {
-        Some(message) => Err(ApiError::unprocessable("name", message)),
-        None => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_series_name;
-
-    #[test]
-    fn series_names_are_path_safe() {
-        for good in ["load", "site-1.power_kW", "A9"] {
-            assert!(check_series_name(good).is_ok(), "{good}");
-        }
-        for bad in ["", "a b", "a/b", "..", ".hidden", "é", &"x".repeat(129)] {
-            assert!(check_series_name(bad).is_err(), "{bad}");
-        }
-    }
 }

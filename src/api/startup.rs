@@ -4,16 +4,24 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
+use actix_cors::Cors;
 use actix_web::dev::Server;
+use actix_web::http::{Method, header};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
 use super::error;
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
-use super::{dashboard, health, metrics, observations, series};
-use crate::config::Settings;
+use super::{
+    dashboard, docs, forecasts, health, metrics, models, observations, openapi, runs, schedules,
+    series,
+};
+use crate::config::{ANY_ORIGIN, Settings};
 use crate::store::Store;
+
+/// How long browsers may cache a CORS preflight answer.
+const CORS_PREFLIGHT_MAX_AGE_SECONDS: usize = 3600;
 
 /// How the HTTP service runs: what the settings say plus limits.
 #[derive(Debug, Clone)]
@@ -25,6 +33,8 @@ pub struct ApiConfig {
     pub limits: BodyLimits,
     /// HTTP worker threads; `None` = one per CPU core.
     pub workers: Option<usize>,
+    /// Origins whose browser pages may call the API (`*` = any); empty = none.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// The largest request bodies accepted (larger ones are answered with 413).
@@ -57,6 +67,7 @@ impl ApiConfig {
             api_key: settings.server.api_key.clone(),
             limits: BodyLimits::default(),
             workers: None,
+            cors_allowed_origins: settings.server.cors_allowed_origins.clone(),
         }
     }
 }
@@ -89,6 +100,7 @@ impl Application {
             limits: config.limits,
         });
         let json_limit = config.limits.json_bytes;
+        let cors_allowed_origins = config.cors_allowed_origins.clone();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -100,6 +112,8 @@ impl Application {
                 .app_data(web::QueryConfig::default().error_handler(error::query_error))
                 .app_data(web::PathConfig::default().error_handler(error::path_error))
                 .wrap(from_fn(require_api_key))
+                // Outside the key check: a browser's preflight carries no key.
+                .wrap(cors(&cors_allowed_origins))
                 .wrap(from_fn(observe_request))
                 .configure(routes)
                 .default_service(web::to(error::no_route))
@@ -125,6 +139,26 @@ impl Application {
     }
 }
 
+/// CORS: closed unless origins are configured. A request from an origin not
+/// listed is still served (non-browser clients send any `Origin`), but its
+/// answer carries no CORS headers, so a browser keeps the page from reading it
+/// and refuses to send anything that needs a preflight.
+fn cors(allowed_origins: &[String]) -> Cors {
+    let mut cors = Cors::default()
+        .allowed_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(CORS_PREFLIGHT_MAX_AGE_SECONDS)
+        .block_on_origin_mismatch(false);
+    for origin in allowed_origins {
+        cors = if origin == ANY_ORIGIN {
+            cors.allow_any_origin().send_wildcard()
+        } else {
+            cors.allowed_origin(origin)
+        };
+    }
+    cors
+}
+
 /// Every route. A path served with other methods answers 405 in the error shape.
 fn routes(config: &mut web::ServiceConfig) {
     config
@@ -134,6 +168,8 @@ fn routes(config: &mut web::ServiceConfig) {
         .service(resource("/livez").route(web::get().to(health::livez)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/metrics").route(web::get().to(metrics::metrics)))
+        .service(resource(openapi::OPENAPI_PATH).route(web::get().to(openapi::serve)))
+        .configure(docs::routes)
         .service(
             web::scope("/api/v1")
                 .service(
@@ -150,7 +186,19 @@ fn routes(config: &mut web::ServiceConfig) {
                     resource("/series/{name}/observations")
                         .route(web::get().to(observations::read))
                         .route(web::post().to(observations::upload)),
-                ),
+                )
+                .service(resource("/series/{name}/models").route(web::get().to(models::list)))
+                .service(resource("/series/{name}/forecasts").route(web::get().to(forecasts::list)))
+                .service(
+                    resource("/series/{name}/schedule")
+                        .route(web::get().to(schedules::get))
+                        .route(web::put().to(schedules::put))
+                        .route(web::delete().to(schedules::delete)),
+                )
+                .service(resource("/models/{id}").route(web::get().to(models::get)))
+                .service(resource("/models/{id}/promote").route(web::post().to(models::promote)))
+                .service(resource("/runs").route(web::get().to(runs::list)))
+                .service(resource("/runs/{id}").route(web::get().to(runs::get))),
         );
 }
 

@@ -1,15 +1,15 @@
 //! `xlstm-forecast eval`: the standard long-horizon protocol on a wide CSV file (the first
 //! column is the timestamp, the others are channels); see `crate::forecast::eval`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, bail};
-use polars::prelude::{CsvReadOptions, SerReader};
+use anyhow::bail;
 
-use crate::data::timestamp::parse_timestamp_micros;
-use crate::data::{ChannelMatrix, infer_frequency};
+use super::progress::{DeviceArg, TrainingProgressPrinter};
+use super::wide_csv::read_wide_csv;
+use crate::data::infer_frequency;
 use crate::forecast::{
-    EvalOptions, EvalReport, ModelChoice, SplitSpec, evaluate, seasonal_period_for,
+    EvalOptions, EvalReport, ModelChoice, SplitSpec, evaluate_with_progress, seasonal_period_for,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,14 +30,6 @@ pub enum ModelArg {
     Linear,
     #[value(name = "seasonal-naive")]
     SeasonalNaive,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    #[value(name = "cpu")]
-    Cpu,
-    #[value(name = "cuda")]
-    Cuda,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,9 +69,10 @@ pub struct EvalArgs {
     /// Most training epochs (xlstm only).
     #[arg(long, value_name = "N")]
     pub max_epochs: Option<usize>,
-    /// Seed for initialisation and shuffling (the baselines are deterministic).
-    #[arg(long, value_name = "S", default_value_t = 0)]
-    pub seed: u64,
+    /// Seed for initialisation, window order and dropout (default: the preset's; the
+    /// baselines are deterministic).
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Season length for seasonal naive and the MASE scale (default: from the frequency:
@@ -120,7 +113,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let (matrix, channels) = match args.features {
         FeaturesArg::Multivariate => {
             if let Some(target) = &args.target {
-                table.channel_index(target)?;
+                table.channel_index(target, "--target")?;
             }
             (table.matrix, table.channels)
         }
@@ -129,7 +122,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 Some(target) => target.clone(),
                 None => table.channels.last().expect("at least one channel").clone(),
             };
-            let index = table.channel_index(&target)?;
+            let index = table.channel_index(&target, "--target")?;
             (table.select_channel(index), vec![target])
         }
     };
@@ -139,14 +132,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         None => seasonal_period_for(infer_frequency(&table.ts_micros)),
     };
     let options = EvalOptions {
-        lookback: args.lookback,
-        horizon: args.horizon,
-        split,
-        model,
-        seasonal_period,
         preset: args.preset.clone(),
+        max_epochs: args.max_epochs,
+        seed: args.seed,
+        device: args.device.open()?,
+        ..EvalOptions::new(args.lookback, args.horizon, split, model, seasonal_period)
     };
-    let report = evaluate(matrix, &options)?;
+    let mut progress = TrainingProgressPrinter::new();
+    let report = evaluate_with_progress(matrix, &options, Some(&mut |p| progress.show(p)))?;
+    progress.finish();
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -181,119 +175,3 @@ fn print_text(report: &EvalReport, channels: &[String]) {
     );
 }
 
-/// A wide CSV read whole: timestamps and the channel matrix.
-struct WideTable {
-    channels: Vec<String>,
-    ts_micros: Vec<i64>,
-    matrix: ChannelMatrix,
-}
-
-impl WideTable {
-    fn channel_index(&self, name: &str) -> anyhow::Result<usize> {
-        self.channels
-            .iter()
-            .position(|channel| channel == name)
-            .with_context(|| {
-                format!(
-                    "--target: no column '{name}' in the CSV (channels: {})",
-                    self.channels.join(", ")
-                )
-            })
-    }
-
-    fn select_channel(&self, channel: usize) -> ChannelMatrix {
-        let matrix = &self.matrix;
-        let cells = (0..matrix.steps).map(|row| row * matrix.channels + channel);
-        ChannelMatrix {
-            steps: matrix.steps,
-            channels: 1,
-            values: cells.clone().map(|cell| matrix.values[cell]).collect(),
-            missing: cells.map(|cell| matrix.missing[cell]).collect(),
-        }
-    }
-}
-
-/// Reads the file with polars (every column as text), parses the first column with the
-/// ingest timestamp parser (zone-less times are UTC) and the others as numbers. Rows must be
-/// in strictly increasing time order: the protocol splits by row position.
-fn read_wide_csv(path: &Path) -> anyhow::Result<WideTable> {
-    let context = || format!("--csv: cannot read {}", path.display());
-    let frame = CsvReadOptions::default()
-        .with_has_header(true)
-        .with_infer_schema_length(Some(0))
-        .map_parse_options(|parse| parse.with_missing_is_null(true))
-        .try_into_reader_with_file_path(Some(path.to_path_buf()))
-        .with_context(context)?
-        .finish()
-        .with_context(context)?;
-    let columns = frame.columns();
-    if columns.len() < 2 {
-        bail!(
-            "--csv: {} needs a timestamp column and at least one channel column, found {} column(s)",
-            path.display(),
-            columns.len()
-        );
-    }
-    if frame.height() == 0 {
-        bail!("--csv: {} has a header but no data rows", path.display());
-    }
-    // The header is line 1, so data row i is on line i + 2.
-    let line = |row: usize| row + 2;
-    let time_name = columns[0].name().to_string();
-    let mut ts_micros = Vec::with_capacity(frame.height());
-    for (row, text) in columns[0].str()?.iter().enumerate() {
-        let micros =
-            parse_timestamp_micros(text.unwrap_or(""), chrono_tz::UTC).map_err(|message| {
-                anyhow::anyhow!("--csv: line {}, column '{time_name}': {message}", line(row))
-            })?;
-        if let Some(previous) = ts_micros.last() {
-            if micros <= *previous {
-                bail!(
-                    "--csv: line {}, column '{time_name}': timestamps must be strictly increasing",
-                    line(row)
-                );
-            }
-        }
-        ts_micros.push(micros);
-    }
-    let channels: Vec<String> = columns[1..]
-        .iter()
-        .map(|column| column.name().to_string())
-        .collect();
-    let (steps, channel_count) = (frame.height(), channels.len());
-    let mut values = vec![0.0_f32; steps * channel_count];
-    let mut missing = vec![true; steps * channel_count];
-    for (channel, column) in columns[1..].iter().enumerate() {
-        for (row, text) in column.str()?.iter().enumerate() {
-            let Some(text) = text.map(str::trim).filter(|text| !text.is_empty()) else {
-                continue;
-            };
-            let value: f64 = text.parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "--csv: line {}, column '{}': expected a number, found '{text}'",
-                    line(row),
-                    channels[channel]
-                )
-            })?;
-            if !value.is_finite() {
-                bail!(
-                    "--csv: line {}, column '{}': value must be finite, found '{text}'",
-                    line(row),
-                    channels[channel]
-                );
-            }
-            values[row * channel_count + channel] = value as f32;
-            missing[row * channel_count + channel] = false;
-        }
-    }
-    Ok(WideTable {
-        channels,
-        ts_micros,
-        matrix: ChannelMatrix {
-            steps,
-            channels: channel_count,
-            values,
-            missing,
-        },
-    })
-}

@@ -5,10 +5,15 @@ mod bench;
 mod config_cmd;
 mod eval;
 mod export;
+mod forecast;
 mod generate;
 mod import;
 mod migrate;
+mod progress;
 mod serve;
+mod series_source;
+mod train;
+mod wide_csv;
 
 use std::path::PathBuf;
 
@@ -42,6 +47,10 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Run the HTTP service.
     Serve(serve::ServeArgs),
+    /// Train (or fine-tune) an xLSTM forecaster on a series; writes a model directory.
+    Train(train::TrainArgs),
+    /// Forecast the steps after a series' last row with a trained model directory.
+    Forecast(forecast::ForecastArgs),
     /// Score a forecaster on a CSV with the standard long-horizon protocol.
     Eval(eval::EvalArgs),
     /// Write a realistic synthetic multivariate series as CSV.
@@ -60,6 +69,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => block_on(import::run(args, &settings)),
         Command::Export(args) => block_on(export::run(args, &settings)),
         Command::Serve(args) => block_on(serve::run(args, &settings)),
+        Command::Train(args) => block_on(train::run(args, &settings)),
+        Command::Forecast(args) => block_on(forecast::run(args, &settings)),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd, &settings),

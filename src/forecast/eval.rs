@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use candle_core::Device;
 use serde::Serialize;
 
 use crate::data::{ChannelMatrix, Frequency};
@@ -13,7 +14,8 @@ use crate::data::{ChannelMatrix, Frequency};
 use super::baseline::{LinearBaseline, SeasonalNaive};
 use super::error::ForecastError;
 use super::metrics::{Metrics, MetricsAccumulator, seasonal_naive_scale};
-use super::model::{Fit, Predict, TrainingData};
+use super::model::{Fit, Fitted, Predict, TrainingData};
+use super::xlstm::{Preset, ProgressCallback, XlstmForecaster};
 use super::window::{SplitRows, SplitSpec, ZScore};
 
 /// Test windows forecast per batch.
@@ -58,9 +60,41 @@ pub struct EvalOptions {
     pub model: ModelChoice,
     /// Season length for seasonal naive and the MASE scale.
     pub seasonal_period: usize,
-    /// Model preset name (xLSTM only).
+    /// Model preset name or preset file (xLSTM only; default `small`).
     pub preset: Option<String>,
+    /// Caps the preset's training epochs (xLSTM only).
+    pub max_epochs: Option<usize>,
+    /// Replaces the preset's seed (xLSTM only; the baselines are deterministic).
+    pub seed: Option<u64>,
+    /// Where the xLSTM model trains and predicts.
+    pub device: Device,
 }
+
+impl EvalOptions {
+    /// Options for `model` with the defaults: the `small` preset, its seed, the CPU.
+    pub fn new(
+        lookback: usize,
+        horizon: usize,
+        split: SplitSpec,
+        model: ModelChoice,
+        seasonal_period: usize,
+    ) -> Self {
+        Self {
+            lookback,
+            horizon,
+            split,
+            model,
+            seasonal_period,
+            preset: None,
+            max_epochs: None,
+            seed: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// The preset `eval` and `train` use when none is named.
+pub const DEFAULT_PRESET: &str = "small";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -82,24 +116,43 @@ pub struct EvalReport {
 }
 
 /// Runs the protocol on `series` (raw values, `[time, channel]`, rows in time order).
-pub fn evaluate(
+pub fn evaluate(series: ChannelMatrix, options: &EvalOptions) -> Result<EvalReport, ForecastError> {
+    evaluate_with_progress(series, options, None)
+}
+
+/// [`evaluate`], reporting the xLSTM model's training progress to `progress`.
+pub fn evaluate_with_progress(
     mut series: ChannelMatrix,
     options: &EvalOptions,
+    progress: Option<ProgressCallback<'_>>,
 ) -> Result<EvalReport, ForecastError> {
-    if options.model == ModelChoice::Xlstm {
-        return Err(ForecastError::Unavailable(
-            "the xlstm forecaster is not available in this build yet".to_string(),
-        ));
-    }
-    if options.preset.is_some() {
-        return Err(ForecastError::invalid(
-            "preset",
-            format!(
-                "presets configure the xlstm model; the {} baseline has none",
-                options.model.name()
-            ),
-        ));
-    }
+    let preset = match options.model {
+        ModelChoice::Xlstm => {
+            let mut preset = Preset::load(options.preset.as_deref().unwrap_or(DEFAULT_PRESET))?;
+            if let Some(max_epochs) = options.max_epochs {
+                if max_epochs == 0 {
+                    return Err(ForecastError::invalid("max_epochs", "must be at least 1"));
+                }
+                preset.training.max_epochs = max_epochs;
+            }
+            if let Some(seed) = options.seed {
+                preset.training.seed = seed;
+            }
+            Some(preset)
+        }
+        _ => {
+            if options.preset.is_some() {
+                return Err(ForecastError::invalid(
+                    "preset",
+                    format!(
+                        "presets configure the xlstm model; the {} baseline has none",
+                        options.model.name()
+                    ),
+                ));
+            }
+            None
+        }
+    };
     let (lookback, horizon) = (options.lookback, options.horizon);
     let split = options.split.resolve(series.steps)?;
     let train = split.train_windows(lookback, horizon)?;
@@ -113,34 +166,48 @@ pub fn evaluate(
         train,
         validation,
     };
-    match options.model {
-        ModelChoice::Linear => score(
-            &LinearBaseline::default(),
-            &data,
-            &split,
-            mase_scale,
-            options,
-        ),
-        ModelChoice::SeasonalNaive => score(
-            &SeasonalNaive::new(options.seasonal_period),
-            &data,
-            &split,
-            mase_scale,
-            options,
-        ),
-        ModelChoice::Xlstm => unreachable!("rejected above"),
+    match preset {
+        Some(preset) => {
+            let preset_name = preset.name.clone();
+            let forecaster = XlstmForecaster::new(preset, options.device.clone());
+            let mut report = score(
+                |data| forecaster.fit_with_progress(data, progress),
+                &data,
+                &split,
+                mase_scale,
+                options,
+            )?;
+            report.preset = Some(preset_name);
+            Ok(report)
+        }
+        None => match options.model {
+            ModelChoice::Linear => score(
+                |data| LinearBaseline::default().fit(data),
+                &data,
+                &split,
+                mase_scale,
+                options,
+            ),
+            _ => score(
+                |data| SeasonalNaive::new(options.seasonal_period).fit(data),
+                &data,
+                &split,
+                mase_scale,
+                options,
+            ),
+        },
     }
 }
 
-fn score<F: Fit>(
-    forecaster: &F,
+fn score<M: Predict>(
+    fit: impl FnOnce(&TrainingData<'_>) -> Result<Fitted<M>, ForecastError>,
     data: &TrainingData<'_>,
     split: &SplitRows,
     mase_scale: Vec<f64>,
     options: &EvalOptions,
 ) -> Result<EvalReport, ForecastError> {
     let started = Instant::now();
-    let fitted = forecaster.fit(data)?;
+    let fitted = fit(data)?;
     let train_seconds = started.elapsed().as_secs_f64();
     let test = split.test_windows(data.lookback, data.horizon)?;
     let mut accumulator = MetricsAccumulator::new(mase_scale);

@@ -12,10 +12,14 @@ pub mod model;
 pub mod revin;
 pub mod synthetic;
 pub mod window;
+pub mod xlstm;
 
 pub use baseline::{LinearBaseline, LinearModel, SeasonalNaive, SeasonalNaiveModel};
 pub use error::ForecastError;
-pub use eval::{EvalOptions, EvalReport, ModelChoice, evaluate, seasonal_period_for};
+pub use eval::{
+    DEFAULT_PRESET, EvalOptions, EvalReport, ModelChoice, evaluate, evaluate_with_progress,
+    seasonal_period_for,
+};
 pub use metrics::{Metrics, MetricsAccumulator};
 pub use model::{
     DEFAULT_QUANTILE_LEVELS, Fit, Fitted, Forecast, Predict, Targets, TrainingData, WindowBatch,

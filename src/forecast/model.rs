@@ -107,6 +107,7 @@ pub struct TrainingData<'a> {
 }
 
 /// A fitted model and how much fitting it took.
+#[derive(Debug)]
 pub struct Fitted<M> {
     pub model: M,
     /// Passes over the training windows: 1 for a closed-form fit, 0 when nothing is learnt

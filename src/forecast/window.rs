@@ -288,24 +288,37 @@ impl WindowSet {
         lookback: usize,
         horizon: usize,
     ) -> Result<(WindowBatch, Targets), ForecastError> {
-        let last_row = self.start(windows.end.max(1) - 1) + lookback + horizon;
-        if windows.end > self.count || (!windows.is_empty() && last_row > series.steps) {
+        let indices: Vec<usize> = windows.collect();
+        self.extract_indices(series, &indices, lookback, horizon)
+    }
+
+    /// The lookbacks and horizons of the windows at `indices` (into this set, any order).
+    pub fn extract_indices(
+        &self,
+        series: &ChannelMatrix,
+        indices: &[usize],
+        lookback: usize,
+        horizon: usize,
+    ) -> Result<(WindowBatch, Targets), ForecastError> {
+        if let Some(&bad) = indices.iter().find(|&&window| {
+            window >= self.count || self.start(window) + lookback + horizon > series.steps
+        }) {
             return Err(ForecastError::invalid(
                 "windows",
                 format!(
-                    "windows {windows:?} of a set of {} with lookback {lookback} and horizon \
-                     {horizon} do not fit in {} rows",
+                    "window {bad} of a set of {} with lookback {lookback} and horizon {horizon} \
+                     does not fit in {} rows",
                     self.count, series.steps
                 ),
             ));
         }
         let channels = series.channels;
-        let batch = windows.len();
+        let batch = indices.len();
         let mut values = Vec::with_capacity(batch * lookback * channels);
         let mut missing = Vec::with_capacity(batch * lookback * channels);
         let mut target_values = Vec::with_capacity(batch * horizon * channels);
         let mut target_missing = Vec::with_capacity(batch * horizon * channels);
-        for window in windows {
+        for &window in indices {
             let start = self.start(window) * channels;
             let split = start + lookback * channels;
             let end = split + horizon * channels;

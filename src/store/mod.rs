@@ -17,7 +17,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use records::*;
-pub use validate::{MAX_TS_MICROS, MIN_TS_MICROS};
+pub use validate::{
+    MAX_SERIES_NAME_CHARS, MAX_TS_MICROS, MIN_TS_MICROS, cron_expression, series_name,
+};
 
 /// The errors every store operation can return; each maps to one HTTP status
 /// (404, 409, 422, 503, 500).
@@ -106,6 +108,35 @@ pub struct MigrationReport {
     pub total_applied: usize,
 }
 
+/// A migration this build embeds that the database has not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingMigration {
+    pub version: i64,
+    pub description: String,
+}
+
+impl std::fmt::Display for PendingMigration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.version, self.description)
+    }
+}
+
+/// The up-migrations of `migrator` whose versions are not in `applied`.
+pub(crate) fn pending_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[i64],
+) -> Vec<PendingMigration> {
+    migrator
+        .iter()
+        .filter(|migration| !migration.migration_type.is_down_migration())
+        .filter(|migration| !applied.contains(&migration.version))
+        .map(|migration| PendingMigration {
+            version: migration.version,
+            description: migration.description.to_string(),
+        })
+        .collect()
+}
+
 /// Opens the store a URL names (`postgres://`, `postgresql://`, or `sqlite:`;
 /// a missing SQLite file and its parent directory are created) and applies
 /// pending migrations.
@@ -133,6 +164,11 @@ pub trait Store: Send + Sync {
 
     /// Checks the database answers; `Unavailable` when it does not.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The migrations embedded in this build that the database has not
+    /// applied successfully, oldest first; empty when the schema is current.
+    /// Reads only (a database never migrated has them all missing).
+    async fn missing_migrations(&self) -> Result<Vec<PendingMigration>, StoreError>;
 
     // --- series ---
 
@@ -179,6 +215,11 @@ pub trait Store: Send + Sync {
     ) -> Result<ModelVersionSummary, StoreError>;
     /// One model version with its artefact bytes.
     async fn get_model_version(&self, id: i64) -> Result<Option<ModelVersion>, StoreError>;
+    /// One model version without its artefact bytes (for describing it).
+    async fn get_model_version_summary(
+        &self,
+        id: i64,
+    ) -> Result<Option<ModelVersionSummary>, StoreError>;
     /// A series' model versions, newest first, without artefact bytes.
     async fn list_model_versions(
         &self,
@@ -227,6 +268,10 @@ pub trait Store: Send + Sync {
     async fn insert_forecast(&self, forecast: &NewForecast) -> Result<Forecast, StoreError>;
     /// The most recently issued forecast of a series.
     async fn latest_forecast(&self, series_id: i64) -> Result<Option<Forecast>, StoreError>;
+    /// A series' forecasts with their points, most recently issued first, at
+    /// most `limit` of them.
+    async fn list_forecasts(&self, series_id: i64, limit: u32)
+    -> Result<Vec<Forecast>, StoreError>;
 }
 
 #[async_trait]

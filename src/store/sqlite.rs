@@ -22,11 +22,12 @@ use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection, Transaction
 use super::forecast_rows::{ForecastRow, ForecastRows, assemble_points, sorted_points};
 use super::validate::{max_option, min_option};
 use super::{
-    Backend, EnqueuedRun, Forecast, ImportSession, ImportSummary, LOAD_SPANS, LongObservations,
-    MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary, NewForecast,
-    NewModelVersion, NewRun, ObservationBatch, ObservationRange, Run, RunFilter, RunOutcome,
-    Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError, apply_migrations,
-    datetime_from_micros, join_spans, series_named, split_time_span, validate,
+    Backend, EnqueuedRun, Forecast, ForecastPoint, ImportSession, ImportSummary, LOAD_SPANS,
+    LongObservations, MigrationReport, ModelVersion, ModelVersionStatus, ModelVersionSummary,
+    NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange, PendingMigration,
+    Run, RunFilter, RunOutcome, Schedule, ScheduleSpec, Series, SeriesSpec, Store, StoreError,
+    apply_migrations, datetime_from_micros, join_spans, pending_migrations, series_named,
+    split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
@@ -134,6 +135,33 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(Self { pool })
+    }
+
+    /// The points of one forecast, ordered by step, then channel.
+    async fn forecast_points(
+        &self,
+        forecast_id: i64,
+        levels: &[f64],
+    ) -> Result<Vec<ForecastPoint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT step, ts, channel, quantile, value FROM forecast_points WHERE forecast_id = ?1 \
+             ORDER BY step, channel, quantile NULLS FIRST",
+        )
+        .bind(forecast_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ForecastRow {
+                step: row.try_get(0)?,
+                ts: datetime_from_micros("ts", row.try_get(1)?)?,
+                channel: row.try_get(2)?,
+                quantile: row.try_get(3)?,
+                value: row.try_get(4)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        assemble_points(rows, levels)
     }
 
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -338,6 +366,26 @@ impl Store for SqliteStore {
             .await
             .map(|_| ())
             .map_err(|err| StoreError::Unavailable(err.to_string()))
+    }
+
+    async fn missing_migrations(&self) -> Result<Vec<PendingMigration>, StoreError> {
+        let table = MIGRATOR.table_name.as_ref();
+        let table_exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+                .bind(table)
+                .fetch_optional(&self.pool)
+                .await?;
+        let applied: Vec<i64> = if table_exists.is_some() {
+            // The name is the migrator's own constant, never user input.
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT version FROM \"{table}\" WHERE success"
+            )))
+            .fetch_all(&self.pool)
+            .await?
+        } else {
+            Vec::new()
+        };
+        Ok(pending_migrations(&MIGRATOR, &applied))
     }
 
     async fn create_series(&self, spec: &SeriesSpec) -> Result<Series, StoreError> {
@@ -559,6 +607,23 @@ impl Store for SqliteStore {
         .await?
         .as_ref()
         .map(model_version_from_row)
+        .transpose()
+    }
+
+    async fn get_model_version_summary(
+        &self,
+        id: i64,
+    ) -> Result<Option<ModelVersionSummary>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            model_version_summary_columns!(),
+            " FROM model_versions WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(model_version_summary_from_row)
         .transpose()
     }
 
@@ -896,38 +961,32 @@ impl Store for SqliteStore {
     }
 
     async fn latest_forecast(&self, series_id: i64) -> Result<Option<Forecast>, StoreError> {
-        let Some(row) = sqlx::query(concat!(
+        Ok(self.list_forecasts(series_id, 1).await?.pop())
+    }
+
+    async fn list_forecasts(
+        &self,
+        series_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Forecast>, StoreError> {
+        let headers = sqlx::query(concat!(
             "SELECT ",
             forecast_columns!(),
-            " FROM forecasts WHERE series_id = ?1 ORDER BY issued_at DESC, id DESC LIMIT 1"
+            " FROM forecasts WHERE series_id = ?1 ORDER BY issued_at DESC, id DESC LIMIT ?2"
         ))
         .bind(series_id)
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let mut forecast = forecast_header_from_row(&row)?;
-        let rows = sqlx::query(
-            "SELECT step, ts, channel, quantile, value FROM forecast_points WHERE forecast_id = ?1 \
-             ORDER BY step, channel, quantile NULLS FIRST",
-        )
-        .bind(forecast.id)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(ForecastRow {
-                step: row.try_get(0)?,
-                ts: datetime_from_micros("ts", row.try_get(1)?)?,
-                channel: row.try_get(2)?,
-                quantile: row.try_get(3)?,
-                value: row.try_get(4)?,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        forecast.points = assemble_points(rows, &forecast.quantile_levels)?;
-        Ok(Some(forecast))
+        .await?;
+        let mut forecasts = Vec::with_capacity(headers.len());
+        for row in &headers {
+            let mut forecast = forecast_header_from_row(row)?;
+            forecast.points = self
+                .forecast_points(forecast.id, &forecast.quantile_levels)
+                .await?;
+            forecasts.push(forecast);
+        }
+        Ok(forecasts)
     }
 }
 

@@ -13,13 +13,12 @@ pub const MAX_TS_MICROS: i64 = 253_402_300_799_999_999;
 /// Channels are stored as a small integer index into the series' channel list.
 const MAX_CHANNELS: usize = i16::MAX as usize;
 
+/// Series names appear in URL paths and file names, so they are limited to
+/// characters that never need escaping there.
+pub const MAX_SERIES_NAME_CHARS: usize = 128;
+
 pub(crate) fn series_spec(spec: &SeriesSpec) -> Result<(), StoreError> {
-    if spec.name.trim().is_empty() {
-        return Err(StoreError::invalid(
-            "name",
-            "the series name must not be empty",
-        ));
-    }
+    series_name(&spec.name)?;
     if let Some(frequency) = &spec.frequency
         && frequency.trim().is_empty()
     {
@@ -46,6 +45,46 @@ pub(crate) fn series_spec(spec: &SeriesSpec) -> Result<(), StoreError> {
     }
     distinct_names("channels", &spec.channels)?;
     Ok(())
+}
+
+/// The rule every series name follows, whichever way the series is created
+/// (HTTP, CLI import, quick start).
+pub fn series_name(name: &str) -> Result<(), StoreError> {
+    let problem = if name.is_empty() {
+        "the series name must not be empty".to_string()
+    } else if name.chars().count() > MAX_SERIES_NAME_CHARS {
+        format!("must be at most {MAX_SERIES_NAME_CHARS} characters")
+    } else if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        format!("'{bad}' is not allowed; use letters, digits, '_', '-' and '.'")
+    } else if name.starts_with('.') {
+        "must not start with '.'".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::invalid("name", problem))
+}
+
+/// Parses a cron expression the way the scheduler reads it: six fields,
+/// seconds first (`sec min hour day-of-month month day-of-week`).
+pub fn cron_expression(expression: &str) -> Result<croner::Cron, StoreError> {
+    let fields = expression.split_whitespace().count();
+    if fields != 6 {
+        return Err(StoreError::invalid(
+            "cron",
+            format!(
+                "'{expression}' has {fields} fields; expected 6: second minute hour day-of-month month day-of-week (e.g. '0 0 * * * *' for hourly)"
+            ),
+        ));
+    }
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expression)
+        .map_err(|err| StoreError::invalid("cron", format!("'{expression}': {err}")))
 }
 
 pub(crate) fn timezone(field: &'static str, name: &str) -> Result<(), StoreError> {
@@ -285,12 +324,7 @@ pub(crate) fn new_run(run: &NewRun) -> Result<(), StoreError> {
 }
 
 pub(crate) fn schedule(schedule: &ScheduleSpec) -> Result<(), StoreError> {
-    if schedule.cron.trim().is_empty() {
-        return Err(StoreError::invalid(
-            "cron",
-            "the cron expression must not be empty",
-        ));
-    }
+    cron_expression(&schedule.cron)?;
     timezone("timezone", &schedule.timezone)
 }
 
@@ -354,6 +388,46 @@ pub(crate) fn new_forecast(forecast: &NewForecast) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_names_are_path_safe() {
+        for good in ["load", "site-1.power_kW", "A9", &"x".repeat(128)] {
+            assert!(series_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "..", ".hidden", "é", &"x".repeat(129)] {
+            let err = series_name(bad).unwrap_err();
+            assert!(
+                matches!(err, StoreError::Invalid { field: "name", .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn cron_expressions_need_six_valid_fields() {
+        for good in [
+            "0 0 * * * *",
+            "*/30 * * * * *",
+            "0 15 3 * * MON-FRI",
+            "0 0 0 1 1 *",
+        ] {
+            assert!(cron_expression(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "0 * * * *",
+            "0 0 * * * * 2030",
+            "61 0 * * * *",
+            "0 0 25 * * *",
+            "a b c d e f",
+        ] {
+            let err = cron_expression(bad).unwrap_err();
+            assert!(
+                matches!(err, StoreError::Invalid { field: "cron", .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     fn known() -> Vec<String> {
         vec!["a".into(), "b".into(), "c".into()]

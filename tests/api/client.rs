@@ -103,7 +103,24 @@ impl Client {
         self.request("POST", path, Some((content_type, body))).await
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> Response {
+        let bytes = serde_json::to_vec(body).expect("serialise request body");
+        self.request("PUT", path, Some(("application/json", &bytes)))
+            .await
+    }
+
     pub async fn request(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Response {
+        self.request_with_headers(method, path, &[], body).await
+    }
+
+    /// A request with extra header lines (name, value).
+    pub async fn request_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+    ) -> Response {
         let mut stream = TcpStream::connect(self.address)
             .await
             .unwrap_or_else(|err| panic!("cannot connect to {}: {err}", self.address));
@@ -113,6 +130,9 @@ impl Client {
         );
         if let Some(key) = &self.api_key {
             head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
         }
         let body = match body {
             Some((content_type, bytes)) => {

@@ -20,6 +20,23 @@ api_tests! {
         assert_eq!(ready.json()["store"], expected_store);
     }
 
+    async fn readyz_is_503_naming_migrations_the_database_lacks(backend) {
+        let app = TestApp::start(backend).await;
+        assert_eq!(app.client.get("/readyz").await.status, 200);
+        // As if an older process (or a hand) had the schema without this build's migrations.
+        app.execute_sql("DELETE FROM _sqlx_migrations").await;
+        let error = app.client.get("/readyz").await.expect_error(503);
+        assert_eq!(error["code"], "unavailable");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("migrations not applied") && message.contains("20261128000001 (initial)"), "{message}");
+        // Liveness does not depend on the store.
+        assert_eq!(app.client.get("/livez").await.status, 200);
+
+        app.execute_sql("DROP TABLE _sqlx_migrations").await;
+        let error = app.client.get("/readyz").await.expect_error(503);
+        assert!(error["message"].as_str().unwrap().contains("20261128000001"), "{error}");
+    }
+
     async fn metrics_count_requests_by_route_pattern_and_status(backend) {
         let app = TestApp::start(backend).await;
         app.create_series("plant-7", &["load"]).await;

@@ -3,13 +3,23 @@
 //! `api_tests!` to run one test body against both backends.
 
 pub mod client;
+mod cors;
+mod docs;
+mod forecasts;
 mod health;
+mod models;
 mod observations;
 mod rejected_requests;
+mod runs;
+mod schedules;
 mod series;
 
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use xlstm_forecast::api::{ApiConfig, Application, BodyLimits};
+use xlstm_forecast::store::{ModelVersionStatus, ModelVersionSummary, NewModelVersion, Store};
 
 use crate::common::{TestPostgres, TestSqlite, fresh_postgres, fresh_sqlite};
 use client::Client;
@@ -29,6 +39,9 @@ pub enum Backend {
 pub struct TestApp {
     /// Presents the test API key.
     pub client: Client,
+    /// The store behind the server, for arranging what no route writes yet
+    /// (model versions, runs, forecasts) and for checking what was stored.
+    pub store: Arc<dyn Store>,
     // The test database lives as long as the server using it.
     _postgres: Option<TestPostgres>,
     _sqlite: Option<TestSqlite>,
@@ -43,6 +56,7 @@ pub fn test_config() -> ApiConfig {
             json_bytes: TEST_JSON_LIMIT,
         },
         workers: Some(2),
+        cors_allowed_origins: Vec::new(),
     }
 }
 
@@ -67,11 +81,13 @@ impl TestApp {
         let store = xlstm_forecast::store::connect(&url)
             .await
             .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
-        let application = Application::build(&config, store).expect("build the application");
+        let application =
+            Application::build(&config, store.clone()).expect("build the application");
         let client = Client::new(application.local_addr(), config.api_key.as_deref());
         tokio::spawn(application.run_until_stopped());
         Self {
             client,
+            store,
             _postgres: postgres,
             _sqlite: sqlite,
         }
@@ -107,6 +123,80 @@ impl TestApp {
         assert_eq!(response.status, 200, "{}", response.text());
         response.json()
     }
+}
+
+impl TestApp {
+    /// The URL of the database behind the server.
+    pub fn database_url(&self) -> &str {
+        match (&self._postgres, &self._sqlite) {
+            (Some(postgres), _) => postgres.url(),
+            (None, Some(sqlite)) => sqlite.url(),
+            (None, None) => unreachable!("every test app has a database"),
+        }
+    }
+
+    /// Runs one SQL statement on the database directly, behind the store's back.
+    pub async fn execute_sql(&self, sql: &'static str) {
+        use sqlx::{Connection, Executor};
+        let url = self.database_url();
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(url)
+                .await
+                .expect("open the SQLite file");
+            conn.execute(sql)
+                .await
+                .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url)
+                .await
+                .expect("connect to Postgres");
+            conn.execute(sql)
+                .await
+                .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        }
+    }
+
+    /// The id of an existing series.
+    pub async fn series_id(&self, name: &str) -> i64 {
+        self.store
+            .get_series(name)
+            .await
+            .expect("read the series")
+            .unwrap_or_else(|| panic!("series {name} exists"))
+            .id
+    }
+
+    /// Stores a complete model version of `series_id` (trained on January 2024).
+    pub async fn insert_model_version(
+        &self,
+        series_id: i64,
+        status: ModelVersionStatus,
+        parent_version_id: Option<i64>,
+        val_mse: f64,
+    ) -> ModelVersionSummary {
+        self.store
+            .insert_model_version(&NewModelVersion {
+                series_id,
+                config: json!({"preset": "tiny", "lookback": 48, "horizon": 12}),
+                artefact: vec![7; 64],
+                normalisation: json!({"load": {"mean": 1.0, "std": 2.0}}),
+                data_from: at("2024-01-01T00:00:00Z"),
+                data_to: at("2024-01-31T23:00:00Z"),
+                metrics: json!({"val_mse": val_mse, "val_mae": val_mse / 2.0, "coverage_80": 0.8,
+                                "epochs": 3, "train_seconds": 1.5, "params": 1234}),
+                status,
+                parent_version_id,
+            })
+            .await
+            .expect("insert a model version")
+    }
+}
+
+/// An RFC 3339 timestamp as a UTC time.
+pub fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|err| panic!("{text}: {err}"))
+        .with_timezone(&Utc)
 }
 
 /// Runs each body once against Postgres and once against SQLite, as

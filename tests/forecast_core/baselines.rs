@@ -3,7 +3,7 @@ use std::f64::consts::TAU;
 use xlstm_forecast::data::ChannelMatrix;
 use xlstm_forecast::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
 use xlstm_forecast::forecast::{
-    EvalOptions, Fit, Forecast, ForecastError, LinearBaseline, ModelChoice, Predict, SeasonalNaive,
+    EvalOptions, Fit, Forecast, LinearBaseline, ModelChoice, Predict, SeasonalNaive,
     SplitRows, SplitSpec, TrainingData, evaluate,
 };
 
@@ -92,6 +92,9 @@ fn eval_scores_seasonal_naive_on_a_pure_seasonal_signal_as_perfect() {
         model: ModelChoice::SeasonalNaive,
         seasonal_period: 24,
         preset: None,
+        max_epochs: None,
+        seed: None,
+        device: candle_core::Device::Cpu,
     };
     let report = evaluate(pure_seasonal(500, 3), &options).unwrap();
     assert!(report.metrics.mse < 1e-10, "{report:?}");
@@ -150,6 +153,9 @@ fn baseline_quantiles_never_cross_and_cover_about_eighty_percent() {
         model: ModelChoice::Linear,
         seasonal_period: 24,
         preset: None,
+        max_epochs: None,
+        seed: None,
+        device: candle_core::Device::Cpu,
     };
     let linear = evaluate(series.clone(), &options).unwrap();
     options.model = ModelChoice::SeasonalNaive;
@@ -225,7 +231,7 @@ fn seasonal_naive_needs_a_lookback_of_at_least_one_season() {
 }
 
 #[test]
-fn eval_refuses_the_missing_xlstm_model_and_presets_for_baselines() {
+fn eval_refuses_unknown_presets_and_presets_for_baselines() {
     let mut options = EvalOptions {
         lookback: 48,
         horizon: 24,
@@ -237,16 +243,17 @@ fn eval_refuses_the_missing_xlstm_model_and_presets_for_baselines() {
         model: ModelChoice::Xlstm,
         seasonal_period: 24,
         preset: None,
+        max_epochs: None,
+        seed: None,
+        device: candle_core::Device::Cpu,
     };
-    match evaluate(pure_seasonal(480, 1), &options) {
-        Err(ForecastError::Unavailable(message)) => {
-            assert_eq!(
-                message,
-                "the xlstm forecaster is not available in this build yet"
-            )
-        }
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    options.preset = Some("huge".to_string());
+    let error = evaluate(pure_seasonal(480, 1), &options).unwrap_err();
+    assert!(error.to_string().starts_with("preset: unknown preset \"huge\""), "{error}");
+    options.preset = None;
+    options.max_epochs = Some(0);
+    let error = evaluate(pure_seasonal(480, 1), &options).unwrap_err();
+    assert!(error.to_string().starts_with("max_epochs:"), "{error}");
     options.model = ModelChoice::Linear;
     options.preset = Some("small".to_string());
     let error = evaluate(pure_seasonal(480, 1), &options).unwrap_err();

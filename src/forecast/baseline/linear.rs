@@ -315,6 +315,26 @@ impl Fit for LinearBaseline {
     }
 }
 
+impl LinearModel {
+    /// The fitted map on instance-normalised windows as `(weight [H, L], bias [H])`, row-major:
+    /// `y[h] = Σ_l weight[h, l] · x[l] + bias[h]`.
+    pub fn weights(&self) -> (Vec<f32>, Vec<f32>) {
+        let r = &self.regression;
+        let mut weight = Vec::with_capacity(r.horizon * r.lookback);
+        for step in 0..r.horizon {
+            weight.extend((0..r.lookback).map(|l| r.weights[l * r.horizon + step] as f32));
+        }
+        let bias = (0..r.horizon)
+            .map(|step| r.weights[r.lookback * r.horizon + step] as f32)
+            .collect();
+        (weight, bias)
+    }
+
+    pub fn norm(&self) -> &InstanceNorm {
+        &self.norm
+    }
+}
+
 impl Predict for LinearModel {
     fn lookback(&self) -> usize {
         self.lookback

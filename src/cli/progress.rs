@@ -1,0 +1,102 @@
+//! What the training commands share: the device flag and a progress display for training
+//! runs on stderr (a bar redrawn in place on a terminal, one line per epoch otherwise).
+
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+
+use crate::forecast::xlstm::TrainingProgress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    #[value(name = "cpu")]
+    Cpu,
+    #[value(name = "cuda")]
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn open(self) -> anyhow::Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda => Device::new_cuda(0).context("--device cuda: no CUDA device is usable"),
+        }
+    }
+}
+
+const REDRAW_EVERY: Duration = Duration::from_millis(200);
+const BAR_WIDTH: usize = 24;
+
+pub struct TrainingProgressPrinter {
+    terminal: bool,
+    last_draw: Option<Instant>,
+    epochs_reported: usize,
+    drawn: bool,
+}
+
+impl TrainingProgressPrinter {
+    pub fn new() -> Self {
+        Self {
+            terminal: std::io::stderr().is_terminal(),
+            last_draw: None,
+            epochs_reported: 0,
+            drawn: false,
+        }
+    }
+
+    pub fn show(&mut self, progress: &TrainingProgress) -> ControlFlow<()> {
+        let mut stderr = std::io::stderr().lock();
+        let finished_epochs = progress.history.len().saturating_sub(1);
+        if finished_epochs > self.epochs_reported {
+            self.epochs_reported = finished_epochs;
+            if let Some(record) = progress.history.last() {
+                let train = record.train_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+                let clear = if self.drawn { "\r\x1b[2K" } else { "" };
+                let _ = writeln!(
+                    stderr,
+                    "{clear}epoch {}/{}  train {train}  val {:.4}  best {:.4}  ({:.1} s)",
+                    record.epoch,
+                    progress.max_epochs,
+                    record.val_loss,
+                    progress.best_val_loss.unwrap_or(f64::NAN),
+                    record.seconds
+                );
+                self.drawn = false;
+            }
+            return ControlFlow::Continue(());
+        }
+        if !self.terminal || self.last_draw.is_some_and(|t| t.elapsed() < REDRAW_EVERY) {
+            return ControlFlow::Continue(());
+        }
+        self.last_draw = Some(Instant::now());
+        let done = progress.step * BAR_WIDTH / progress.steps_per_epoch.max(1);
+        let eta = progress
+            .eta_seconds
+            .map_or(String::new(), |eta| format!("  eta ≤ {:.0} s", eta));
+        let _ = write!(
+            stderr,
+            "\r\x1b[2Kepoch {}/{} [{}{}] {}/{}  loss {:.4}{eta}",
+            progress.epoch,
+            progress.max_epochs,
+            "#".repeat(done),
+            ".".repeat(BAR_WIDTH - done),
+            progress.step,
+            progress.steps_per_epoch,
+            progress.train_loss.unwrap_or(f64::NAN),
+        );
+        let _ = stderr.flush();
+        self.drawn = true;
+        ControlFlow::Continue(())
+    }
+
+    /// Clears a bar left on the terminal.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            self.drawn = false;
+        }
+    }
+}

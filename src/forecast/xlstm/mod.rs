@@ -1,0 +1,20 @@
+//! The xLSTM forecaster: presets, the network (RevIN, patching, the residual xLSTM stack,
+//! point and quantile heads), the trainer, and artefacts.
+
+pub mod artefact;
+mod forecaster;
+mod init;
+pub mod network;
+pub mod preset;
+pub mod series;
+pub mod train;
+
+pub use artefact::{DataDescription, ModelManifest, ParentModel};
+pub use forecaster::{XlstmForecaster, XlstmModel};
+pub use network::NetworkShape;
+pub use preset::{ChannelMode, ForecasterConfig, PointLoss, Preset, TrainingConfig};
+pub use train::{EpochRecord, ProgressCallback, TrainingProgress, TrainingSummary};
+pub use series::{
+    DEFAULT_VALIDATION_FRACTION, SeriesData, SeriesForecast, finetune_on_series, forecast_latest,
+    train_on_series,
+};

@@ -1,0 +1,336 @@
+//! The forecasting network: patch embedding of instance-normalised windows (values and their
+//! missing-value mask), the residual xLSTM stack over the patch tokens, and two heads — a
+//! flatten head for the point forecast (added to an optional linear lookback→horizon path)
+//! and a pooled head for the quantiles, built as cumulative positive increments so that they
+//! never cross. Everything here is on the windows' own (RevIN) scale.
+
+use candle_core::{D, Device, Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use crate::xlstm::XlstmStack;
+use crate::xlstm::layers::get_or_init_with;
+
+use super::preset::{ChannelMode, ForecasterConfig};
+
+/// Spread (on the RevIN scale) of the Gaussian the quantile head starts from.
+const INITIAL_QUANTILE_STD: f64 = 0.7;
+
+/// The shape of the data a network is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkShape {
+    pub lookback: usize,
+    pub horizon: usize,
+    pub channels: usize,
+}
+
+/// How the lookback is cut into patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Patching {
+    /// Oldest steps dropped so that the patches end exactly at the last step.
+    skip: usize,
+    len: usize,
+    stride: usize,
+    count: usize,
+}
+
+impl Patching {
+    fn new(lookback: usize, len: usize, stride: usize) -> Result<Self> {
+        if len > lookback {
+            candle_core::bail!("patch_len {len} exceeds the lookback {lookback}");
+        }
+        let skip = (lookback - len) % stride;
+        Ok(Self {
+            skip,
+            len,
+            stride,
+            count: (lookback - skip - len) / stride + 1,
+        })
+    }
+
+    /// Lookback steps read by the patches, patch by patch.
+    fn indices(&self, device: &Device) -> Result<Tensor> {
+        let indices: Vec<u32> = (0..self.count)
+            .flat_map(|patch| {
+                let first = self.skip + patch * self.stride;
+                (first..first + self.len).map(|step| step as u32)
+            })
+            .collect();
+        Tensor::new(indices, device)
+    }
+}
+
+/// Training-time dropout masks, drawn by the trainer's seeded generator.
+pub trait DropoutMasks {
+    /// A `{0, 1/(1-p)}` mask of `dims`.
+    fn mask(&mut self, dims: &[usize], device: &Device) -> Result<Tensor>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ForecastNetwork {
+    cfg: ForecasterConfig,
+    shape: NetworkShape,
+    patching: Patching,
+    patch_indices: Tensor,
+    embed: Linear,
+    position: Tensor,
+    stack: XlstmStack,
+    point_head: Linear,
+    quantile_head: Linear,
+    linear_path: Option<Linear>,
+}
+
+/// Network outputs on the RevIN scale: `point` `[B, H, C]`, `quantiles` `[B, H, C, Q]`.
+pub struct NetworkOutput {
+    pub point: Tensor,
+    pub quantiles: Tensor,
+}
+
+impl ForecastNetwork {
+    pub fn new(cfg: &ForecasterConfig, shape: NetworkShape, vb: VarBuilder) -> Result<Self> {
+        let patching = Patching::new(shape.lookback, cfg.patch_len, cfg.patch_stride)?;
+        let e = cfg.xlstm.embedding_dim;
+        let (in_channels, out_channels) = match cfg.channel_mode {
+            ChannelMode::Independent => (1, 1),
+            ChannelMode::Mixing => (shape.channels, shape.channels),
+        };
+        let levels = cfg.quantile_levels.len();
+        let embed = candle_nn::linear(2 * cfg.patch_len * in_channels, e, vb.pp("patch_embed"))?;
+        let position = vb.get_with_hints(
+            (patching.count, e),
+            "position",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let stack = XlstmStack::new(&cfg.xlstm, vb.pp("stack"))?;
+        let head_outputs = shape.horizon * out_channels;
+        // Zero heads: an untrained network forecasts exactly its linear path, and the
+        // quantile head starts from a fixed Gaussian band around it.
+        let point_head = zero_linear(patching.count * e, head_outputs, vb.pp("point_head"))?;
+        let quantile_vb = vb.pp("quantile_head");
+        let quantile_weight = quantile_vb.get_with_hints(
+            (head_outputs * levels, e),
+            "weight",
+            Init::Const(0.0),
+        )?;
+        let quantile_bias = get_or_init_with(&quantile_vb, &[head_outputs * levels], "bias", |d| {
+            Tensor::new(initial_quantile_increments(&cfg.quantile_levels), d)?
+                .repeat(head_outputs)
+        })?;
+        let quantile_head = Linear::new(quantile_weight, Some(quantile_bias));
+        let linear_path = if cfg.linear_path {
+            Some(zero_linear(
+                shape.lookback,
+                shape.horizon,
+                vb.pp("linear_path"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            shape,
+            patching,
+            patch_indices: patching.indices(vb.device())?,
+            embed,
+            position,
+            stack,
+            point_head,
+            quantile_head,
+            linear_path,
+        })
+    }
+
+    pub fn shape(&self) -> NetworkShape {
+        self.shape
+    }
+
+    pub fn config(&self) -> &ForecasterConfig {
+        &self.cfg
+    }
+
+    /// The linear path's weight `[H, L]` and bias `[H]`, when the network has one.
+    pub fn linear_path(&self) -> Option<(&Tensor, &Tensor)> {
+        self.linear_path
+            .as_ref()
+            .map(|linear| (linear.weight(), linear.bias().expect("built with a bias")))
+    }
+
+    /// `values` and `observed` `[B, L, C]` (RevIN-normalised values, 0 where missing; 1.0 where
+    /// observed) → forecasts on the same scale. `dropout` is `Some` only while training.
+    pub fn forward(
+        &self,
+        values: &Tensor,
+        observed: &Tensor,
+        dropout: Option<&mut dyn DropoutMasks>,
+    ) -> Result<NetworkOutput> {
+        let (batch, lookback, channels) = values.dims3()?;
+        let NetworkShape {
+            horizon,
+            lookback: expected_lookback,
+            channels: expected_channels,
+        } = self.shape;
+        if lookback != expected_lookback || channels != expected_channels {
+            candle_core::bail!(
+                "forecast network: windows are [{batch}, {lookback}, {channels}], the network \
+                 was built for lookback {expected_lookback} and {expected_channels} channels"
+            );
+        }
+        let training = dropout.is_some();
+        let mut dropout = dropout;
+        let mut drop = |x: Tensor| -> Result<Tensor> {
+            match dropout.as_deref_mut() {
+                Some(masks) if self.cfg.dropout > 0.0 => {
+                    let mask = masks.mask(x.dims(), x.device())?;
+                    x.mul(&mask)
+                }
+                _ => Ok(x),
+            }
+        };
+        // Sequences `[S, L, in_channels]`.
+        let (sequences, seq_values, seq_observed) = match self.cfg.channel_mode {
+            ChannelMode::Independent => {
+                let per_channel = |t: &Tensor| {
+                    t.permute((0, 2, 1))?
+                        .contiguous()?
+                        .reshape((batch * channels, lookback, 1))
+                };
+                (batch * channels, per_channel(values)?, per_channel(observed)?)
+            }
+            ChannelMode::Mixing => (batch, values.clone(), observed.clone()),
+        };
+        let patches = |t: &Tensor| -> Result<Tensor> {
+            let in_channels = t.dim(2)?;
+            t.index_select(&self.patch_indices, 1)?.reshape((
+                sequences,
+                self.patching.count,
+                self.patching.len * in_channels,
+            ))
+        };
+        let tokens = Tensor::cat(&[patches(&seq_values)?, patches(&seq_observed)?], D::Minus1)?;
+        let tokens = self.embed.forward(&tokens)?.broadcast_add(&self.position)?;
+        let hidden = self.stack.forward_t(&drop(tokens)?, training)?;
+
+        let out_channels = match self.cfg.channel_mode {
+            ChannelMode::Independent => 1,
+            ChannelMode::Mixing => channels,
+        };
+        let flat = hidden.reshape((sequences, ()))?;
+        let mut point = self.point_head.forward(&drop(flat)?)?;
+        if let Some(linear) = &self.linear_path {
+            // `[S, H·out]` in (step, channel) order, like the head.
+            let path = match self.cfg.channel_mode {
+                ChannelMode::Independent => {
+                    linear.forward(&seq_values.reshape((sequences, lookback))?)?
+                }
+                ChannelMode::Mixing => linear
+                    .forward(&seq_values.transpose(1, 2)?.contiguous()?)?
+                    .transpose(1, 2)?
+                    .reshape((sequences, horizon * channels))?,
+            };
+            point = (point + path)?;
+        }
+        let levels = self.cfg.quantile_levels.len();
+        let raw = self
+            .quantile_head
+            .forward(&hidden.mean(1)?)?
+            .reshape((sequences, horizon * out_channels, levels))?;
+        let increments = if levels > 1 {
+            Tensor::cat(
+                &[raw.narrow(2, 0, 1)?, softplus(&raw.narrow(2, 1, levels - 1)?)?],
+                2,
+            )?
+        } else {
+            raw
+        };
+        let quantiles = point.unsqueeze(2)?.broadcast_add(&increments.cumsum(2)?)?;
+        let (point, quantiles) = match self.cfg.channel_mode {
+            ChannelMode::Independent => (
+                point
+                    .reshape((batch, channels, horizon))?
+                    .transpose(1, 2)?
+                    .contiguous()?,
+                quantiles
+                    .reshape((batch, channels, horizon, levels))?
+                    .permute((0, 2, 1, 3))?
+                    .contiguous()?,
+            ),
+            ChannelMode::Mixing => (
+                point.reshape((batch, horizon, channels))?,
+                quantiles.reshape((batch, horizon, channels, levels))?,
+            ),
+        };
+        Ok(NetworkOutput { point, quantiles })
+    }
+}
+
+fn zero_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?;
+    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+/// `log(1 + e^x)` without overflow: `max(x, 0) + log(1 + e^(−|x|))`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// Raw quantile-head biases that produce the quantiles of N(0, INITIAL_QUANTILE_STD²): the
+/// first level's offset, then the inverse softplus of each gap to the next level.
+fn initial_quantile_increments(levels: &[f32]) -> Vec<f32> {
+    let offsets: Vec<f64> = levels
+        .iter()
+        .map(|level| INITIAL_QUANTILE_STD * standard_normal_quantile(f64::from(*level)))
+        .collect();
+    let mut raw = vec![offsets[0] as f32];
+    raw.extend(offsets.windows(2).map(|pair| {
+        let gap = (pair[1] - pair[0]).max(1e-4);
+        (gap.exp_m1()).ln() as f32
+    }));
+    raw
+}
+
+/// Φ⁻¹(p) by bisection on Φ (erf by Abramowitz–Stegun 7.1.26, |error| < 1.5e-7).
+fn standard_normal_quantile(p: f64) -> f64 {
+    let erf = |x: f64| {
+        let sign = x.signum();
+        let x = x.abs();
+        let t = 1.0 / (1.0 + 0.327_591_1 * x);
+        let poly = t
+            * (0.254_829_592
+                + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+        sign * (1.0 - poly * (-x * x).exp())
+    };
+    let cdf = |z: f64| 0.5 * (1.0 + erf(z / std::f64::consts::SQRT_2));
+    let (mut lo, mut hi) = (-10.0_f64, 10.0_f64);
+    for _ in 0..80 {
+        let mid = 0.5 * (lo + hi);
+        if cdf(mid) < p { lo = mid } else { hi = mid }
+    }
+    0.5 * (lo + hi)
+}
+
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_quantiles_match_the_tables() {
+        assert!(standard_normal_quantile(0.5).abs() < 1e-6);
+        assert!((standard_normal_quantile(0.9) - 1.281_551_6).abs() < 1e-5);
+        assert!((standard_normal_quantile(0.1) + 1.281_551_6).abs() < 1e-5);
+    }
+
+    #[test]
+    fn patches_end_at_the_last_step() {
+        let p = Patching::new(336, 16, 8).unwrap();
+        assert_eq!((p.skip, p.count), (0, 41));
+        let p = Patching::new(100, 16, 8).unwrap();
+        // (100 − 16) % 8 = 4 oldest steps dropped; last patch covers steps 84..100.
+        assert_eq!((p.skip, p.count), (4, 11));
+        assert_eq!(p.skip + (p.count - 1) * p.stride + p.len, 100);
+    }
+}

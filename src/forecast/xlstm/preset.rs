@@ -1,0 +1,218 @@
+//! What an xLSTM forecaster is (`ForecasterConfig`) and how it is trained (`TrainingConfig`),
+//! bundled as named presets. The presets live in `models/*.toml` and are compiled into the
+//! binary, so `--preset small` works wherever the binary runs; a path to a `.toml` file works
+//! too.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::xlstm::XlstmConfig;
+
+use super::super::error::ForecastError;
+use super::super::model::DEFAULT_QUANTILE_LEVELS;
+
+/// The presets shipped with the binary: `(name, TOML text)`.
+const BUILT_IN: [(&str, &str); 3] = [
+    ("tiny", include_str!("../../../models/tiny.toml")),
+    ("small", include_str!("../../../models/small.toml")),
+    ("base", include_str!("../../../models/base.toml")),
+];
+
+/// How channels meet the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelMode {
+    /// Every channel is its own sequence through shared weights.
+    Independent,
+    /// One sequence per window whose tokens hold every channel's patch; the head forecasts
+    /// all channels jointly.
+    Mixing,
+}
+
+/// The loss on the point forecast (the quantiles always use the pinball loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointLoss {
+    Mse,
+    Mae,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecasterConfig {
+    pub patch_len: usize,
+    pub patch_stride: usize,
+    pub channel_mode: ChannelMode,
+    /// Dropout on the patch embeddings and before the head, training only.
+    pub dropout: f64,
+    /// A linear map from the lookback to the horizon beside the deep path: the closed-form
+    /// ridge fit, kept fixed, so training starts from the linear baseline and the deep path
+    /// learns what it misses.
+    pub linear_path: bool,
+    #[serde(default = "default_quantile_levels")]
+    pub quantile_levels: Vec<f32>,
+    pub point_loss: PointLoss,
+    /// Weight of the mean pinball loss against the point loss.
+    pub quantile_loss_weight: f64,
+    pub xlstm: XlstmConfig,
+}
+
+fn default_quantile_levels() -> Vec<f32> {
+    DEFAULT_QUANTILE_LEVELS.to_vec()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Windows per optimiser step (each window brings all its channels).
+    pub batch_size: usize,
+    pub max_epochs: usize,
+    /// Peak learning rate, reached after the warm-up.
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Share of all steps spent warming the learning rate up linearly from 0.
+    pub warmup_fraction: f64,
+    /// The cosine decay ends at `learning_rate · min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// Gradients are rescaled to at most this global L2 norm.
+    pub grad_clip: f64,
+    /// Epochs without a better validation loss before stopping.
+    pub patience: usize,
+    pub seed: u64,
+    /// Training windows drawn per epoch (all of them when absent).
+    pub max_windows_per_epoch: Option<usize>,
+    /// Validation windows scored per epoch, evenly spaced (all of them when absent).
+    pub max_validation_windows: Option<usize>,
+    /// Fine-tuning multiplies the learning rate by this and caps the epochs at
+    /// `finetune_max_epochs`.
+    pub finetune_lr_factor: f64,
+    pub finetune_max_epochs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    pub name: String,
+    pub description: String,
+    /// Lookback and horizon used when the caller does not give them.
+    pub lookback: usize,
+    pub horizon: usize,
+    pub model: ForecasterConfig,
+    pub training: TrainingConfig,
+}
+
+impl Preset {
+    /// A built-in preset by name, or a preset file when `name` ends in `.toml`.
+    pub fn load(name: &str) -> Result<Self, ForecastError> {
+        if name.ends_with(".toml") {
+            let text = std::fs::read_to_string(Path::new(name)).map_err(|err| {
+                ForecastError::invalid("preset", format!("cannot read {name}: {err}"))
+            })?;
+            return Self::parse(&text, name);
+        }
+        match BUILT_IN.iter().find(|(built_in, _)| *built_in == name) {
+            Some((_, text)) => Self::parse(text, name),
+            None => Err(ForecastError::invalid(
+                "preset",
+                format!(
+                    "unknown preset {name:?}; built in: {} (or a path to a .toml file)",
+                    Self::built_in_names().join(", ")
+                ),
+            )),
+        }
+    }
+
+    pub fn built_in_names() -> Vec<&'static str> {
+        BUILT_IN.iter().map(|(name, _)| *name).collect()
+    }
+
+    fn parse(text: &str, source: &str) -> Result<Self, ForecastError> {
+        let preset: Self = toml::from_str(text)
+            .map_err(|err| ForecastError::invalid("preset", format!("{source}: {err}")))?;
+        preset.validate()?;
+        Ok(preset)
+    }
+
+    pub fn validate(&self) -> Result<(), ForecastError> {
+        let model = &self.model;
+        let invalid = |field: &str, message: String| Err(ForecastError::invalid(field, message));
+        if model.patch_len == 0 || model.patch_stride == 0 {
+            return invalid(
+                "model.patch_len",
+                "patch_len and patch_stride must be at least 1".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&model.dropout) {
+            return invalid(
+                "model.dropout",
+                format!("must be in [0, 1), got {}", model.dropout),
+            );
+        }
+        let levels = &model.quantile_levels;
+        if levels.is_empty()
+            || !levels.windows(2).all(|pair| pair[0] < pair[1])
+            || levels.iter().any(|level| !(*level > 0.0 && *level < 1.0))
+        {
+            return invalid(
+                "model.quantile_levels",
+                format!("expected strictly ascending levels in (0, 1), got {levels:?}"),
+            );
+        }
+        model
+            .xlstm
+            .validate()
+            .map_err(|err| ForecastError::invalid("model.xlstm", err.to_string()))?;
+        let training = &self.training;
+        if training.batch_size == 0 || training.max_epochs == 0 {
+            return invalid(
+                "training.batch_size",
+                "batch_size and max_epochs must be at least 1".into(),
+            );
+        }
+        if !(training.learning_rate > 0.0 && training.learning_rate.is_finite()) {
+            return invalid(
+                "training.learning_rate",
+                format!("must be positive, got {}", training.learning_rate),
+            );
+        }
+        if !(0.0..1.0).contains(&training.warmup_fraction) {
+            return invalid(
+                "training.warmup_fraction",
+                format!("must be in [0, 1), got {}", training.warmup_fraction),
+            );
+        }
+        if training.grad_clip <= 0.0 {
+            return invalid(
+                "training.grad_clip",
+                format!("must be positive, got {}", training.grad_clip),
+            );
+        }
+        if self.lookback == 0 || self.horizon == 0 {
+            return invalid(
+                "lookback",
+                "lookback and horizon must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_built_in_preset_parses_and_validates() {
+        for name in Preset::built_in_names() {
+            let preset = Preset::load(name).unwrap();
+            assert_eq!(preset.name, name);
+        }
+    }
+
+    #[test]
+    fn an_unknown_preset_names_the_built_in_ones() {
+        let err = Preset::load("huge").unwrap_err().to_string();
+        assert!(err.contains("tiny, small, base"), "{err}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The training loop: AdamW with a linear warm-up and cosine decay, global gradient-norm
+//! clipping, early stopping on the validation point loss (the best epoch's weights are
+//! kept), seeded window order and dropout, a progress callback that can also stop the run,
+//! and a hard stop with a clear error when the loss or the gradients stop being finite.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use super::super::error::ForecastError;
+use super::super::model::{Targets, TrainingData, WindowBatch};
+use super::super::revin::{InstanceNorm, InstanceStats};
+use super::network::{DropoutMasks, ForecastNetwork, NetworkOutput};
+use super::preset::{PointLoss, TrainingConfig};
+
+/// A loss above this (on the z-scored scale, where a useless forecast scores about 1) means
+/// the run exploded.
+const EXPLODED_LOSS: f64 = 1e6;
+
+/// Parameters under this prefix are not trained (the ridge-initialised linear path).
+const FROZEN_PREFIX: &str = "linear_path.";
+
+/// Windows per validation forward pass.
+const VALIDATION_BLOCK: usize = 256;
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// Mean training loss (point + weighted pinball) over the epoch's steps; `None` for
+    /// epoch 0, the validation of the initial weights.
+    pub train_loss: Option<f64>,
+    /// Validation point loss (MSE or MAE on the z-scored scale).
+    pub val_loss: f64,
+    pub seconds: f64,
+}
+
+/// What the progress callback sees, after every optimiser step and every epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingProgress {
+    pub epoch: usize,
+    pub max_epochs: usize,
+    /// Steps done in the current epoch.
+    pub step: usize,
+    pub steps_per_epoch: usize,
+    /// Running mean of the current epoch's training loss.
+    pub train_loss: Option<f64>,
+    /// Validation loss of the last finished epoch.
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    /// Seconds left if every remaining epoch runs (early stopping can only shorten it).
+    pub eta_seconds: Option<f64>,
+    pub history: Vec<EpochRecord>,
+}
+
+pub type ProgressCallback<'a> = &'a mut dyn FnMut(&TrainingProgress) -> ControlFlow<()>;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// Epochs trained (not counting epoch 0, the initial validation).
+    pub epochs: usize,
+    /// The epoch whose weights were kept (0: the initial weights).
+    pub best_epoch: usize,
+    pub best_val_loss: f64,
+    pub stopped_early: bool,
+    pub train_seconds: f64,
+    pub history: Vec<EpochRecord>,
+}
+
+/// One run's knobs, resolved from the preset (a fine-tune scales them down).
+pub(super) struct Schedule<'a> {
+    pub training: &'a TrainingConfig,
+    pub learning_rate: f64,
+    pub max_epochs: usize,
+    pub point_loss: PointLoss,
+    pub quantile_loss_weight: f64,
+    pub quantile_levels: &'a [f32],
+}
+
+/// A batch as tensors: inputs on the RevIN scale, targets on the z-scored scale.
+pub(super) struct TensorBatch {
+    pub values: Tensor,
+    pub observed: Tensor,
+    pub stats: InstanceStats,
+    pub centre: Tensor,
+    pub scale: Tensor,
+}
+
+impl TensorBatch {
+    pub fn new(norm: &InstanceNorm, windows: &WindowBatch, device: &Device) -> candle_core::Result<Self> {
+        let (mut normalised, stats) = norm.normalise(windows);
+        // Whatever a missing cell holds, the network sees 0 there and the mask says why.
+        for (value, missing) in normalised.values.iter_mut().zip(&windows.missing) {
+            if *missing {
+                *value = 0.0;
+            }
+        }
+        let dims = (windows.batch, windows.lookback, windows.channels);
+        let observed: Vec<f32> = windows.missing.iter().map(|m| if *m { 0.0 } else { 1.0 }).collect();
+        let stat_dims = (windows.batch, 1, windows.channels);
+        Ok(Self {
+            values: Tensor::from_vec(normalised.values, dims, device)?,
+            observed: Tensor::from_vec(observed, dims, device)?,
+            centre: Tensor::from_slice(&stats.centre, stat_dims, device)?,
+            scale: Tensor::from_slice(&stats.scale, stat_dims, device)?,
+            stats,
+        })
+    }
+
+    /// Network outputs mapped back to the input scale: `[B, H, C]` and `[B, H, C, Q]`.
+    pub fn denormalise(&self, output: &NetworkOutput) -> candle_core::Result<(Tensor, Tensor)> {
+        let point = output.point.broadcast_mul(&self.scale)?.broadcast_add(&self.centre)?;
+        let quantiles = output
+            .quantiles
+            .broadcast_mul(&self.scale.unsqueeze(3)?)?
+            .broadcast_add(&self.centre.unsqueeze(3)?)?;
+        Ok((point, quantiles))
+    }
+}
+
+/// Targets as tensors: values and a 1/0 observed mask, `[B, H, C]`.
+struct TargetTensors {
+    values: Tensor,
+    observed: Tensor,
+    count: f64,
+}
+
+impl TargetTensors {
+    fn new(targets: &Targets, device: &Device) -> candle_core::Result<Self> {
+        let dims = (targets.batch, targets.horizon, targets.channels);
+        let observed: Vec<f32> = targets.missing.iter().map(|m| if *m { 0.0 } else { 1.0 }).collect();
+        let count = observed.iter().map(|v| f64::from(*v)).sum();
+        Ok(Self {
+            values: Tensor::from_slice(&targets.values, dims, device)?,
+            observed: Tensor::from_vec(observed, dims, device)?,
+            count,
+        })
+    }
+}
+
+/// Sums of the masked losses of one batch: `(point, pinball)`, each a scalar tensor; divide
+/// by the observed target count for means.
+fn loss_sums(
+    point: &Tensor,
+    quantiles: &Tensor,
+    targets: &TargetTensors,
+    point_loss: PointLoss,
+    levels: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let error = (point - &targets.values)?;
+    let point_cells = match point_loss {
+        PointLoss::Mse => error.sqr()?,
+        PointLoss::Mae => error.abs()?,
+    };
+    let point_sum = (point_cells * &targets.observed)?.sum_all()?;
+    // Pinball: τ·max(y − q, 0) + (1 − τ)·max(q − y, 0), averaged over the levels.
+    let above = targets.values.unsqueeze(3)?.broadcast_sub(quantiles)?;
+    let pinball = (above.relu()?.broadcast_mul(levels)?
+        + above.neg()?.relu()?.broadcast_mul(&(1.0 - levels)?)?)?
+    .mean(3)?;
+    let pinball_sum = (pinball * &targets.observed)?.sum_all()?;
+    Ok((point_sum, pinball_sum))
+}
+
+struct SeededDropout {
+    rng: StdRng,
+    rate: f64,
+}
+
+impl DropoutMasks for SeededDropout {
+    fn mask(&mut self, dims: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+        let keep = (1.0 / (1.0 - self.rate)) as f32;
+        let count = dims.iter().product();
+        let values: Vec<f32> = (0..count)
+            .map(|_| if self.rng.random::<f64>() < self.rate { 0.0 } else { keep })
+            .collect();
+        Tensor::from_vec(values, dims, device)
+    }
+}
+
+/// The trainable variables in name order, so that every sum over them is reproducible.
+pub(super) fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("var map lock poisoned");
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Rescales `grads` to a global L2 norm of at most `limit`; returns the norm before.
+fn clip_gradients(
+    vars: &[(String, Var)],
+    grads: &mut GradStore,
+    limit: f64,
+) -> candle_core::Result<f64> {
+    let mut squared = 0.0_f64;
+    for (_, var) in vars {
+        if let Some(grad) = grads.get(var) {
+            squared += f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+    }
+    let norm = squared.sqrt();
+    if norm.is_finite() && norm > limit {
+        let factor = limit / norm;
+        for (_, var) in vars {
+            if let Some(grad) = grads.remove(var) {
+                grads.insert(var, (grad * factor)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+fn learning_rate_at(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = (total - warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    let floor = peak * min_ratio;
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Mean validation point loss of `network` over `windows` (indices of `data.validation`).
+pub(super) fn validation_loss(
+    network: &ForecastNetwork,
+    norm: &InstanceNorm,
+    data: &TrainingData<'_>,
+    windows: &[usize],
+    point_loss: PointLoss,
+    levels: &Tensor,
+    device: &Device,
+) -> Result<f64, ForecastError> {
+    let (mut sum, mut count) = (0.0_f64, 0.0_f64);
+    for block in windows.chunks(VALIDATION_BLOCK) {
+        let (inputs, targets) =
+            data.validation
+                .extract_indices(data.series, block, data.lookback, data.horizon)?;
+        let batch = TensorBatch::new(norm, &inputs, device)?;
+        let targets = TargetTensors::new(&targets, device)?;
+        let output = network.forward(&batch.values, &batch.observed, None)?;
+        let (point, quantiles) = batch.denormalise(&output)?;
+        let (point_sum, _) = loss_sums(&point, &quantiles, &targets, point_loss, levels)?;
+        sum += f64::from(point_sum.to_scalar::<f32>()?);
+        count += targets.count;
+    }
+    if count == 0.0 {
+        return Err(ForecastError::invalid(
+            "validation",
+            "the validation windows hold no observed target value",
+        ));
+    }
+    Ok(sum / count)
+}
+
+/// `count` indices spread evenly over `0..total` (all of them when `count >= total`).
+pub(super) fn evenly_spaced(total: usize, count: Option<usize>) -> Vec<usize> {
+    match count {
+        Some(count) if count < total => (0..count).map(|i| i * total / count).collect(),
+        _ => (0..total).collect(),
+    }
+}
+
+/// Trains the variables of `varmap` (those of `network`) in place; on return they hold the
+/// best epoch's weights.
+pub(super) fn train(
+    network: &ForecastNetwork,
+    varmap: &VarMap,
+    norm: &InstanceNorm,
+    data: &TrainingData<'_>,
+    schedule: &Schedule<'_>,
+    device: &Device,
+    mut progress: Option<ProgressCallback<'_>>,
+) -> Result<TrainingSummary, ForecastError> {
+    let started = Instant::now();
+    let training = schedule.training;
+    if data.train.count == 0 {
+        return Err(ForecastError::invalid("train", "there are no training windows"));
+    }
+    if data.validation.count == 0 {
+        return Err(ForecastError::invalid("validation", "there are no validation windows"));
+    }
+    // The linear path keeps its closed-form ridge fit: AdamW's normalised steps would walk
+    // those small, precise weights away within an epoch, and the deep path learns the
+    // residual around them instead.
+    let vars: Vec<(String, Var)> = sorted_vars(varmap)
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with(FROZEN_PREFIX))
+        .collect();
+    let mut optimiser = AdamW::new(
+        vars.iter().map(|(_, var)| var.clone()).collect(),
+        ParamsAdamW {
+            lr: schedule.learning_rate,
+            weight_decay: training.weight_decay,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let levels = Tensor::new(schedule.quantile_levels, device)?;
+    let validation_windows = evenly_spaced(data.validation.count, training.max_validation_windows);
+    let windows_per_epoch = training
+        .max_windows_per_epoch
+        .map_or(data.train.count, |cap| cap.min(data.train.count));
+    let steps_per_epoch = windows_per_epoch.div_ceil(training.batch_size);
+    let total_steps = steps_per_epoch * schedule.max_epochs;
+    let warmup = ((total_steps as f64 * training.warmup_fraction).ceil() as usize).max(1);
+    let mut order_rng = StdRng::seed_from_u64(training.seed);
+    let mut dropout = SeededDropout {
+        rng: StdRng::seed_from_u64(training.seed.wrapping_add(1)),
+        rate: network.config().dropout,
+    };
+
+    let initial_started = Instant::now();
+    let initial = validation_loss(
+        network,
+        norm,
+        data,
+        &validation_windows,
+        schedule.point_loss,
+        &levels,
+        device,
+    )?;
+    let mut history = vec![EpochRecord {
+        epoch: 0,
+        train_loss: None,
+        val_loss: initial,
+        seconds: initial_started.elapsed().as_secs_f64(),
+    }];
+    let mut best = (0_usize, initial);
+    let mut best_weights = snapshot(&vars)?;
+    let mut order: Vec<usize> = (0..data.train.count).collect();
+    let mut global_step = 0;
+    let mut stopped_early = false;
+    let mut report = TrainingProgress {
+        epoch: 0,
+        max_epochs: schedule.max_epochs,
+        step: 0,
+        steps_per_epoch,
+        train_loss: None,
+        val_loss: Some(initial),
+        best_val_loss: Some(initial),
+        eta_seconds: None,
+        history: history.clone(),
+    };
+    let training_started = Instant::now();
+    let mut epochs = 0;
+    for epoch in 1..=schedule.max_epochs {
+        let epoch_started = Instant::now();
+        shuffle(&mut order, &mut order_rng);
+        let (mut loss_sum, mut loss_steps) = (0.0_f64, 0_usize);
+        for (step, batch_windows) in order[..windows_per_epoch]
+            .chunks(training.batch_size)
+            .enumerate()
+        {
+            let (inputs, targets) = data.train.extract_indices(
+                data.series,
+                batch_windows,
+                data.lookback,
+                data.horizon,
+            )?;
+            let batch = TensorBatch::new(norm, &inputs, device)?;
+            let target_tensors = TargetTensors::new(&targets, device)?;
+            if target_tensors.count == 0.0 {
+                continue;
+            }
+            let output = network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
+            let (point, quantiles) = batch.denormalise(&output)?;
+            let (point_sum, pinball_sum) =
+                loss_sums(&point, &quantiles, &target_tensors, schedule.point_loss, &levels)?;
+            let loss = ((point_sum + (pinball_sum * schedule.quantile_loss_weight)?)?
+                / target_tensors.count)?;
+            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            if !loss_value.is_finite() || loss_value > EXPLODED_LOSS {
+                return Err(diverged(epoch, step, format!("the training loss is {loss_value}")));
+            }
+            let mut grads = loss.backward()?;
+            let norm = clip_gradients(&vars, &mut grads, training.grad_clip)?;
+            if !norm.is_finite() {
+                return Err(diverged(epoch, step, format!("the gradient norm is {norm}")));
+            }
+            optimiser.set_learning_rate(learning_rate_at(
+                global_step,
+                total_steps,
+                warmup,
+                schedule.learning_rate,
+                training.min_lr_ratio,
+            ));
+            optimiser.step(&grads)?;
+            global_step += 1;
+            loss_sum += loss_value;
+            loss_steps += 1;
+            if let Some(callback) = progress.as_mut() {
+                report.epoch = epoch;
+                report.step = step + 1;
+                report.train_loss = Some(loss_sum / loss_steps as f64);
+                let per_step = training_started.elapsed().as_secs_f64() / global_step as f64;
+                report.eta_seconds = Some(per_step * (total_steps - global_step) as f64);
+                if callback(&report).is_break() {
+                    return Err(ForecastError::Cancelled);
+                }
+            }
+        }
+        let train_loss = (loss_steps > 0).then(|| loss_sum / loss_steps as f64);
+        let val_loss = validation_loss(
+            network,
+            norm,
+            data,
+            &validation_windows,
+            schedule.point_loss,
+            &levels,
+            device,
+        )?;
+        if !val_loss.is_finite() {
+            return Err(diverged(epoch, steps_per_epoch, format!("the validation loss is {val_loss}")));
+        }
+        epochs = epoch;
+        history.push(EpochRecord {
+            epoch,
+            train_loss,
+            val_loss,
+            seconds: epoch_started.elapsed().as_secs_f64(),
+        });
+        if val_loss < best.1 {
+            best = (epoch, val_loss);
+            best_weights = snapshot(&vars)?;
+        }
+        report.val_loss = Some(val_loss);
+        report.best_val_loss = Some(best.1);
+        report.history = history.clone();
+        if let Some(callback) = progress.as_mut() {
+            if callback(&report).is_break() {
+                return Err(ForecastError::Cancelled);
+            }
+        }
+        if epoch - best.0 >= training.patience.max(1) {
+            stopped_early = epoch < schedule.max_epochs;
+            break;
+        }
+    }
+    for ((_, var), weights) in vars.iter().zip(&best_weights) {
+        var.set(weights)?;
+    }
+    Ok(TrainingSummary {
+        epochs,
+        best_epoch: best.0,
+        best_val_loss: best.1,
+        stopped_early,
+        train_seconds: started.elapsed().as_secs_f64(),
+        history,
+    })
+}
+
+fn snapshot(vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
+    vars.iter().map(|(_, var)| var.as_tensor().copy()).collect()
+}
+
+fn shuffle(order: &mut [usize], rng: &mut StdRng) {
+    for i in (1..order.len()).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+}
+
+fn diverged(epoch: usize, step: usize, what: String) -> ForecastError {
+    ForecastError::Numerical(format!(
+        "training diverged at epoch {epoch}, step {step}: {what}; the run stopped (try a lower \
+         learning_rate or grad_clip)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_rate_warms_up_then_decays_to_the_floor() {
+        let lr = |step| learning_rate_at(step, 100, 10, 1.0, 0.1);
+        assert!((lr(0) - 0.1).abs() < 1e-12);
+        assert!((lr(9) - 1.0).abs() < 1e-12);
+        assert!((lr(10) - 1.0).abs() < 1e-12);
+        assert!(lr(50) < lr(20));
+        assert!((lr(100) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn evenly_spaced_indices_cover_the_range() {
+        assert_eq!(evenly_spaced(10, Some(4)), vec![0, 2, 5, 7]);
+        assert_eq!(evenly_spaced(3, Some(4)), vec![0, 1, 2]);
+        assert_eq!(evenly_spaced(3, None), vec![0, 1, 2]);
+    }
+}

@@ -1,0 +1,163 @@
+use std::ops::ControlFlow;
+
+use xlstm_forecast::forecast::xlstm::{ChannelMode, TrainingProgress};
+use xlstm_forecast::forecast::{Fit, ForecastError, LinearBaseline, Predict, WindowBatch};
+
+use super::common::{HORIZON, LOOKBACK, Prepared, forecaster, quick_preset};
+
+fn test_windows(prepared: &Prepared, count: usize) -> WindowBatch {
+    let windows = prepared.split.test_windows(LOOKBACK, HORIZON).unwrap();
+    windows
+        .extract(&prepared.matrix, 0..count, LOOKBACK, HORIZON)
+        .unwrap()
+        .0
+}
+
+fn assert_quantiles_ascend(forecast: &xlstm_forecast::forecast::Forecast) {
+    let levels = forecast.quantile_levels.len();
+    for cell in forecast.quantiles.chunks(levels) {
+        assert!(
+            cell.windows(2).all(|pair| pair[0] <= pair[1]),
+            "crossing quantiles {cell:?}"
+        );
+        assert!(cell.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn forecasts_have_the_window_shape_and_ordered_quantiles_in_both_channel_modes() {
+    let prepared = Prepared::new(800, 3, 0.0);
+    for mode in [ChannelMode::Independent, ChannelMode::Mixing] {
+        let mut preset = quick_preset();
+        preset.model.channel_mode = mode;
+        let model = forecaster(preset).fit(&prepared.data()).unwrap().model;
+        let windows = test_windows(&prepared, 5);
+        let forecast = model.predict(&windows).unwrap();
+        assert_eq!((forecast.batch, forecast.horizon, forecast.channels), (5, HORIZON, 3));
+        assert_eq!(forecast.mean.len(), 5 * HORIZON * 3);
+        assert_eq!(forecast.quantiles.len(), 5 * HORIZON * 3 * 9);
+        assert!(forecast.mean.iter().all(|v| v.is_finite()));
+        assert_quantiles_ascend(&forecast);
+    }
+}
+
+#[test]
+fn missing_inputs_are_masked_not_read() {
+    let prepared = Prepared::new(800, 2, 0.1);
+    let model = forecaster(quick_preset()).fit(&prepared.data()).unwrap().model;
+    let windows = test_windows(&prepared, 4);
+    assert!(windows.missing.iter().any(|m| *m), "the test needs missing cells");
+    let mut garbage = windows.clone();
+    for (value, missing) in garbage.values.iter_mut().zip(&garbage.missing) {
+        if *missing {
+            *value = 1.0e6;
+        }
+    }
+    assert_eq!(model.predict(&windows).unwrap(), model.predict(&garbage).unwrap());
+    // ... while the mask itself is an input: hiding an observed cell changes the forecast.
+    let mut hidden = windows.clone();
+    let last = hidden.index(0, LOOKBACK - 1, 0);
+    hidden.missing[last] = true;
+    hidden.values[last] = 0.0;
+    assert_ne!(model.predict(&windows).unwrap().mean, model.predict(&hidden).unwrap().mean);
+}
+
+#[test]
+fn a_seed_fixes_the_model_and_another_seed_changes_it() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let fit = |seed| {
+        let mut preset = quick_preset();
+        preset.training.seed = seed;
+        forecaster(preset).fit(&prepared.data()).unwrap().model
+    };
+    let (first, second, other) = (fit(3), fit(3), fit(4));
+    assert!(first.weights_bytes().unwrap() == second.weights_bytes().unwrap());
+    assert_eq!(first.manifest.calibration, second.manifest.calibration);
+    let losses = |m: &xlstm_forecast::forecast::xlstm::XlstmModel| {
+        m.manifest
+            .training
+            .history
+            .iter()
+            .map(|e| (e.train_loss, e.val_loss))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&first), losses(&second));
+    let windows = test_windows(&prepared, 3);
+    assert_eq!(first.predict(&windows).unwrap(), second.predict(&windows).unwrap());
+    assert!(first.weights_bytes().unwrap() != other.weights_bytes().unwrap());
+}
+
+#[test]
+fn training_starts_from_the_ridge_fit_of_the_linear_baseline() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let data = prepared.data();
+    let mut preset = quick_preset();
+    preset.training.max_validation_windows = None;
+    preset.training.max_epochs = 1;
+    let model = forecaster(preset).fit(&data).unwrap().model;
+    let linear = LinearBaseline::default().fit(&data).unwrap().model;
+    let ridge_mse = linear
+        .validation_mse
+        .iter()
+        .find(|(ridge, _)| *ridge == linear.ridge)
+        .and_then(|(_, mse)| *mse)
+        .unwrap();
+    let initial = model.manifest.training.history[0].val_loss;
+    assert!(
+        (initial - ridge_mse).abs() <= 1e-3 * ridge_mse,
+        "epoch 0 validation mse {initial} should be the ridge's {ridge_mse}"
+    );
+    // Early stopping keeps the best epoch, so the model is never worse than its start.
+    assert!(model.manifest.training.best_val_loss <= initial);
+}
+
+#[test]
+fn progress_is_reported_and_the_callback_can_cancel() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let mut seen: Vec<TrainingProgress> = Vec::new();
+    let fitted = forecaster(quick_preset())
+        .fit_with_progress(
+            &prepared.data(),
+            Some(&mut |p: &TrainingProgress| {
+                seen.push(p.clone());
+                ControlFlow::Continue(())
+            }),
+        )
+        .unwrap();
+    let last = seen.last().unwrap();
+    assert_eq!(last.history.len(), fitted.epochs + 1, "epoch 0 plus each epoch");
+    assert!(seen.iter().all(|p| p.step <= p.steps_per_epoch && p.epoch <= p.max_epochs));
+    assert!(seen.iter().any(|p| p.train_loss.is_some() && p.eta_seconds.is_some()));
+
+    let mut calls = 0;
+    let cancelled = forecaster(quick_preset()).fit_with_progress(
+        &prepared.data(),
+        Some(&mut |_: &TrainingProgress| {
+            calls += 1;
+            ControlFlow::Break(())
+        }),
+    );
+    assert!(matches!(cancelled, Err(ForecastError::Cancelled)));
+    assert_eq!(calls, 1, "the run stops at the first report");
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let mut preset = quick_preset();
+    preset.training.learning_rate = 1e30;
+    preset.training.warmup_fraction = 0.0;
+    let err = forecaster(preset).fit(&prepared.data()).unwrap_err().to_string();
+    assert!(err.contains("training diverged at epoch 1"), "{err}");
+}
+
+#[test]
+fn a_lookback_shorter_than_a_patch_is_refused() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let mut data = prepared.data();
+    data.lookback = 4;
+    data.train = prepared.split.train_windows(4, HORIZON).unwrap();
+    data.validation = prepared.split.validation_windows(4, HORIZON).unwrap();
+    let err = forecaster(quick_preset()).fit(&data).unwrap_err().to_string();
+    assert!(err.contains("lookback 4 is shorter than the preset's patch_len 8"), "{err}");
+}
