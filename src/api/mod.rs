@@ -5,6 +5,7 @@
 //!
 //! One file per route group; `startup` wires them together.
 
+mod dashboard;
 mod docs;
 pub mod error;
 mod forecasts;

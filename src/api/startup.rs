@@ -14,8 +14,8 @@ use super::error;
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
 use super::{
-    docs, forecasts, health, metrics, models, observations, openapi, runs, schedules, series,
-    sources, training,
+    dashboard, docs, forecasts, health, metrics, models, observations, openapi, runs, schedules,
+    series, sources, training,
 };
 use crate::config::{ANY_ORIGIN, Settings};
 use super::model_cache::{DEFAULT_MODEL_CACHE_BYTES, ModelCache};
@@ -180,6 +180,9 @@ fn cors(allowed_origins: &[String]) -> Cors {
 /// Every route. A path served with other methods answers 405 in the error shape.
 fn routes(config: &mut web::ServiceConfig) {
     config
+        .service(resource("/").route(web::get().to(dashboard::index)))
+        .service(resource("/dashboard").route(web::get().to(dashboard::index)))
+        .service(resource("/dashboard/{path:.*}").route(web::get().to(dashboard::file)))
         .service(resource("/livez").route(web::get().to(health::livez)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/metrics").route(web::get().to(metrics::metrics)))
