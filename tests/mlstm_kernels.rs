@@ -11,6 +11,11 @@ use xlstm_forecast::xlstm::kernels::mlstm::{self, MlstmState, fused_cpu, referen
 /// reach a few hundred, so f32 rounding in them alone moves h by ~1e-5.
 const FORWARD_TOL: (f32, f32) = (1e-4, 1e-4);
 const GRAD_TOL: (f32, f32) = (1e-3, 1e-3);
+/// Fused against reference over a whole sequence: `h = num / max(|n·q|, e^(−m))` turns the
+/// rounding of the S-term sums into a relative error of up to ~3e-4 where the normaliser sits
+/// near its floor (2.9e-4 seen at S = 1024, |h| ≈ 26, on an AVX-512 machine; the same seed
+/// passed within 1e-4 on another CPU), so outputs get a wider relative band than single steps.
+const SEQUENCE_OUTPUT_TOL: (f32, f32) = (1e-4, 5e-4);
 
 fn random(rng: &mut StdRng, shape: &[usize], mean: f32, std: f32) -> Tensor {
     let normal = Normal::new(mean, std).unwrap();
@@ -105,7 +110,7 @@ const INPUT_NAMES: [&str; 8] = ["q", "k", "v", "igate", "fgate", "C0", "n0", "m0
 
 fn assert_same(what: &str, fused: &Differentiated, reference: &Differentiated) {
     for (j, (f, r)) in fused.outputs.iter().zip(&reference.outputs).enumerate() {
-        assert_close(&format!("{what} output {j}"), f, r, FORWARD_TOL);
+        assert_close(&format!("{what} output {j}"), f, r, SEQUENCE_OUTPUT_TOL);
     }
     for (j, (f, r)) in fused.grads.iter().zip(&reference.grads).enumerate() {
         assert_close(&format!("{what} grad {}", INPUT_NAMES[j]), f, r, GRAD_TOL);

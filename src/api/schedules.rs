@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::series::find_series;
 use super::startup::AppState;
+use crate::jobs::{self, ScheduleError};
 use crate::store::{Schedule, ScheduleMode, ScheduleSpec, Series, StoreError, cron_expression};
 
 /// A schedule as the API shows it.
@@ -179,7 +180,9 @@ pub async fn delete(
 /// Stores a schedule (the store checks the cron expression and the zone).
 /// The one place a schedule is written: the scheduler is told from here.
 async fn save_schedule(state: &AppState, spec: &ScheduleSpec) -> Result<Schedule, ApiError> {
-    let schedule = state.store.upsert_schedule(spec).await?;
+    let schedule = jobs::put_schedule(state.store.as_ref(), state.scheduler.as_ref(), spec)
+        .await
+        .map_err(schedule_error)?;
     tracing::info!(series_id = spec.series_id, cron = %schedule.cron, enabled = schedule.enabled, "schedule stored");
     Ok(schedule)
 }
@@ -187,13 +190,21 @@ async fn save_schedule(state: &AppState, spec: &ScheduleSpec) -> Result<Schedule
 /// Deletes a series' schedule. The one place a schedule is removed: the
 /// scheduler is told from here.
 async fn remove_schedule(state: &AppState, series: &Series) -> Result<(), ApiError> {
-    match state.store.delete_schedule(series.id).await {
+    match jobs::remove_schedule(state.store.as_ref(), state.scheduler.as_ref(), series.id).await {
         Ok(()) => {
             tracing::info!(series = %series.name, "schedule removed");
             Ok(())
         }
-        Err(StoreError::NotFound { .. }) => Err(no_schedule(series)),
-        Err(err) => Err(err.into()),
+        Err(ScheduleError::Store(StoreError::NotFound { .. })) => Err(no_schedule(series)),
+        Err(err) => Err(schedule_error(err)),
+    }
+}
+
+fn schedule_error(err: ScheduleError) -> ApiError {
+    match (err.field(), err) {
+        (_, ScheduleError::Store(err)) => err.into(),
+        (Some(field), err) => ApiError::unprocessable(field, err.to_string()),
+        (None, err) => ApiError::Internal(err.to_string()),
     }
 }
 

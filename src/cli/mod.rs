@@ -10,6 +10,7 @@ mod generate;
 mod import;
 mod migrate;
 mod progress;
+mod quickstart;
 mod serve;
 mod series_source;
 mod train;
@@ -45,6 +46,9 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Export a series as a regularised wide CSV.
     Export(export::ExportArgs),
+    /// From nothing to a running service: sample series, a trained model, a forecast, an
+    /// hourly fine-tune schedule, then serve (the embedded SQLite store unless configured).
+    Quickstart(quickstart::QuickstartArgs),
     /// Run the HTTP service.
     Serve(serve::ServeArgs),
     /// Train (or fine-tune) an xLSTM forecaster on a series; writes a model directory.
@@ -68,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => block_on(migrate::run(args, &settings)),
         Command::Import(args) => block_on(import::run(args, &settings)),
         Command::Export(args) => block_on(export::run(args, &settings)),
+        Command::Quickstart(args) => block_on(quickstart::run(args, &settings)),
         Command::Serve(args) => block_on(serve::run(args, &settings)),
         Command::Train(args) => block_on(train::run(args, &settings)),
         Command::Forecast(args) => block_on(forecast::run(args, &settings)),

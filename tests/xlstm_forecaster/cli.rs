@@ -146,3 +146,30 @@ fn eval_scores_the_xlstm_model_with_every_field() {
     let err = fail(dir, &["eval", "--csv", &csv, "--lookback", "48", "--horizon", "12", "--split", "0.6,0.2,0.2", "--preset", "huge"]);
     assert!(err.contains("unknown preset \"huge\""), "{err}");
 }
+
+#[test]
+fn quickstart_prepares_the_embedded_store_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let output = run(dir, &["quickstart", "--no-serve", "--rows", "400"]);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    for needle in [
+        "series 'demo': 400 hourly rows x 4 channels",
+        "training preset 'tiny'",
+        "forecast persisted",
+        "schedule: fine-tune 'demo' hourly",
+        "/docs/",
+        "/api/v1/series/demo/forecast",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    // A second run keeps what is there.
+    let again = run(dir, &["quickstart", "--no-serve", "--rows", "400"]);
+    let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
+    assert!(again.status.success(), "{stderr}");
+    assert!(stderr.contains("series 'demo' exists") && stderr.contains("a champion exists"), "{stderr}");
+    // What it trained serves from the store like any model.
+    let out = succeed(dir, &["export", "--series", "demo", "--csv", "demo.csv"]);
+    assert!(out.contains("400 rows x 4 channels"), "{out}");
+}
