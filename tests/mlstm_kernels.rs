@@ -11,11 +11,16 @@ use xlstm_forecast::xlstm::kernels::mlstm::{self, MlstmState, fused_cpu, referen
 /// reach a few hundred, so f32 rounding in them alone moves h by ~1e-5.
 const FORWARD_TOL: (f32, f32) = (1e-4, 1e-4);
 const GRAD_TOL: (f32, f32) = (1e-3, 1e-3);
-/// Fused against reference over a whole sequence: `h = num / max(|n·q|, e^(−m))` turns the
-/// rounding of the S-term sums into a relative error of up to ~3e-4 where the normaliser sits
-/// near its floor (2.9e-4 seen at S = 1024, |h| ≈ 26, on an AVX-512 machine; the same seed
-/// passed within 1e-4 on another CPU), so outputs get a wider relative band than single steps.
-const SEQUENCE_OUTPUT_TOL: (f32, f32) = (1e-4, 5e-4);
+/// Long sequences (S ≥ 512): the cumulative log forget gates reach several hundred, and the
+/// reference sums them with candle's `cumsum`, a triangular GEMM whose summation order follows
+/// the CPU's GEMM kernel; an f32 error of ~1e-3 in a sum of that size is a ~1e-3 relative error
+/// of the decay weights, which reaches h and the gradients (1.4e-3 seen at S = 1024 on an
+/// AVX-512 machine; the same seed passed within the tolerances above on another CPU). Where
+/// terms cancel, the error is a share of the tensor's largest magnitude rather than of the
+/// element, so long sequences get `rtol` plus this share of the largest |expected|.
+const LONG_SEQUENCE: usize = 512;
+const LONG_SEQUENCE_RTOL: f32 = 2e-3;
+const LONG_SEQUENCE_SHARE_OF_LARGEST: f32 = 2e-4;
 
 fn random(rng: &mut StdRng, shape: &[usize], mean: f32, std: f32) -> Tensor {
     let normal = Normal::new(mean, std).unwrap();
@@ -108,12 +113,24 @@ fn differentiate(
 
 const INPUT_NAMES: [&str; 8] = ["q", "k", "v", "igate", "fgate", "C0", "n0", "m0"];
 
+/// `short` for sequences shorter than `LONG_SEQUENCE` (dim 2 of `[B, NH, S, ...]`), else
+/// the long-sequence tolerance for `expected`.
+fn tolerance(expected: &Tensor, short: (f32, f32)) -> (f32, f32) {
+    match expected.dims() {
+        [_, _, s, ..] if *s >= LONG_SEQUENCE => {
+            let largest = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            (LONG_SEQUENCE_SHARE_OF_LARGEST * largest, LONG_SEQUENCE_RTOL)
+        }
+        _ => short,
+    }
+}
+
 fn assert_same(what: &str, fused: &Differentiated, reference: &Differentiated) {
     for (j, (f, r)) in fused.outputs.iter().zip(&reference.outputs).enumerate() {
-        assert_close(&format!("{what} output {j}"), f, r, SEQUENCE_OUTPUT_TOL);
+        assert_close(&format!("{what} output {j}"), f, r, tolerance(r, FORWARD_TOL));
     }
     for (j, (f, r)) in fused.grads.iter().zip(&reference.grads).enumerate() {
-        assert_close(&format!("{what} grad {}", INPUT_NAMES[j]), f, r, GRAD_TOL);
+        assert_close(&format!("{what} grad {}", INPUT_NAMES[j]), f, r, tolerance(r, GRAD_TOL));
     }
 }
 
@@ -546,3 +563,4 @@ fn backward_through_the_fused_step_fails_loudly() {
         &["mlstm-step"],
     );
 }
+
