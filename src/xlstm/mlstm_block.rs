@@ -42,7 +42,8 @@ struct CellInputs {
     /// Gate pre-activations `[B, NH, S]`.
     igate: Tensor,
     fgate: Tensor,
-    conv_state: Tensor,
+    /// The conv input `[B, S, D]` (for the conv state after it).
+    x_m: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -154,7 +155,7 @@ impl MlstmBlock {
         Ok((
             out,
             MlstmBlockState {
-                conv: inputs.conv_state.clone(),
+                conv: self.conv.next_state(&inputs.x_m, Some(&state.conv))?,
                 cell,
             },
         ))
@@ -176,7 +177,7 @@ impl MlstmBlock {
         Ok((
             out,
             MlstmBlockState {
-                conv: inputs.conv_state.clone(),
+                conv: self.conv.next_state(&inputs.x_m, Some(&state.conv))?,
                 cell,
             },
         ))
@@ -188,8 +189,7 @@ impl MlstmBlock {
         let up = self.proj_up.forward(&self.norm.forward(x)?)?;
         let x_m = up.narrow(D::Minus1, 0, d)?;
         let z = up.narrow(D::Minus1, d, d)?;
-        let (x_conv, conv_state) = self.conv.forward_with_state(&x_m, conv_state)?;
-        let x_conv = x_conv.silu()?;
+        let x_conv = self.conv.forward_silu(&x_m, conv_state)?;
         let q = self.q_proj.forward(&x_conv)?;
         let k = self.k_proj.forward(&x_conv)?;
         let v = self.v_proj.forward(&x_m)?;
@@ -209,7 +209,7 @@ impl MlstmBlock {
             fgate: gates.narrow(1, nh, nh)?.contiguous()?,
             x_conv,
             z,
-            conv_state,
+            x_m,
         })
     }
 
