@@ -5,11 +5,14 @@
 //! * inputs: `qkv` = q, k, v concatenated on the last dim; `gates` = igate, fgate
 //!   stacked on a new last dim; for the chunkwise form and the step the state
 //!   record `[C (DH·DH) | n (DH) | m]` per head.
-//! * outputs: one row per time step `[h (DH) | m_row | b_row]` (the row stabiliser and
-//!   the signed normaliser, which the backward pass reuses); the chunkwise form
-//!   appends the state record before every chunk and the final state record.
-//!   The thin public wrappers split these with `narrow`, so candle's autodiff routes
-//!   the gradients of h and of the final state back into one `bwd` call.
+//! * outputs: h `[B, NH, S, DH]`; the chunkwise form appends the final state record as
+//!   DH + 2 more rows per head (C, n, then m), and the wrappers return h and the final
+//!   state as `narrow` views of that one output, so candle's autodiff routes the
+//!   gradients of both back into one `bwd` call without copies.
+//! * tape: internally every head computes rows `[h (DH) | m_row | b_row]` (the row
+//!   stabiliser and the signed normaliser) and, for the chunkwise form, the state record
+//!   before every chunk; while gradients are tracked the op keeps them for its backward
+//!   pass (torch's `save_for_backward`), which borrows the inputs instead of copying them.
 //!
 //! The backward pass treats every stabiliser as a constant (see the parent module)
 //! and recomputes the intra-chunk decay weights instead of storing them, so memory
