@@ -57,13 +57,13 @@ fn check(
             bias.dims()
         )));
     }
-    if let Some(state) = state {
-        if state.dims() != [batch, kernel_size, channels] {
-            return Err(Error::Msg(format!(
-                "{op}: state has shape {:?}, expected [B, K, C] = [{batch}, {kernel_size}, {channels}]",
-                state.dims()
-            )));
-        }
+    if let Some(state) = state
+        && state.dims() != [batch, kernel_size, channels]
+    {
+        return Err(Error::Msg(format!(
+            "{op}: state has shape {:?}, expected [B, K, C] = [{batch}, {kernel_size}, {channels}]",
+            state.dims()
+        )));
     }
     let named = [
         ("weight", Some(weight)),
