@@ -6,9 +6,9 @@
 //!   stacked on a new last dim; for the chunkwise form and the step the state
 //!   record `[C (DH·DH) | n (DH) | m]` per head.
 //! * outputs: h `[B, NH, S, DH]`; the chunkwise form appends the final state record as
-//!   DH + 2 more rows per head (C, n, then m), and the wrappers return h and the final
-//!   state as `narrow` views of that one output, so candle's autodiff routes the
-//!   gradients of both back into one `bwd` call without copies.
+//!   DH + 2 more rows per head (C, n, then m); the wrappers return h as a `narrow` view
+//!   of that one output (the small final state as copies of its rows), so candle's
+//!   autodiff routes the gradients of both back into one `bwd` call.
 //! * tape: internally every head computes rows `[h (DH) | m_row | b_row]` (the row
 //!   stabiliser and the signed normaliser) and, for the chunkwise form, the state record
 //!   before every chunk; while gradients are tracked the op keeps them for its backward
@@ -1719,7 +1719,7 @@ pub fn chunkwise(
 }
 
 /// The chunkwise form on packed inputs (checked by the caller); h is returned as a view
-/// `[B, NH, S, DH]` of the op's output, and so is the final state.
+/// `[B, NH, S, DH]` of the op's output.
 pub(super) fn chunkwise_packed(
     qkv: &Tensor,
     gates: &Tensor,
@@ -1748,14 +1748,17 @@ pub(super) fn chunkwise_packed(
         ChunkwiseOp { geometry, tape },
     )?;
     let h = out.narrow(2, 0, seq_len)?;
+    // The state is carried across calls: small copies, so that it does not pin the
+    // O(S) output buffer for as long as a stream lives.
     let final_state = MlstmState {
-        c: out.narrow(2, seq_len, d)?,
-        n: out.narrow(2, seq_len + d, 1)?.squeeze(2)?,
+        c: out.narrow(2, seq_len, d)?.contiguous()?,
+        n: out.narrow(2, seq_len + d, 1)?.squeeze(2)?.contiguous()?,
         m: out
             .narrow(2, seq_len + d + 1, 1)?
             .squeeze(2)?
             .narrow(2, 0, 1)?
-            .squeeze(2)?,
+            .squeeze(2)?
+            .contiguous()?,
     };
     Ok((h, final_state))
 }

@@ -71,7 +71,7 @@ pub fn parallel(
 
 /// Chunkwise form for any S (the last chunk may be shorter than `chunk_size`).
 /// `initial` None = the all-zero state. Returns (h `[B, NH, S, DH]`, final state); on the
-/// CPU both are views of the fused op's one output (call `contiguous` to detach a copy).
+/// CPU h is a view of the fused op's output (call `contiguous` for a packed copy).
 pub fn chunkwise(
     q: &Tensor,
     k: &Tensor,
