@@ -8,6 +8,8 @@
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::kernels::{conv, norm};
+
 /// eps of every LayerNorm / GroupNorm in the stack.
 pub const NORM_EPS: f64 = 1e-5;
 
@@ -69,14 +71,6 @@ pub fn linspace(start: f64, end: f64, n: usize, device: &Device) -> Result<Tenso
     Tensor::from_vec(values, n, device)
 }
 
-/// Normalises over the last dim (mean, biased variance, `NORM_EPS`), no scale.
-fn standardise_last_dim(x: &Tensor) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    centred.broadcast_div(&(var + NORM_EPS)?.sqrt()?)
-}
-
 /// xlstm `LayerNorm`: over the last dim, scale `1 + weight` (weight initialised to 0), no bias.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -93,7 +87,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        standardise_last_dim(x)?.broadcast_mul(&(&self.weight + 1.0)?)
+        norm::layer_norm(x, &(&self.weight + 1.0)?, None, NORM_EPS)
     }
 }
 
@@ -115,7 +109,7 @@ impl MultiHeadLayerNorm {
 
     /// Head-major cell output `h` `[B, NH, S, DH]` → normalised features `[B, S, NH·DH]`.
     pub fn forward_heads(&self, h: &Tensor) -> Result<Tensor> {
-        let (b, nh, s, dh) = h.dims4()?;
+        let nh = h.dims4()?.1;
         if nh != self.num_heads {
             candle_core::bail!(
                 "multi-head layer norm: input has {nh} heads (shape {:?}), expected {}",
@@ -123,11 +117,7 @@ impl MultiHeadLayerNorm {
                 self.num_heads
             );
         }
-        let scale = (&self.weight + 1.0)?.reshape((nh, 1, dh))?;
-        standardise_last_dim(h)?
-            .broadcast_mul(&scale)?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * dh))
+        norm::multi_head_layer_norm(h, &(&self.weight + 1.0)?, NORM_EPS)
     }
 }
 
@@ -214,6 +204,27 @@ impl CausalConv1d {
         let new_state = padded.narrow(1, seq_len - 1, k)?.contiguous()?;
         Ok((y, new_state))
     }
+
+    /// `SiLU(conv(x))` `[B, S, C]` continuing from `state` (`None`: zeros), by the fused
+    /// conv + SiLU kernel: the input branch of both blocks.
+    pub fn forward_silu(&self, x: &Tensor, state: Option<&Tensor>) -> Result<Tensor> {
+        conv::causal_conv_silu(x, &self.weight.squeeze(1)?, &self.bias, state)
+    }
+
+    /// The state after `x` `[B, S, C]` when `state` (`None`: zeros) was the state before it:
+    /// the last K inputs of history followed by `x`.
+    pub fn next_state(&self, x: &Tensor, state: Option<&Tensor>) -> Result<Tensor> {
+        let (batch, seq_len, _) = x.dims3()?;
+        let k = self.kernel_size;
+        if seq_len >= k {
+            return x.narrow(1, seq_len - k, k)?.contiguous();
+        }
+        let history = match state {
+            Some(state) => state.clone(),
+            None => self.zero_state(batch, x.device())?,
+        };
+        Tensor::cat(&[&history.narrow(1, seq_len, k - seq_len)?, x], 1)
+    }
 }
 
 /// Block-diagonal linear map without bias (official `LinearHeadwiseExpand`, expand factor 1):
@@ -253,8 +264,15 @@ impl LinearHeadwiseExpand {
 
 impl Module for LinearHeadwiseExpand {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.dense_weight()?.t()?)
+        matmul_transposed(x, &self.dense_weight()?)
     }
+}
+
+/// `x W^T` for `x` `[.., in]` and `W` `[out, in]` as one GEMM over all leading dims. A view
+/// (e.g. a narrow of the up-projection) is copied first: candle would otherwise broadcast W
+/// into a `[B, out, in]` copy and sum its gradient over B in the backward pass.
+fn matmul_transposed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.broadcast_matmul(&weight.t()?)
 }
 
 /// `y = x Wᵀ` without bias, `W` `[out, in]` (PyTorch `nn.Linear(bias=False)`).
@@ -277,7 +295,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.weight.t()?)
+        matmul_transposed(x, &self.weight)
     }
 }
 

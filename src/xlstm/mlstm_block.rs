@@ -35,14 +35,12 @@ struct CellInputs {
     x_conv: Tensor,
     /// The output-gate branch `[B, S, D]`.
     z: Tensor,
-    /// `[B, NH, S, DH]` each.
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    /// Gate pre-activations `[B, NH, S]`.
-    igate: Tensor,
-    fgate: Tensor,
-    conv_state: Tensor,
+    /// q, k, v side by side `[B, NH, S, 3·DH]` (the kernels' packed layout).
+    qkv: Tensor,
+    /// Gate pre-activations `[B, NH, S, 2]` (igate, fgate).
+    gates: Tensor,
+    /// The conv input `[B, S, D]` (for the conv state after it).
+    x_m: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -114,17 +112,11 @@ impl MlstmBlock {
     /// `x` `[B, S, E]` → `[B, S, E]` with the configured kernel, from the zero state.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let inputs = self.cell_inputs(x, None)?;
-        let (q, k, v, i, f) = (
-            &inputs.q,
-            &inputs.k,
-            &inputs.v,
-            &inputs.igate,
-            &inputs.fgate,
-        );
+        let (qkv, gates) = (&inputs.qkv, &inputs.gates);
         let h = match self.kernel {
-            MlstmKernel::Parallel => mlstm::parallel(q, k, v, i, f)?,
+            MlstmKernel::Parallel => mlstm::parallel_packed(qkv, gates)?,
             MlstmKernel::Chunkwise { chunk_size } => {
-                mlstm::chunkwise(q, k, v, i, f, chunk_size, None)?.0
+                mlstm::chunkwise_packed(qkv, gates, chunk_size, None)?.0
             }
         };
         self.output(x, &inputs, &h, train)
@@ -142,19 +134,13 @@ impl MlstmBlock {
             MlstmKernel::Chunkwise { chunk_size } => chunk_size,
             MlstmKernel::Parallel => STATE_CHUNK_SIZE,
         };
-        let (q, k, v, i, f) = (
-            &inputs.q,
-            &inputs.k,
-            &inputs.v,
-            &inputs.igate,
-            &inputs.fgate,
-        );
-        let (h, cell) = mlstm::chunkwise(q, k, v, i, f, chunk_size, Some(&state.cell))?;
+        let (h, cell) =
+            mlstm::chunkwise_packed(&inputs.qkv, &inputs.gates, chunk_size, Some(&state.cell))?;
         let out = self.output(x, &inputs, &h, false)?;
         Ok((
             out,
             MlstmBlockState {
-                conv: inputs.conv_state.clone(),
+                conv: self.conv.next_state(&inputs.x_m, Some(&state.conv))?,
                 cell,
             },
         ))
@@ -163,20 +149,23 @@ impl MlstmBlock {
     /// One token `x_t` `[B, 1, E]` with the recurrent kernel.
     pub fn step(&self, x_t: &Tensor, state: &MlstmBlockState) -> Result<(Tensor, MlstmBlockState)> {
         let inputs = self.cell_inputs(x_t, Some(&state.conv))?;
-        let token = |t: &Tensor| t.squeeze(2);
+        let dh = self.inner_dim / self.num_heads;
+        // [B, NH, 1, W] → the parts [B, NH, w] of the one token.
+        let part = |t: &Tensor, i: usize, w: usize| t.narrow(3, i * w, w)?.squeeze(2);
+        let (qkv, gates) = (&inputs.qkv, &inputs.gates);
         let (h, cell) = mlstm::step(
-            &token(&inputs.q)?,
-            &token(&inputs.k)?,
-            &token(&inputs.v)?,
-            &token(&inputs.igate)?,
-            &token(&inputs.fgate)?,
+            &part(qkv, 0, dh)?,
+            &part(qkv, 1, dh)?,
+            &part(qkv, 2, dh)?,
+            &part(gates, 0, 1)?.squeeze(2)?,
+            &part(gates, 1, 1)?.squeeze(2)?,
             &state.cell,
         )?;
         let out = self.output(x_t, &inputs, &h.unsqueeze(2)?, false)?;
         Ok((
             out,
             MlstmBlockState {
-                conv: inputs.conv_state.clone(),
+                conv: self.conv.next_state(&inputs.x_m, Some(&state.conv))?,
                 cell,
             },
         ))
@@ -188,28 +177,32 @@ impl MlstmBlock {
         let up = self.proj_up.forward(&self.norm.forward(x)?)?;
         let x_m = up.narrow(D::Minus1, 0, d)?;
         let z = up.narrow(D::Minus1, d, d)?;
-        let (x_conv, conv_state) = self.conv.forward_with_state(&x_m, conv_state)?;
-        let x_conv = x_conv.silu()?;
+        let x_conv = self.conv.forward_silu(&x_m, conv_state)?;
         let q = self.q_proj.forward(&x_conv)?;
         let k = self.k_proj.forward(&x_conv)?;
         let v = self.v_proj.forward(&x_m)?;
-        // Both gates in one GEMM: [B, S, 3D] × [3D, 2NH].
+        // q | k | v side by side [B, S, 3D]: the gates' input, and the cell's input after one
+        // head-major copy. Both gates in one GEMM: [B, S, 3D] × [3D, 2NH].
+        let qkv = Tensor::cat(&[&q, &k, &v], D::Minus1)?;
         let gate_w = Tensor::cat(&[&self.igate_weight, &self.fgate_weight], 0)?;
         let gate_b = Tensor::cat(&[&self.igate_bias, &self.fgate_bias], 0)?;
-        let gates = Tensor::cat(&[&q, &k, &v], D::Minus1)?
+        let gates = qkv
             .broadcast_matmul(&gate_w.t()?)?
             .broadcast_add(&gate_b)?
-            .transpose(1, 2)?; // [B, 2NH, S]
-        let heads = |t: &Tensor| t.reshape((b, s, nh, d / nh))?.transpose(1, 2)?.contiguous();
+            .reshape((b, s, 2, nh))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let qkv = qkv
+            .reshape((b, s, 3, nh, d / nh))?
+            .permute((0, 3, 1, 2, 4))?
+            .contiguous()?
+            .reshape((b, nh, s, 3 * (d / nh)))?;
         Ok(CellInputs {
-            q: heads(&q)?,
-            k: heads(&k)?,
-            v: heads(&v)?,
-            igate: gates.narrow(1, 0, nh)?.contiguous()?,
-            fgate: gates.narrow(1, nh, nh)?.contiguous()?,
+            qkv,
+            gates,
             x_conv,
             z,
-            conv_state,
+            x_m,
         })
     }
 

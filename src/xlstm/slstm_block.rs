@@ -143,9 +143,11 @@ impl SlstmBlock {
         let normed = self.norm.forward(x)?;
         let (x_conv, conv_state) = match &self.conv {
             Some(conv) => {
-                let (y, s) =
-                    conv.forward_with_state(&normed, state.and_then(|s| s.conv.as_ref()))?;
-                (y.silu()?, Some(s))
+                let carried = state.and_then(|s| s.conv.as_ref());
+                (
+                    conv.forward_silu(&normed, carried)?,
+                    Some(conv.next_state(&normed, carried)?),
+                )
             }
             None => (normed.clone(), None),
         };

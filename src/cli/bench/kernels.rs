@@ -44,6 +44,10 @@ pub struct KernelBenchArgs {
     /// Run only these groups (repeatable); all by default.
     #[arg(long = "only", value_enum)]
     pub only: Vec<CaseGroup>,
+    /// Time only these kernels in the kernel group (repeatable: mlstm_parallel,
+    /// mlstm_chunkwise, slstm_scan); all by default.
+    #[arg(long = "kernel", value_name = "NAME")]
+    pub kernels: Vec<String>,
     /// Python of a virtual environment with the official xLSTM (see
     /// ../shared/bench/setup-peer.sh): also time it on the stack cases and print ours/peer.
     #[arg(long, value_name = "PYTHON")]
@@ -112,7 +116,15 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     let wants = |g: CaseGroup| args.only.is_empty() || args.only.contains(&g);
     let report = Reporter { json: args.json };
     if wants(CaseGroup::Kernels) {
-        kernel_cases(&sizes, iters, &report)?;
+        let kernels = if args.kernels.is_empty() {
+            Kernel::ALL.to_vec()
+        } else {
+            args.kernels
+                .iter()
+                .map(|name| Kernel::parse(name))
+                .collect::<anyhow::Result<_>>()?
+        };
+        kernel_cases(&kernels, &sizes, iters, &report)?;
     }
     if wants(CaseGroup::Memory) {
         memory_cases(&sizes, &report)?;
@@ -332,8 +344,13 @@ impl Kernel {
     }
 }
 
-fn kernel_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<()> {
-    for kernel in Kernel::ALL {
+fn kernel_cases(
+    kernels: &[Kernel],
+    sizes: &Sizes,
+    iters: usize,
+    report: &Reporter,
+) -> anyhow::Result<()> {
+    for &kernel in kernels {
         for &head_dim in &sizes.head_dims {
             for &seq_len in &sizes.seq_lens {
                 let inputs = kernel.inputs(sizes.batch, seq_len, head_dim)?;

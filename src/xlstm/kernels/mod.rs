@@ -1,6 +1,8 @@
-//! Exponential-gating kernels. Each kernel has a candle-ops reference (the test
-//! oracle) and a fused CPU custom op with a hand-written backward; the public
-//! function of each kernel dispatches by device.
+//! Exponential-gating kernels and the fused layers around them. Each kernel has a candle-ops
+//! reference (the test oracle) and a fused CPU custom op with a hand-written backward; the
+//! public function of each kernel dispatches by device.
 
+pub mod conv;
 pub mod mlstm;
+pub mod norm;
 pub mod slstm;

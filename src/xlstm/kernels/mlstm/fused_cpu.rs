@@ -5,11 +5,14 @@
 //! * inputs: `qkv` = q, k, v concatenated on the last dim; `gates` = igate, fgate
 //!   stacked on a new last dim; for the chunkwise form and the step the state
 //!   record `[C (DH·DH) | n (DH) | m]` per head.
-//! * outputs: one row per time step `[h (DH) | m_row | b_row]` (the row stabiliser and
-//!   the signed normaliser, which the backward pass reuses); the chunkwise form
-//!   appends the state record before every chunk and the final state record.
-//!   The thin public wrappers split these with `narrow`, so candle's autodiff routes
-//!   the gradients of h and of the final state back into one `bwd` call.
+//! * outputs: h `[B, NH, S, DH]`; the chunkwise form appends the final state record as
+//!   DH + 2 more rows per head (C, n, then m); the wrappers return h as a `narrow` view
+//!   of that one output (the small final state as copies of its rows), so candle's
+//!   autodiff routes the gradients of both back into one `bwd` call.
+//! * tape: internally every head computes rows `[h (DH) | m_row | b_row]` (the row
+//!   stabiliser and the signed normaliser) and, for the chunkwise form, the state record
+//!   before every chunk; while gradients are tracked the op keeps them for its backward
+//!   pass (torch's `save_for_backward`), which borrows the inputs instead of copying them.
 //!
 //! The backward pass treats every stabiliser as a constant (see the parent module)
 //! and recomputes the intra-chunk decay weights instead of storing them, so memory
@@ -572,8 +575,9 @@ struct HeadBackward<'a> {
     /// Forward output rows and state records.
     rows: &'a [f32],
     states: &'a [f32],
-    /// Gradient of the output rows (only the h part is read).
+    /// Gradient of h, one row of `grad_h_width` (≥ DH) values per step.
     grad_rows: &'a [f32],
+    grad_h_width: usize,
     /// Gradient of the final state record (chunkwise form only).
     grad_final: Option<&'a [f32]>,
     grad_qkv: &'a mut [f32],
@@ -915,6 +919,7 @@ fn backward_head<L: Lanes>(
         rows,
         states,
         grad_rows,
+        grad_h_width,
         grad_final,
         grad_qkv,
         grad_gates,
@@ -965,7 +970,8 @@ fn backward_head<L: Lanes>(
             chunk_qkv,
             prev,
             &rows[start * row_width..(start + len) * row_width],
-            &grad_rows[start * row_width..(start + len) * row_width],
+            &grad_rows[start * grad_h_width..(start + len) * grad_h_width],
+            grad_h_width,
             (&mut next_c, &mut next_n),
             scratch,
         );
@@ -1086,6 +1092,7 @@ fn chunk_rows_backward<L: Lanes>(
     prev: Option<StateView<'_>>,
     rows: &[f32],
     grad_rows: &[f32],
+    grad_h_width: usize,
     (next_c, next_n): (&mut [f32], &mut [f32]),
     scratch: &mut HeadScratch,
 ) {
@@ -1099,7 +1106,7 @@ fn chunk_rows_backward<L: Lanes>(
         let row = &rows[tau * row_width..(tau + 1) * row_width];
         let (h, stats) = row.split_at(d);
         let (m_row, normaliser) = (stats[0], stats[1]);
-        let grad_h = &grad_rows[tau * row_width..tau * row_width + d];
+        let grad_h = &grad_rows[tau * grad_h_width..tau * grad_h_width + d];
         let floor = (-m_row).exp();
         let den = normaliser.abs().max(floor) + DENOMINATOR_EPS;
         for (gn, gh) in scratch.rows_a[tau * d..(tau + 1) * d]
@@ -1239,21 +1246,58 @@ fn contiguous_f32<'a>(
     Ok(&data[start..end])
 }
 
-/// Copies a CPU tensor's data into a Vec (the backward pass reads candle tensors).
-fn tensor_data(op: &str, what: &str, t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => Ok(contiguous_f32(op, what, cpu, layout)?.to_vec()),
-        _ => Err(Error::Msg(format!(
-            "{op}: {what} is not on the CPU; this kernel is CPU-only"
-        ))),
+/// A contiguous CPU tensor whose f32 data the backward pass borrows (no copy when the tensor
+/// is already contiguous).
+struct Borrowed {
+    tensor: Tensor,
+}
+
+impl Borrowed {
+    fn new(t: &Tensor) -> Result<Self> {
+        Ok(Self {
+            tensor: t.contiguous()?,
+        })
+    }
+
+    /// Runs `f` on the data.
+    fn read<R>(&self, op: &str, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        let (storage, layout) = self.tensor.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cpu) => f(contiguous_f32(op, what, cpu, layout)?),
+            _ => Err(Error::Msg(format!(
+                "{op}: {what} is not on the CPU; this kernel is CPU-only"
+            ))),
+        }
     }
 }
 
-/// The stabilised parallel form as a custom op on (qkv, gates); output `[B, NH, S, DH + 2]`.
+/// Values the forward pass keeps for the backward pass while gradients are tracked (like
+/// torch's `save_for_backward`): per head the rows `[h | m_row | b_row]` and, for the
+/// chunkwise form, the state record before every chunk and the final one.
+type Tape = Option<std::sync::OnceLock<Vec<f32>>>;
+
+fn tape_for(inputs: &[&Tensor]) -> Tape {
+    inputs
+        .iter()
+        .any(|t| t.track_op())
+        .then(std::sync::OnceLock::new)
+}
+
+fn recorded<'a>(op: &str, tape: &'a Tape) -> Result<&'a [f32]> {
+    tape.as_ref()
+        .and_then(|t| t.get())
+        .map(Vec::as_slice)
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "{op}: backward pass without a recorded forward pass (inputs were not tracked)"
+            ))
+        })
+}
+
+/// The stabilised parallel form as a custom op on (qkv, gates); output h `[B, NH, S, DH]`.
 struct ParallelOp {
     geometry: HeadGeometry,
+    tape: Tape,
 }
 
 impl CustomOp2 for ParallelOp {
@@ -1273,63 +1317,85 @@ impl CustomOp2 for ParallelOp {
         let qkv = contiguous_f32(op, "qkv", qkv_storage, qkv_layout)?;
         let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
+        let h_len = g.seq_len * g.head_dim;
         let mut rows = vec![0f32; batch * heads * g.rows_len()];
-        rows.par_chunks_mut(g.rows_len()).enumerate().for_each_init(
-            || HeadScratch::new(g),
-            |scratch, (head, rows)| {
-                let head = HeadForward {
-                    qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
-                    gates: &gates[head * g.seq_len * 2..][..g.seq_len * 2],
-                    initial: None,
-                    rows,
-                    states: &mut [],
-                };
-                with_best_lanes!(forward_head_avx2, forward_head(g, head, scratch));
-            },
-        );
-        let shape = Shape::from((batch, heads, g.seq_len, g.row_width()));
-        Ok((CpuStorage::F32(rows), shape))
+        let mut h = vec![0f32; batch * heads * h_len];
+        rows.par_chunks_mut(g.rows_len())
+            .zip(h.par_chunks_mut(h_len))
+            .enumerate()
+            .for_each_init(
+                || HeadScratch::new(g),
+                |scratch, (head, (rows, h))| {
+                    let forward = HeadForward {
+                        qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
+                        gates: &gates[head * g.seq_len * 2..][..g.seq_len * 2],
+                        initial: None,
+                        rows,
+                        states: &mut [],
+                    };
+                    with_best_lanes!(forward_head_avx2, forward_head(g, forward, scratch));
+                    copy_h(g, rows, h);
+                },
+            );
+        if let Some(tape) = &self.tape {
+            let _ = tape.set(rows);
+        }
+        let shape = Shape::from((batch, heads, g.seq_len, g.head_dim));
+        Ok((CpuStorage::F32(h), shape))
     }
 
     fn bwd(
         &self,
         qkv: &Tensor,
         gates: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
         let g = self.geometry;
-        let qkv_data = tensor_data(op, "qkv", qkv)?;
-        let gates_data = tensor_data(op, "gates", gates)?;
-        let rows = tensor_data(op, "forward output", res)?;
-        let grad_rows = tensor_data(op, "output gradient", grad_res)?;
-        let mut grad_qkv = vec![0f32; qkv_data.len()];
-        let mut grad_gates = vec![0f32; gates_data.len()];
+        let rows = recorded(op, &self.tape)?;
+        let (qkv_b, gates_b, grad_b) = (
+            Borrowed::new(qkv)?,
+            Borrowed::new(gates)?,
+            Borrowed::new(grad_res)?,
+        );
+        let mut grad_qkv = vec![0f32; qkv.elem_count()];
+        let mut grad_gates = vec![0f32; gates.elem_count()];
         let qkv_len = g.seq_len * g.qkv_width();
-        grad_qkv
-            .par_chunks_mut(qkv_len)
-            .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
-            .enumerate()
-            .for_each_init(
-                || HeadScratch::new(g),
-                |scratch, (head, (grad_qkv, grad_gates))| {
-                    let rows_range = head * g.rows_len()..(head + 1) * g.rows_len();
-                    let head = HeadBackward {
-                        qkv: &qkv_data[head * qkv_len..][..qkv_len],
-                        gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
-                        initial: None,
-                        rows: &rows[rows_range.clone()],
-                        states: &[],
-                        grad_rows: &grad_rows[rows_range],
-                        grad_final: None,
-                        grad_qkv,
-                        grad_gates,
-                        grad_initial: None,
-                    };
-                    with_best_lanes!(backward_head_avx2, backward_head(g, head, scratch));
-                },
-            );
+        let h_len = g.seq_len * g.head_dim;
+        qkv_b.read(op, "qkv", |qkv_data| {
+            gates_b.read(op, "gates", |gates_data| {
+                grad_b.read(op, "output gradient", |grad_h| {
+                    grad_qkv
+                        .par_chunks_mut(qkv_len)
+                        .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
+                        .enumerate()
+                        .for_each_init(
+                            || HeadScratch::new(g),
+                            |scratch, (head, (grad_qkv, grad_gates))| {
+                                let backward = HeadBackward {
+                                    qkv: &qkv_data[head * qkv_len..][..qkv_len],
+                                    gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
+                                    initial: None,
+                                    rows: &rows[head * g.rows_len()..][..g.rows_len()],
+                                    states: &[],
+                                    grad_rows: &grad_h[head * h_len..][..h_len],
+                                    grad_h_width: g.head_dim,
+                                    grad_final: None,
+                                    grad_qkv,
+                                    grad_gates,
+                                    grad_initial: None,
+                                };
+                                with_best_lanes!(
+                                    backward_head_avx2,
+                                    backward_head(g, backward, scratch)
+                                );
+                            },
+                        );
+                    Ok(())
+                })
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(grad_qkv, qkv.shape(), &Device::Cpu)?),
             Some(Tensor::from_vec(grad_gates, gates.shape(), &Device::Cpu)?),
@@ -1337,10 +1403,33 @@ impl CustomOp2 for ParallelOp {
     }
 }
 
+/// Copies the h part of a head's rows `[h | m_row | b_row]` into `h` `[S, DH]`.
+fn copy_h(g: HeadGeometry, rows: &[f32], h: &mut [f32]) {
+    for (h_row, row) in h
+        .chunks_exact_mut(g.head_dim)
+        .zip(rows.chunks_exact(g.row_width()))
+    {
+        h_row.copy_from_slice(&row[..g.head_dim]);
+    }
+}
+
 /// The chunkwise form as a custom op on (qkv, gates, initial state records); output
-/// `[B, NH, S·(DH + 2) + (NC + 1)·state_len]`.
+/// `[B, NH, S + DH + 2, DH]`: h in rows 0..S, then the final state record (C in DH rows, n in
+/// one, m first in the last), so h and the final state are views of the one output.
 struct ChunkwiseOp {
     geometry: HeadGeometry,
+    tape: Tape,
+}
+
+impl ChunkwiseOp {
+    /// Rows of the output per head after the S rows of h.
+    fn state_rows(g: HeadGeometry) -> usize {
+        g.head_dim + 2
+    }
+
+    fn output_len(g: HeadGeometry) -> usize {
+        (g.seq_len + Self::state_rows(g)) * g.head_dim
+    }
 }
 
 impl CustomOp3 for ChunkwiseOp {
@@ -1363,23 +1452,37 @@ impl CustomOp3 for ChunkwiseOp {
         let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
         let initial = contiguous_f32(op, "initial state", initial_storage, initial_layout)?;
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
-        let out_len = g.chunkwise_output_len();
+        let record_len = g.chunkwise_output_len();
+        let out_len = Self::output_len(g);
+        let mut records = vec![0f32; batch * heads * record_len];
         let mut out = vec![0f32; batch * heads * out_len];
-        out.par_chunks_mut(out_len).enumerate().for_each_init(
-            || HeadScratch::new(g),
-            |scratch, (head, out)| {
-                let (rows, states) = out.split_at_mut(g.rows_len());
-                let head = HeadForward {
-                    qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
-                    gates: &gates[head * g.seq_len * 2..][..g.seq_len * 2],
-                    initial: Some(&initial[head * g.state_len()..][..g.state_len()]),
-                    rows,
-                    states,
-                };
-                with_best_lanes!(forward_head_avx2, forward_head(g, head, scratch));
-            },
-        );
-        Ok((CpuStorage::F32(out), Shape::from((batch, heads, out_len))))
+        records
+            .par_chunks_mut(record_len)
+            .zip(out.par_chunks_mut(out_len))
+            .enumerate()
+            .for_each_init(
+                || HeadScratch::new(g),
+                |scratch, (head, (record, out))| {
+                    let (rows, states) = record.split_at_mut(g.rows_len());
+                    let forward = HeadForward {
+                        qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
+                        gates: &gates[head * g.seq_len * 2..][..g.seq_len * 2],
+                        initial: Some(&initial[head * g.state_len()..][..g.state_len()]),
+                        rows,
+                        states,
+                    };
+                    with_best_lanes!(forward_head_avx2, forward_head(g, forward, scratch));
+                    let (h, final_state) = out.split_at_mut(g.seq_len * g.head_dim);
+                    copy_h(g, rows, h);
+                    let last = g.num_chunks() * g.state_len();
+                    final_state[..g.state_len()].copy_from_slice(&states[last..]);
+                },
+            );
+        if let Some(tape) = &self.tape {
+            let _ = tape.set(records);
+        }
+        let shape = Shape::from((batch, heads, g.seq_len + Self::state_rows(g), g.head_dim));
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -1387,48 +1490,68 @@ impl CustomOp3 for ChunkwiseOp {
         qkv: &Tensor,
         gates: &Tensor,
         initial: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
         let g = self.geometry;
-        let qkv_data = tensor_data(op, "qkv", qkv)?;
-        let gates_data = tensor_data(op, "gates", gates)?;
-        let initial_data = tensor_data(op, "initial state", initial)?;
-        let out = tensor_data(op, "forward output", res)?;
-        let grad_out = tensor_data(op, "output gradient", grad_res)?;
-        let mut grad_qkv = vec![0f32; qkv_data.len()];
-        let mut grad_gates = vec![0f32; gates_data.len()];
-        let mut grad_initial = vec![0f32; initial_data.len()];
+        let records = recorded(op, &self.tape)?;
+        let (qkv_b, gates_b, initial_b, grad_b) = (
+            Borrowed::new(qkv)?,
+            Borrowed::new(gates)?,
+            Borrowed::new(initial)?,
+            Borrowed::new(grad_res)?,
+        );
+        let mut grad_qkv = vec![0f32; qkv.elem_count()];
+        let mut grad_gates = vec![0f32; gates.elem_count()];
+        let mut grad_initial = vec![0f32; initial.elem_count()];
         let qkv_len = g.seq_len * g.qkv_width();
-        let out_len = g.chunkwise_output_len();
+        let record_len = g.chunkwise_output_len();
+        let out_len = Self::output_len(g);
         let state_len = g.state_len();
-        grad_qkv
-            .par_chunks_mut(qkv_len)
-            .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
-            .zip(grad_initial.par_chunks_mut(state_len))
-            .enumerate()
-            .for_each_init(
-                || HeadScratch::new(g),
-                |scratch, (head, ((grad_qkv, grad_gates), grad_initial))| {
-                    let (rows, states) = out[head * out_len..][..out_len].split_at(g.rows_len());
-                    let (grad_rows, grad_states) =
-                        grad_out[head * out_len..][..out_len].split_at(g.rows_len());
-                    let head = HeadBackward {
-                        qkv: &qkv_data[head * qkv_len..][..qkv_len],
-                        gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
-                        initial: Some(&initial_data[head * state_len..][..state_len]),
-                        rows,
-                        states,
-                        grad_rows,
-                        grad_final: Some(&grad_states[g.num_chunks() * state_len..]),
-                        grad_qkv,
-                        grad_gates,
-                        grad_initial: Some(grad_initial),
-                    };
-                    with_best_lanes!(backward_head_avx2, backward_head(g, head, scratch));
-                },
-            );
+        let h_len = g.seq_len * g.head_dim;
+        qkv_b.read(op, "qkv", |qkv_data| {
+            gates_b.read(op, "gates", |gates_data| {
+                initial_b.read(op, "initial state", |initial_data| {
+                    grad_b.read(op, "output gradient", |grad_out| {
+                        grad_qkv
+                            .par_chunks_mut(qkv_len)
+                            .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
+                            .zip(grad_initial.par_chunks_mut(state_len))
+                            .enumerate()
+                            .for_each_init(
+                                || HeadScratch::new(g),
+                                |scratch, (head, ((grad_qkv, grad_gates), grad_initial))| {
+                                    let (rows, states) = records[head * record_len..][..record_len]
+                                        .split_at(g.rows_len());
+                                    let (grad_h, grad_final) =
+                                        grad_out[head * out_len..][..out_len].split_at(h_len);
+                                    let backward = HeadBackward {
+                                        qkv: &qkv_data[head * qkv_len..][..qkv_len],
+                                        gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
+                                        initial: Some(
+                                            &initial_data[head * state_len..][..state_len],
+                                        ),
+                                        rows,
+                                        states,
+                                        grad_rows: grad_h,
+                                        grad_h_width: g.head_dim,
+                                        grad_final: Some(&grad_final[..state_len]),
+                                        grad_qkv,
+                                        grad_gates,
+                                        grad_initial: Some(grad_initial),
+                                    };
+                                    with_best_lanes!(
+                                        backward_head_avx2,
+                                        backward_head(g, backward, scratch)
+                                    );
+                                },
+                            );
+                        Ok(())
+                    })
+                })
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(grad_qkv, qkv.shape(), &Device::Cpu)?),
             Some(Tensor::from_vec(grad_gates, gates.shape(), &Device::Cpu)?),
@@ -1543,16 +1666,32 @@ pub fn parallel(
     igate: &Tensor,
     fgate: &Tensor,
 ) -> Result<Tensor> {
-    let dims = check_sequence_inputs("mlstm parallel", q, k, v, igate, fgate)?;
+    check_sequence_inputs("mlstm parallel", q, k, v, igate, fgate)?;
+    parallel_packed(&pack_qkv(q, k, v)?, &pack_gates(igate, fgate)?)
+}
+
+/// q, k, v side by side `[B, NH, S, 3·DH]`: the kernels' input layout.
+pub(super) fn pack_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[q, k, v], 3)?.contiguous()
+}
+
+/// igate, fgate interleaved `[B, NH, S, 2]`.
+pub(super) fn pack_gates(igate: &Tensor, fgate: &Tensor) -> Result<Tensor> {
+    Tensor::stack(&[igate, fgate], 3)?.contiguous()
+}
+
+/// The parallel form on packed inputs (checked by the caller): qkv `[B, NH, S, 3·DH]`,
+/// gates `[B, NH, S, 2]`. Returns h `[B, NH, S, DH]`.
+pub(super) fn parallel_packed(qkv: &Tensor, gates: &Tensor) -> Result<Tensor> {
+    let (_, _, seq_len, width) = qkv.dims4()?;
     let geometry = HeadGeometry {
-        seq_len: dims.seq_len,
-        head_dim: dims.head_dim,
-        chunk_size: dims.seq_len,
+        seq_len,
+        head_dim: width / 3,
+        chunk_size: seq_len,
     };
-    let qkv = Tensor::cat(&[q, k, v], 3)?.contiguous()?;
-    let gates = Tensor::stack(&[igate, fgate], 3)?.contiguous()?;
-    let rows = qkv.apply_op2(&gates, ParallelOp { geometry })?;
-    rows.narrow(3, 0, dims.head_dim)?.contiguous()
+    let tape = tape_for(&[qkv, gates]);
+    qkv.contiguous()?
+        .apply_op2(&gates.contiguous()?, ParallelOp { geometry, tape })
 }
 
 /// Fused chunkwise form; see [`super::chunkwise`].
@@ -1568,35 +1707,59 @@ pub fn chunkwise(
     const OP: &str = "mlstm chunkwise";
     let dims = check_sequence_inputs(OP, q, k, v, igate, fgate)?;
     check_chunk_size(OP, chunk_size)?;
+    if let Some(state) = initial {
+        check_state(OP, state, dims.batch, dims.heads, dims.head_dim, q.device())?;
+    }
+    chunkwise_packed(
+        &pack_qkv(q, k, v)?,
+        &pack_gates(igate, fgate)?,
+        chunk_size,
+        initial,
+    )
+}
+
+/// The chunkwise form on packed inputs (checked by the caller); h is returned as a view
+/// `[B, NH, S, DH]` of the op's output.
+pub(super) fn chunkwise_packed(
+    qkv: &Tensor,
+    gates: &Tensor,
+    chunk_size: usize,
+    initial: Option<&MlstmState>,
+) -> Result<(Tensor, MlstmState)> {
+    let (batch, heads, seq_len, width) = qkv.dims4()?;
+    let d = width / 3;
     let geometry = HeadGeometry {
-        seq_len: dims.seq_len,
-        head_dim: dims.head_dim,
-        chunk_size: chunk_size.min(dims.seq_len),
+        seq_len,
+        head_dim: d,
+        chunk_size: chunk_size.min(seq_len),
     };
     let initial = match initial {
-        Some(state) => {
-            check_state(OP, state, dims.batch, dims.heads, dims.head_dim, q.device())?;
-            pack_state(state)?
-        }
+        Some(state) => pack_state(state)?,
         None => Tensor::zeros(
-            (dims.batch, dims.heads, geometry.state_len()),
+            (batch, heads, geometry.state_len()),
             DType::F32,
-            q.device(),
+            qkv.device(),
         )?,
     };
-    let qkv = Tensor::cat(&[q, k, v], 3)?.contiguous()?;
-    let gates = Tensor::stack(&[igate, fgate], 3)?.contiguous()?;
-    let out = qkv.apply_op3(&gates, &initial, ChunkwiseOp { geometry })?;
-    let h = out
-        .narrow(2, 0, geometry.rows_len())?
-        .reshape((dims.batch, dims.heads, dims.seq_len, geometry.row_width()))?
-        .narrow(3, 0, dims.head_dim)?
-        .contiguous()?;
-    let final_offset = geometry.rows_len() + geometry.num_chunks() * geometry.state_len();
-    let final_state = unpack_state(
-        &out.narrow(2, final_offset, geometry.state_len())?,
-        dims.head_dim,
+    let tape = tape_for(&[qkv, gates, &initial]);
+    let out = qkv.contiguous()?.apply_op3(
+        &gates.contiguous()?,
+        &initial,
+        ChunkwiseOp { geometry, tape },
     )?;
+    let h = out.narrow(2, 0, seq_len)?;
+    // The state is carried across calls: small copies, so that it does not pin the
+    // O(S) output buffer for as long as a stream lives.
+    let final_state = MlstmState {
+        c: out.narrow(2, seq_len, d)?.contiguous()?,
+        n: out.narrow(2, seq_len + d, 1)?.squeeze(2)?.contiguous()?,
+        m: out
+            .narrow(2, seq_len + d + 1, 1)?
+            .squeeze(2)?
+            .narrow(2, 0, 1)?
+            .squeeze(2)?
+            .contiguous()?,
+    };
     Ok((h, final_state))
 }
 

@@ -70,7 +70,8 @@ pub fn parallel(
 }
 
 /// Chunkwise form for any S (the last chunk may be shorter than `chunk_size`).
-/// `initial` None = the all-zero state. Returns (h `[B, NH, S, DH]`, final state).
+/// `initial` None = the all-zero state. Returns (h `[B, NH, S, DH]`, final state); on the
+/// CPU h is a view of the fused op's output (call `contiguous` for a packed copy).
 pub fn chunkwise(
     q: &Tensor,
     k: &Tensor,
@@ -84,6 +85,64 @@ pub fn chunkwise(
         Device::Cpu => fused_cpu::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
         _ => reference::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
     }
+}
+
+/// [`parallel`] on the kernels' packed layout: `qkv` `[B, NH, S, 3·DH]` (q, k, v side by
+/// side on the last dim) and `gates` `[B, NH, S, 2]` (igate, fgate). A caller that computes
+/// q, k, v together (the mLSTM block) skips the repacking copies of the unpacked form.
+pub fn parallel_packed(qkv: &Tensor, gates: &Tensor) -> Result<Tensor> {
+    let [q, k, v, igate, fgate] = unpack("mlstm parallel", qkv, gates)?;
+    check_sequence_inputs("mlstm parallel", &q, &k, &v, &igate, &fgate)?;
+    match q.device() {
+        Device::Cpu => fused_cpu::parallel_packed(qkv, gates),
+        _ => reference::parallel(&q, &k, &v, &igate, &fgate),
+    }
+}
+
+/// [`chunkwise`] on the packed layout of [`parallel_packed`].
+pub fn chunkwise_packed(
+    qkv: &Tensor,
+    gates: &Tensor,
+    chunk_size: usize,
+    initial: Option<&MlstmState>,
+) -> Result<(Tensor, MlstmState)> {
+    const OP: &str = "mlstm chunkwise";
+    let [q, k, v, igate, fgate] = unpack(OP, qkv, gates)?;
+    let dims = check_sequence_inputs(OP, &q, &k, &v, &igate, &fgate)?;
+    check_chunk_size(OP, chunk_size)?;
+    if let Some(state) = initial {
+        check_state(OP, state, dims.batch, dims.heads, dims.head_dim, q.device())?;
+    }
+    match q.device() {
+        Device::Cpu => fused_cpu::chunkwise_packed(qkv, gates, chunk_size, initial),
+        _ => reference::chunkwise(&q, &k, &v, &igate, &fgate, chunk_size, initial),
+    }
+}
+
+/// Views q, k, v, igate, fgate of packed inputs.
+fn unpack(op: &str, qkv: &Tensor, gates: &Tensor) -> Result<[Tensor; 5]> {
+    let head_dim = match qkv.dims() {
+        &[_, _, _, width] if width > 0 && width % 3 == 0 => width / 3,
+        dims => {
+            return Err(Error::Msg(format!(
+                "{op}: packed qkv has shape {dims:?}, expected [B, NH, S, 3·DH]"
+            )));
+        }
+    };
+    if !matches!(gates.dims(), &[_, _, _, 2]) {
+        return Err(Error::Msg(format!(
+            "{op}: packed gates have shape {:?}, expected [B, NH, S, 2] (igate, fgate)",
+            gates.dims()
+        )));
+    }
+    let part = |t: &Tensor, i: usize, len: usize| t.narrow(3, i * len, len);
+    Ok([
+        part(qkv, 0, head_dim)?,
+        part(qkv, 1, head_dim)?,
+        part(qkv, 2, head_dim)?,
+        part(gates, 0, 1)?.squeeze(3)?,
+        part(gates, 1, 1)?.squeeze(3)?,
+    ])
 }
 
 /// One recurrent step: q, k, v `[B, NH, DH]`, gate pre-activations `[B, NH]`.

@@ -1,0 +1,458 @@
+//! Fused CPU normalisations: candle custom ops with hand-written backward passes, parallel
+//! over rows with rayon. Each row of E values is normalised on its own:
+//!
+//! ```text
+//! x̂ = (x − μ)·r,  r = 1/sqrt(var + eps);   y = x̂ ⊙ γ (+ β)
+//! dγ += dy ⊙ x̂;   dβ += dy;   g = dy ⊙ γ;   dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))
+//! ```
+//!
+//! The backward pass recomputes μ and r from x (one extra pass over a row already in cache)
+//! instead of storing them. Weight gradients are summed per rayon task, then across tasks.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+/// Elements one rayon task covers at least: tiny tasks cost more to schedule than to run.
+const TASK_ELEMS: usize = 16 * 1024;
+
+fn rows_per_task(row_len: usize) -> usize {
+    TASK_ELEMS.div_ceil(row_len.max(1)).max(1)
+}
+
+/// Mean and inverse standard deviation (biased variance) of one row.
+#[inline]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let inv_len = 1.0 / x.len() as f32;
+    let mean = x.iter().sum::<f32>() * inv_len;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() * inv_len;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline]
+fn normalise_row(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    let (mean, rstd) = row_stats(x, eps);
+    for ((o, v), g) in out.iter_mut().zip(x).zip(scale) {
+        *o = (v - mean) * rstd * g;
+    }
+    if let Some(bias) = bias {
+        for (o, b) in out.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
+/// Writes dx of one row and adds its share of dγ (and dβ).
+#[inline]
+fn normalise_row_backward(
+    x: &[f32],
+    scale: &[f32],
+    grad_y: &[f32],
+    eps: f32,
+    grad_x: &mut [f32],
+    grad_scale: &mut [f32],
+    grad_bias: Option<&mut [f32]>,
+) {
+    let (mean, rstd) = row_stats(x, eps);
+    let inv_len = 1.0 / x.len() as f32;
+    let (mut sum_g, mut sum_g_xhat) = (0f32, 0f32);
+    for (((v, g), dy), ds) in x.iter().zip(scale).zip(grad_y).zip(grad_scale.iter_mut()) {
+        let xhat = (v - mean) * rstd;
+        let gi = dy * g;
+        sum_g += gi;
+        sum_g_xhat += gi * xhat;
+        *ds += dy * xhat;
+    }
+    if let Some(grad_bias) = grad_bias {
+        for (db, dy) in grad_bias.iter_mut().zip(grad_y) {
+            *db += dy;
+        }
+    }
+    let (mean_g, mean_g_xhat) = (sum_g * inv_len, sum_g_xhat * inv_len);
+    for (((dx, v), g), dy) in grad_x.iter_mut().zip(x).zip(scale).zip(grad_y) {
+        let xhat = (v - mean) * rstd;
+        *dx = rstd * (dy * g - mean_g - xhat * mean_g_xhat);
+    }
+}
+
+fn f32_data<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(data) => Ok(data),
+        other => Err(Error::Msg(format!(
+            "{op}: {what} has dtype {:?}, this kernel computes in f32 only",
+            other.dtype()
+        ))),
+    }
+}
+
+fn contiguous_data<'a>(
+    op: &str,
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [f32]> {
+    let data = f32_data(op, what, storage)?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: {what} is not contiguous")))?;
+    Ok(&data[start..end])
+}
+
+fn cpu_storage<'a>(op: &str, what: &str, storage: &'a Storage) -> Result<&'a CpuStorage> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(cpu),
+        _ => Err(Error::Msg(format!(
+            "{op}: {what} is not on the CPU; this kernel is CPU-only"
+        ))),
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous copy of `t` (no copy when `t` is contiguous).
+fn with_contiguous<R>(
+    op: &str,
+    what: &str,
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    f(contiguous_data(
+        op,
+        what,
+        cpu_storage(op, what, &storage)?,
+        layout,
+    )?)
+}
+
+/// Sums per-task partial gradients.
+fn sum_partials(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
+/// LayerNorm over the last dim on (x, scale) or (x, scale, bias); x contiguous.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl LayerNormOp {
+    const NAME: &'static str = "layer-norm";
+
+    fn forward(
+        &self,
+        x: &[f32],
+        scale: &[f32],
+        bias: Option<&[f32]>,
+        shape: &Shape,
+    ) -> (CpuStorage, Shape) {
+        let features = scale.len();
+        let mut out = vec![0f32; x.len()];
+        let task = rows_per_task(features) * features;
+        out.par_chunks_mut(task)
+            .zip(x.par_chunks(task))
+            .for_each(|(out, x)| {
+                for (out_row, x_row) in out.chunks_exact_mut(features).zip(x.chunks_exact(features))
+                {
+                    normalise_row(x_row, scale, bias, self.eps, out_row);
+                }
+            });
+        (CpuStorage::F32(out), shape.clone())
+    }
+
+    /// (dx, dscale, dbias) for (x, scale) and the output gradient.
+    fn backward(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        grad_y: &Tensor,
+        with_bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let op = Self::NAME;
+        let features = scale.elem_count();
+        let task = rows_per_task(features) * features;
+        let mut grad_x = vec![0f32; x.elem_count()];
+        let partial_len = if with_bias { 2 * features } else { features };
+        let partials = with_contiguous(op, "x", x, |x| {
+            with_contiguous(op, "scale", scale, |scale| {
+                with_contiguous(op, "output gradient", grad_y, |grad_y| {
+                    Ok(grad_x
+                        .par_chunks_mut(task)
+                        .zip(x.par_chunks(task))
+                        .zip(grad_y.par_chunks(task))
+                        .fold(
+                            || vec![0f32; partial_len],
+                            |mut partial, ((grad_x, x), grad_y)| {
+                                let (grad_scale, grad_bias) = partial.split_at_mut(features);
+                                let rows = grad_x
+                                    .chunks_exact_mut(features)
+                                    .zip(x.chunks_exact(features))
+                                    .zip(grad_y.chunks_exact(features));
+                                for ((grad_x, x), grad_y) in rows {
+                                    normalise_row_backward(
+                                        x,
+                                        scale,
+                                        grad_y,
+                                        self.eps,
+                                        grad_x,
+                                        grad_scale,
+                                        with_bias.then_some(&mut *grad_bias),
+                                    );
+                                }
+                                partial
+                            },
+                        )
+                        .reduce(|| vec![0f32; partial_len], sum_partials))
+                })
+            })
+        })?;
+        let grad_x = Tensor::from_vec(grad_x, x.shape(), &Device::Cpu)?;
+        let grad_scale = Tensor::from_slice(&partials[..features], features, &Device::Cpu)?;
+        let grad_bias = with_bias
+            .then(|| Tensor::from_slice(&partials[features..], features, &Device::Cpu))
+            .transpose()?;
+        Ok((grad_x, grad_scale, grad_bias))
+    }
+}
+
+impl CustomOp2 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        scale_storage: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_data(Self::NAME, "x", x_storage, x_layout)?;
+        let scale = contiguous_data(Self::NAME, "scale", scale_storage, scale_layout)?;
+        Ok(self.forward(x, scale, None, x_layout.shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_scale, _) = self.backward(x, scale, grad_res, false)?;
+        Ok((Some(grad_x), Some(grad_scale)))
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        scale_storage: &CpuStorage,
+        scale_layout: &Layout,
+        bias_storage: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_data(Self::NAME, "x", x_storage, x_layout)?;
+        let scale = contiguous_data(Self::NAME, "scale", scale_storage, scale_layout)?;
+        let bias = contiguous_data(Self::NAME, "bias", bias_storage, bias_layout)?;
+        Ok(self.forward(x, scale, Some(bias), x_layout.shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_scale, grad_bias) = self.backward(x, scale, grad_res, true)?;
+        Ok((Some(grad_x), Some(grad_scale), grad_bias))
+    }
+}
+
+/// Fused LayerNorm; see [`super::layer_norm`].
+pub fn layer_norm(x: &Tensor, scale: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let op = LayerNormOp { eps: eps as f32 };
+    let x = x.contiguous()?;
+    let scale = scale.contiguous()?;
+    match bias {
+        Some(bias) => x.apply_op3(&scale, &bias.contiguous()?, op),
+        None => x.apply_op2(&scale, op),
+    }
+}
+
+/// Where the rows of a `[B, NH, S, DH]` input lie in its storage (any strides, unit stride
+/// along DH), so the cells' outputs are read in place, views included.
+#[derive(Debug, Clone, Copy)]
+struct HeadRows {
+    batch: usize,
+    heads: usize,
+    seq_len: usize,
+    head_dim: usize,
+    offset: usize,
+    strides: [usize; 3],
+}
+
+impl HeadRows {
+    fn from_layout(layout: &Layout) -> Option<Self> {
+        let &[batch, heads, seq_len, head_dim] = layout.dims() else {
+            return None;
+        };
+        let &[s0, s1, s2, s3] = layout.stride() else {
+            return None;
+        };
+        (s3 == 1 || head_dim == 1).then_some(Self {
+            batch,
+            heads,
+            seq_len,
+            head_dim,
+            offset: layout.start_offset(),
+            strides: [s0, s1, s2],
+        })
+    }
+
+    #[inline]
+    fn row<'a>(&self, data: &'a [f32], b: usize, head: usize, s: usize) -> &'a [f32] {
+        let start =
+            self.offset + b * self.strides[0] + head * self.strides[1] + s * self.strides[2];
+        &data[start..start + self.head_dim]
+    }
+
+    fn features(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Multi-head LayerNorm on (h `[B, NH, S, DH]`, scale `[NH·DH]`) → `[B, S, NH·DH]`.
+struct MultiHeadLayerNormOp {
+    eps: f32,
+}
+
+impl MultiHeadLayerNormOp {
+    const NAME: &'static str = "multi-head-layer-norm";
+
+    fn rows(what: &str, layout: &Layout) -> Result<HeadRows> {
+        HeadRows::from_layout(layout).ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: {what} has layout {layout:?}, expected [B, NH, S, DH] with unit stride along DH",
+                Self::NAME
+            ))
+        })
+    }
+}
+
+impl CustomOp2 for MultiHeadLayerNormOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        h_storage: &CpuStorage,
+        h_layout: &Layout,
+        scale_storage: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let geo = Self::rows("input", h_layout)?;
+        let h = f32_data(Self::NAME, "input", h_storage)?;
+        let scale = contiguous_data(Self::NAME, "scale", scale_storage, scale_layout)?;
+        let (features, dh) = (geo.features(), geo.head_dim);
+        let mut out = vec![0f32; geo.batch * geo.seq_len * features];
+        let task = rows_per_task(features) * features;
+        out.par_chunks_mut(task).enumerate().for_each(|(t, out)| {
+            let first_row = t * (task / features);
+            for (i, out_row) in out.chunks_exact_mut(features).enumerate() {
+                let (b, s) = ((first_row + i) / geo.seq_len, (first_row + i) % geo.seq_len);
+                for head in 0..geo.heads {
+                    let span = head * dh..(head + 1) * dh;
+                    normalise_row(
+                        geo.row(h, b, head, s),
+                        &scale[span.clone()],
+                        None,
+                        self.eps,
+                        &mut out_row[span],
+                    );
+                }
+            }
+        });
+        let shape = Shape::from((geo.batch, geo.seq_len, features));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        scale: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = Self::NAME;
+        let (h_guard, h_layout) = h.storage_and_layout();
+        let geo = Self::rows("input", h_layout)?;
+        let h_data = f32_data(op, "input", cpu_storage(op, "input", &h_guard)?)?;
+        let (features, dh, seq_len) = (geo.features(), geo.head_dim, geo.seq_len);
+        // dh in [B, NH, S, DH] order: one task per run of whole (b, head) blocks of S rows.
+        let block = seq_len * dh;
+        let blocks_per_task = (TASK_ELEMS.div_ceil(block)).max(1);
+        let mut grad_h = vec![0f32; geo.batch * geo.heads * block];
+        let grad_scale = with_contiguous(op, "scale", scale, |scale| {
+            with_contiguous(op, "output gradient", grad_res, |grad_y| {
+                Ok(grad_h
+                    .par_chunks_mut(blocks_per_task * block)
+                    .enumerate()
+                    .fold(
+                        || vec![0f32; features],
+                        |mut grad_scale, (t, grad_h)| {
+                            for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
+                                let bh = t * blocks_per_task + i;
+                                let (b, head) = (bh / geo.heads, bh % geo.heads);
+                                let span = head * dh..(head + 1) * dh;
+                                for (s, grad_row) in grad_h.chunks_exact_mut(dh).enumerate() {
+                                    let y_row = (b * seq_len + s) * features;
+                                    normalise_row_backward(
+                                        geo.row(h_data, b, head, s),
+                                        &scale[span.clone()],
+                                        &grad_y[y_row + span.start..y_row + span.end],
+                                        self.eps,
+                                        grad_row,
+                                        &mut grad_scale[span.clone()],
+                                        None,
+                                    );
+                                }
+                            }
+                            grad_scale
+                        },
+                    )
+                    .reduce(|| vec![0f32; features], sum_partials))
+            })
+        })?;
+        let shape = (geo.batch, geo.heads, geo.seq_len, dh);
+        drop(h_guard);
+        Ok((
+            Some(Tensor::from_vec(grad_h, shape, &Device::Cpu)?),
+            Some(Tensor::from_vec(grad_scale, features, &Device::Cpu)?),
+        ))
+    }
+}
+
+/// Fused multi-head LayerNorm; see [`super::multi_head_layer_norm`].
+pub fn multi_head_layer_norm(h: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = match HeadRows::from_layout(h.layout()) {
+        Some(_) => h.clone(),
+        None => h.contiguous()?,
+    };
+    h.apply_op2(
+        &scale.contiguous()?,
+        MultiHeadLayerNormOp { eps: eps as f32 },
+    )
+}

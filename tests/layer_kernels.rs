@@ -1,0 +1,369 @@
+//! The fused CPU layer kernels (LayerNorm, multi-head LayerNorm, causal conv + SiLU) against their
+//! candle-ops references: outputs and the gradients of every input (x, scale, bias), on
+//! contiguous and strided inputs, plus a finite-difference check and argument errors.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use xlstm_forecast::xlstm::kernels::conv;
+use xlstm_forecast::xlstm::kernels::norm::{self, fused_cpu, reference};
+
+const EPS: f64 = 1e-5;
+const FORWARD_TOL: (f32, f32) = (1e-5, 1e-4);
+const GRAD_TOL: (f32, f32) = (1e-4, 1e-3);
+
+fn random(rng: &mut StdRng, shape: &[usize], mean: f32, std: f32) -> Tensor {
+    let normal = Normal::new(mean, std).unwrap();
+    let len = shape.iter().product();
+    let data: Vec<f32> = (0..len).map(|_| normal.sample(rng)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, (atol, rtol): (f32, f32)) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
+    let actual = actual.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+        assert!(
+            (a - e).abs() <= atol + rtol * e.abs(),
+            "{what}: element {i} is {a} but expected {e} (tolerance {atol} + {rtol}·|expected|)"
+        );
+    }
+}
+
+/// Output and gradients of Σ forward(inputs) ⊙ weight with respect to every input.
+fn differentiate(
+    inputs: &[Tensor],
+    weight: &Tensor,
+    forward: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = forward(&tensors).unwrap();
+    let grads = (&out * weight)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .expect("every input gets a gradient")
+                .clone()
+        })
+        .collect();
+    (out, grads)
+}
+
+fn assert_same(
+    what: &str,
+    names: &[&str],
+    fused: &(Tensor, Vec<Tensor>),
+    reference: &(Tensor, Vec<Tensor>),
+) {
+    assert_close(
+        &format!("{what} output"),
+        &fused.0,
+        &reference.0,
+        FORWARD_TOL,
+    );
+    for ((f, r), name) in fused.1.iter().zip(&reference.1).zip(names) {
+        assert_close(&format!("{what} grad {name}"), f, r, GRAD_TOL);
+    }
+}
+
+type LayerNormFn = fn(&Tensor, &Tensor, Option<&Tensor>, f64) -> Result<Tensor>;
+
+#[test]
+fn fused_layer_norm_matches_reference_with_and_without_bias() {
+    let mut rng = StdRng::seed_from_u64(11);
+    // One row, odd widths, rows that do not fill a rayon task, many rows, the stack's E = 64.
+    for shape in [
+        vec![1, 1, 5],
+        vec![3, 7],
+        vec![2, 9, 33],
+        vec![4, 300, 64],
+        vec![5000, 16],
+    ] {
+        let features = *shape.last().unwrap();
+        for with_bias in [false, true] {
+            // Shifted, scaled rows: the mean and variance matter.
+            let mut inputs = vec![
+                random(&mut rng, &shape, 0.7, 2.0),
+                random(&mut rng, &[features], 1.0, 0.5),
+            ];
+            if with_bias {
+                inputs.push(random(&mut rng, &[features], 0.0, 1.0));
+            }
+            let weight = random(&mut rng, &shape, 0.0, 1.0);
+            let run = |f: LayerNormFn| {
+                differentiate(&inputs, &weight, |x| f(&x[0], &x[1], x.get(2), EPS))
+            };
+            assert_same(
+                &format!("layer norm {shape:?} bias {with_bias}"),
+                &["x", "scale", "bias"],
+                &run(fused_cpu::layer_norm),
+                &run(reference::layer_norm),
+            );
+        }
+    }
+}
+
+type MultiHeadFn = fn(&Tensor, &Tensor, f64) -> Result<Tensor>;
+
+#[test]
+fn fused_multi_head_layer_norm_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for (b, nh, s, dh) in [(1, 1, 1, 4), (2, 3, 7, 5), (2, 4, 96, 32), (3, 4, 300, 16)] {
+        let inputs = [
+            random(&mut rng, &[b, nh, s, dh], -0.3, 1.5),
+            random(&mut rng, &[nh * dh], 1.0, 0.5),
+        ];
+        let weight = random(&mut rng, &[b, s, nh * dh], 0.0, 1.0);
+        let run = |f: MultiHeadFn| differentiate(&inputs, &weight, |x| f(&x[0], &x[1], EPS));
+        assert_same(
+            &format!("multi-head layer norm B{b} NH{nh} S{s} DH{dh}"),
+            &["h", "scale"],
+            &run(fused_cpu::multi_head_layer_norm),
+            &run(reference::multi_head_layer_norm),
+        );
+    }
+}
+
+/// The cells hand over views (a narrow of a packed output, a transpose): the fused op reads
+/// them in place or copies them, and the gradient reaches the viewed tensor either way.
+#[test]
+fn fused_multi_head_layer_norm_reads_strided_views() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (b, nh, s, dh) = (2, 3, 10, 8);
+    let packed = random(&mut rng, &[b, nh, s + 4, dh], 0.0, 1.0);
+    let token_major = random(&mut rng, &[b, s, nh, dh], 0.0, 1.0);
+    let scale = random(&mut rng, &[nh * dh], 1.0, 0.5);
+    let weight = random(&mut rng, &[b, s, nh * dh], 0.0, 1.0);
+    type View = fn(&Tensor) -> Result<Tensor>;
+    let views: [(&str, Tensor, View); 2] = [
+        ("narrow", packed, |t| t.narrow(2, 2, t.dim(2)? - 4)),
+        ("transpose", token_major, |t| t.transpose(1, 2)),
+    ];
+    for (name, base, view) in views {
+        let inputs = [base, scale.clone()];
+        let run =
+            |f: MultiHeadFn| differentiate(&inputs, &weight, |x| f(&view(&x[0])?, &x[1], EPS));
+        assert_same(
+            &format!("multi-head layer norm on a {name} view"),
+            &["base", "scale"],
+            &run(fused_cpu::multi_head_layer_norm),
+            &run(reference::multi_head_layer_norm),
+        );
+    }
+}
+
+/// Central differences of an f64 loss along a random direction of each input, against the
+/// fused backward pass.
+#[test]
+fn fused_norm_gradients_match_finite_differences() {
+    const STEP: f64 = 1e-2;
+    let mut rng = StdRng::seed_from_u64(14);
+    let ln_inputs = vec![
+        random(&mut rng, &[3, 6], 0.5, 1.0),
+        random(&mut rng, &[6], 1.0, 0.5),
+        random(&mut rng, &[6], 0.0, 1.0),
+    ];
+    let mh_inputs = vec![
+        random(&mut rng, &[2, 2, 3, 4], 0.0, 1.0),
+        random(&mut rng, &[8], 1.0, 0.5),
+    ];
+    type Forward = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+    let cases: [(&str, Vec<Tensor>, Forward); 2] = [
+        (
+            "layer norm",
+            ln_inputs,
+            Box::new(|x| fused_cpu::layer_norm(&x[0], &x[1], Some(&x[2]), EPS)),
+        ),
+        (
+            "multi-head layer norm",
+            mh_inputs,
+            Box::new(|x| fused_cpu::multi_head_layer_norm(&x[0], &x[1], EPS)),
+        ),
+    ];
+    for (what, inputs, forward) in cases {
+        let out = forward(&inputs).unwrap();
+        let weight = random(&mut rng, out.dims(), 0.0, 1.0);
+        let weight_data = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let loss = |x: &[Tensor]| -> f64 {
+            let y = forward(x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            y.iter()
+                .zip(&weight_data)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        };
+        let (_, grads) = differentiate(&inputs, &weight, &forward);
+        for (j, input) in inputs.iter().enumerate() {
+            let direction = random(&mut rng, input.dims(), 0.0, 1.0);
+            let moved = |offset: f64| {
+                let mut x = inputs.clone();
+                x[j] = (input + (&direction * offset).unwrap()).unwrap();
+                loss(&x)
+            };
+            let numeric = (moved(STEP) - moved(-STEP)) / (2.0 * STEP);
+            let predicted = f64::from(
+                (&grads[j] * &direction)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            );
+            assert!(
+                numeric.abs() > 1e-2,
+                "{what} input {j}: derivative {numeric} too small to test"
+            );
+            assert!(
+                (numeric - predicted).abs() <= 2e-3 + 2e-3 * numeric.abs(),
+                "{what} input {j}: finite difference {numeric}, backward pass {predicted}"
+            );
+        }
+    }
+}
+
+#[test]
+fn norm_arguments_are_checked_with_clear_errors() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+    let scale = Tensor::ones(8, DType::F32, &dev).unwrap();
+    let err = norm::layer_norm(&x, &Tensor::ones(7, DType::F32, &dev).unwrap(), None, EPS)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("scale has shape [7]") && err.contains("[8]"),
+        "{err}"
+    );
+    let err = norm::layer_norm(
+        &x,
+        &scale,
+        Some(&Tensor::ones(3, DType::F32, &dev).unwrap()),
+        EPS,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("bias has shape [3]"), "{err}");
+    let err = norm::multi_head_layer_norm(&x, &scale, EPS)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected [B, NH, S, DH]"), "{err}");
+    let h = Tensor::zeros((2, 2, 3, 4), DType::F32, &dev).unwrap();
+    let err = norm::multi_head_layer_norm(&h, &Tensor::ones(4, DType::F32, &dev).unwrap(), EPS)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected [NH·DH] = [8]"), "{err}");
+    let err = norm::layer_norm(&x, &scale.to_dtype(DType::F64).unwrap(), None, EPS)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("scale has dtype F64"), "{err}");
+}
+
+/// Off the fused path (another dtype) the reference runs and agrees with the fused f32 op.
+#[test]
+fn non_f32_inputs_take_the_reference_path() {
+    let mut rng = StdRng::seed_from_u64(15);
+    let x = random(&mut rng, &[4, 16], 0.0, 1.0);
+    let scale = random(&mut rng, &[16], 1.0, 0.2);
+    let fused = norm::layer_norm(&x, &scale, None, EPS).unwrap();
+    let as_f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let wide = norm::layer_norm(&as_f64(&x), &as_f64(&scale), None, EPS).unwrap();
+    assert_eq!(wide.dtype(), DType::F64);
+    assert_close(
+        "f64 layer norm",
+        &wide.to_dtype(DType::F32).unwrap(),
+        &fused,
+        FORWARD_TOL,
+    );
+}
+
+type ConvFn = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>;
+
+/// Fused causal conv + SiLU against the candle-ops reference: with and without a carried state,
+/// sequences shorter than the kernel, and x handed over as a narrow view (as the mLSTM block
+/// does with its up-projection).
+#[test]
+fn fused_causal_conv_silu_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for (b, s, c, k) in [
+        (1, 1, 3, 4),
+        (2, 3, 5, 4),
+        (2, 17, 8, 1),
+        (3, 96, 128, 4),
+        (2, 9, 6, 2),
+    ] {
+        for with_state in [false, true] {
+            for as_view in [false, true] {
+                let wide = random(&mut rng, &[b, s, 2 * c], 0.0, 1.5);
+                let mut inputs = vec![
+                    wide,
+                    random(&mut rng, &[c, k], 0.0, 0.7),
+                    random(&mut rng, &[c], 0.0, 0.5),
+                ];
+                if with_state {
+                    inputs.push(random(&mut rng, &[b, k, c], 0.0, 1.0));
+                }
+                let weight = random(&mut rng, &[b, s, c], 0.0, 1.0);
+                let run = |f: ConvFn| {
+                    differentiate(&inputs, &weight, |x| {
+                        let input = if as_view {
+                            x[0].narrow(2, c, c)?
+                        } else {
+                            x[0].narrow(2, 0, c)?.contiguous()?
+                        };
+                        f(&input, &x[1], &x[2], x.get(3))
+                    })
+                };
+                assert_same(
+                    &format!("conv B{b} S{s} C{c} K{k} state {with_state} view {as_view}"),
+                    &["x", "weight", "bias", "state"],
+                    &run(conv::fused_cpu::causal_conv_silu),
+                    &run(conv::reference::causal_conv_silu),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_arguments_are_checked_with_clear_errors() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 5, 3), DType::F32, &dev).unwrap();
+    let weight = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+    let bias = Tensor::zeros(3, DType::F32, &dev).unwrap();
+    let err = conv::causal_conv_silu(
+        &x,
+        &Tensor::zeros((2, 4), DType::F32, &dev).unwrap(),
+        &bias,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("weight has shape [2, 4]") && err.contains("[3, K]"),
+        "{err}"
+    );
+    let state = Tensor::zeros((2, 3, 3), DType::F32, &dev).unwrap();
+    let err = conv::causal_conv_silu(&x, &weight, &bias, Some(&state))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("state has shape [2, 3, 3]") && err.contains("[2, 4, 3]"),
+        "{err}"
+    );
+}
