@@ -202,9 +202,8 @@ impl ConvSiluOp {
             .par_chunks_mut(seq_len * c)
             .zip(grad_state.par_chunks_mut(k * c))
             .enumerate()
-            .fold(
-                || (vec![0f32; (k + 1) * c], vec![0f32; 2 * c]),
-                |(mut grad_params, mut row), (b, (grad_x, grad_state))| {
+            .map(|(b, (grad_x, grad_state))| {
+                    let (mut grad_params, mut row) = (vec![0f32; (k + 1) * c], vec![0f32; 2 * c]);
                     let (pre, grad_pre) = row.split_at_mut(c);
                     for t in 0..seq_len {
                         pre_activation(x_data, &rows, state_data, &zeros, params_data, b, t, pre);
@@ -238,12 +237,14 @@ impl ConvSiluOp {
                             }
                         }
                     }
-                    (grad_params, row)
-                },
-            )
-            .map(|(grad_params, _)| grad_params)
-            .reduce(
-                || vec![0f32; (k + 1) * c],
+                    grad_params
+                })
+            // One partial per batch row, summed in row order: deterministic whatever rayon's
+            // split.
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(
+                vec![0f32; (k + 1) * c],
                 |mut a, b| {
                     for (x, y) in a.iter_mut().zip(b) {
                         *x += y;

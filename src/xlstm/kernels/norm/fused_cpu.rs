@@ -183,9 +183,8 @@ impl LayerNormOp {
                         .par_chunks_mut(task)
                         .zip(x.par_chunks(task))
                         .zip(grad_y.par_chunks(task))
-                        .fold(
-                            || vec![0f32; partial_len],
-                            |mut partial, ((grad_x, x), grad_y)| {
+                        .map(|((grad_x, x), grad_y)| {
+                                let mut partial = vec![0f32; partial_len];
                                 let (grad_scale, grad_bias) = partial.split_at_mut(features);
                                 let rows = grad_x
                                     .chunks_exact_mut(features)
@@ -203,9 +202,12 @@ impl LayerNormOp {
                                     );
                                 }
                                 partial
-                            },
-                        )
-                        .reduce(|| vec![0f32; partial_len], sum_partials))
+                            })
+                        // Partials per fixed chunk, summed in chunk order: the weight
+                        // gradients do not depend on how rayon split the work.
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .fold(vec![0f32; partial_len], sum_partials))
                 })
             })
         })?;
@@ -410,9 +412,8 @@ impl CustomOp2 for MultiHeadLayerNormOp {
                 Ok(grad_h
                     .par_chunks_mut(blocks_per_task * block)
                     .enumerate()
-                    .fold(
-                        || vec![0f32; features],
-                        |mut grad_scale, (t, grad_h)| {
+                    .map(|(t, grad_h)| {
+                            let mut grad_scale = vec![0f32; features];
                             for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
                                 let bh = t * blocks_per_task + i;
                                 let (b, head) = (bh / geo.heads, bh % geo.heads);
@@ -431,9 +432,11 @@ impl CustomOp2 for MultiHeadLayerNormOp {
                                 }
                             }
                             grad_scale
-                        },
-                    )
-                    .reduce(|| vec![0f32; features], sum_partials))
+                        })
+                    // Summed in task order: deterministic whatever rayon's split.
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .fold(vec![0f32; features], sum_partials))
             })
         })?;
         let shape = (geo.batch, geo.heads, geo.seq_len, dh);
