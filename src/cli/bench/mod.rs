@@ -1,5 +1,6 @@
 //! `xlstm-forecast bench ...`: benchmarks that print their figures.
 
+mod forecast;
 mod ingest;
 mod kernels;
 mod queue;
@@ -16,6 +17,11 @@ pub enum BenchCommand {
     Ingest(ingest::IngestBenchArgs),
     /// The run queue: claim-to-start latency and throughput of trivial runs.
     Queue(queue::QueueBenchArgs),
+    /// Forecast latency over HTTP with the champion cached (load from a second process).
+    Forecast(forecast::ForecastBenchArgs),
+    /// The load generator `bench forecast` runs in a second process.
+    #[command(hide = true)]
+    HttpLoad(forecast::HttpLoadArgs),
 }
 
 pub fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
@@ -23,5 +29,7 @@ pub fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
         BenchCommand::Kernels(args) => kernels::run(args),
         BenchCommand::Ingest(args) => super::block_on(ingest::run(args, settings)),
         BenchCommand::Queue(args) => super::block_on(queue::run(args)),
+        BenchCommand::Forecast(args) => super::block_on(forecast::run(args)),
+        BenchCommand::HttpLoad(args) => super::block_on(forecast::http_load(args)),
     }
 }
