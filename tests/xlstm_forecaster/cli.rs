@@ -173,3 +173,18 @@ fn quickstart_prepares_the_embedded_store_once() {
     let out = succeed(dir, &["export", "--series", "demo", "--csv", "demo.csv"]);
     assert!(out.contains("400 rows x 4 channels"), "{out}");
 }
+
+#[test]
+fn the_forecast_latency_bench_serves_forecasts_to_a_second_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = succeed(
+        dir.path(),
+        &["bench", "forecast", "--preset", "tiny", "--seconds", "1", "--concurrency", "2",
+          "--backend", "sqlite", "--json"],
+    );
+    let figures: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(figures["backend"], "sqlite");
+    assert_eq!(figures["errors"], 0, "{figures}");
+    assert!(figures["requests"].as_u64().unwrap() > 0, "{figures}");
+    assert!(figures["p50_ms"].as_f64().unwrap() <= figures["p99_ms"].as_f64().unwrap());
+}
