@@ -290,6 +290,7 @@ pub async fn fresh(
             )));
         }
     };
+    let started = std::time::Instant::now();
     let data = recent_rows(&state, &series, model.lookback()).await?;
     let forecast = web::block(move || forecast_latest(&model, &data, horizon))
         .await
@@ -301,6 +302,7 @@ pub async fn fresh(
             },
             other => ApiError::Internal(other.to_string()),
         })?;
+    state.metrics.record_forecast(started.elapsed());
     let mut record = forecast_record(series.id, champion.id, &forecast);
     record.quantile_levels = wanted.iter().map(|&l| record.quantile_levels[l]).collect();
     for point in &mut record.points {

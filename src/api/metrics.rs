@@ -12,6 +12,7 @@ use std::time::Duration;
 use actix_web::{HttpResponse, web};
 
 use super::startup::AppState;
+use crate::store::RunStatistic;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const LATENCY_BUCKETS_SECONDS: [f64; 12] = [
@@ -32,6 +33,7 @@ struct Recorded {
     requests: BTreeMap<(String, String, u16), u64>,
     /// (method, route) → latency histogram.
     latencies: BTreeMap<(String, String), LatencyHistogram>,
+    forecasts: LatencyHistogram,
 }
 
 #[derive(Default)]
@@ -53,17 +55,11 @@ impl HttpMetrics {
             .requests
             .entry((method.to_string(), route.to_string(), status))
             .or_default() += 1;
-        let histogram = recorded
+        recorded
             .latencies
             .entry((method.to_string(), route.to_string()))
-            .or_default();
-        let bucket = LATENCY_BUCKETS_SECONDS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(LATENCY_BUCKETS_SECONDS.len());
-        histogram.buckets[bucket] += 1;
-        histogram.sum_seconds += seconds;
-        histogram.count += 1;
+            .or_default()
+            .observe(seconds);
     }
 
     /// Everything recorded so far in the Prometheus text exposition format (0.0.4).
@@ -91,32 +87,67 @@ impl HttpMetrics {
                 escape_label(method),
                 escape_label(route)
             );
-            let mut cumulative = 0;
-            for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(&histogram.buckets) {
-                cumulative += count;
-                let _ = writeln!(
-                    text,
-                    "http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                text,
-                "http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                histogram.count
-            );
-            let _ = writeln!(
-                text,
-                "http_request_duration_seconds_sum{{{labels}}} {}",
-                histogram.sum_seconds
-            );
-            let _ = writeln!(
-                text,
-                "http_request_duration_seconds_count{{{labels}}} {}",
-                histogram.count
-            );
+            histogram.write(&mut text, "http_request_duration_seconds", &labels);
         }
+        text.push_str("# HELP forecast_compute_seconds Time to compute a fresh forecast from the cached champion (reading the recent rows and the model's forward pass).\n");
+        text.push_str("# TYPE forecast_compute_seconds histogram\n");
+        recorded.forecasts.write(&mut text, "forecast_compute_seconds", "");
         text
     }
+
+    /// Records the time one fresh forecast took to compute.
+    pub fn record_forecast(&self, elapsed: Duration) {
+        let mut recorded = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        recorded.forecasts.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl LatencyHistogram {
+    fn observe(&mut self, seconds: f64) {
+        let bucket = LATENCY_BUCKETS_SECONDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS_SECONDS.len());
+        self.buckets[bucket] += 1;
+        self.sum_seconds += seconds;
+        self.count += 1;
+    }
+
+    /// The histogram's lines under `name` with `labels` (may be empty).
+    fn write(&self, text: &mut String, name: &str, labels: &str) {
+        let join = |extra: &str| match (labels.is_empty(), extra.is_empty()) {
+            (true, true) => String::new(),
+            (true, false) => format!("{{{extra}}}"),
+            (false, true) => format!("{{{labels}}}"),
+            (false, false) => format!("{{{labels},{extra}}}"),
+        };
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(&self.buckets) {
+            cumulative += count;
+            let _ = writeln!(text, "{name}_bucket{} {cumulative}", join(&format!("le=\"{bound}\"")));
+        }
+        let _ = writeln!(text, "{name}_bucket{} {}", join("le=\"+Inf\""), self.count);
+        let _ = writeln!(text, "{name}_sum{} {}", join(""), self.sum_seconds);
+        let _ = writeln!(text, "{name}_count{} {}", join(""), self.count);
+    }
+}
+
+/// Runs in the store by kind and status, and their seconds from start to finish: the same
+/// figures from every process that shares the store.
+fn render_runs(statistics: &[RunStatistic]) -> String {
+    let mut text = String::new();
+    text.push_str("# HELP runs Runs in the store, by kind and status.\n# TYPE runs gauge\n");
+    for stat in statistics {
+        let _ = writeln!(text, "runs{{kind=\"{}\",status=\"{}\"}} {}", stat.kind, stat.status, stat.runs);
+    }
+    text.push_str("# HELP run_seconds Seconds from start to finish of the runs in the store (training time for train and finetune runs), by kind and status.\n# TYPE run_seconds gauge\n");
+    for stat in statistics {
+        let _ = writeln!(text, "run_seconds{{kind=\"{}\",status=\"{}\"}} {}", stat.kind, stat.status, stat.seconds);
+    }
+    text
 }
 
 /// Label values escape backslash, double quote and line feed.
@@ -127,7 +158,8 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Request counts and latencies in the Prometheus text format.
+/// Request counts and latencies, forecast compute time, and runs by kind and status, in the
+/// Prometheus text format.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -135,9 +167,15 @@ fn escape_label(value: &str) -> String {
     responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain"))
 )]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let mut text = state.metrics.render();
+    match state.store.run_statistics().await {
+        Ok(statistics) => text.push_str(&render_runs(&statistics)),
+        // The HTTP figures are still worth serving when the store is away.
+        Err(err) => tracing::warn!(error = %err, "run statistics unavailable for /metrics"),
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render())
+        .body(text)
 }
 
 #[cfg(test)]

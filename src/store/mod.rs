@@ -243,6 +243,8 @@ pub trait Store: Send + Sync {
     async fn get_run(&self, id: i64) -> Result<Option<Run>, StoreError>;
     /// Runs matching the filter, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+    /// Run counts and run seconds by kind and status (for `/metrics`).
+    async fn run_statistics(&self) -> Result<Vec<RunStatistic>, StoreError>;
     /// Replaces a run's progress document and records a heartbeat.
     async fn update_run_progress(
         &self,

@@ -208,6 +208,16 @@ pub struct RunFilter {
     pub limit: Option<u32>,
 }
 
+/// How many runs of a kind are in a status, and the seconds from start to finish they took
+/// (0 for runs that have not finished).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunStatistic {
+    pub kind: RunKind,
+    pub status: RunStatus,
+    pub runs: u64,
+    pub seconds: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunOutcome {
     /// A final status (succeeded, failed, cancelled or skipped).

@@ -25,7 +25,7 @@ use super::{
     Backend, EnqueuedRun, Forecast, ForecastPoint, ImportSession, ImportSummary, LOAD_SPANS,
     LeaseState, LongObservations, MigrationReport, ModelVersion, ModelVersionStatus,
     ModelVersionSummary, NewForecast, NewModelVersion, NewRun, ObservationBatch,
-    ObservationRange, PendingMigration, Run, RunClaim, RunFilter, RunOutcome, Schedule,
+    ObservationRange, PendingMigration, Run, RunClaim, RunFilter, RunStatistic, RunOutcome, Schedule,
     ScheduleSpec, SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError,
     apply_migrations, datetime_from_micros, join_spans, pending_migrations, series_named,
     split_time_span, validate,
@@ -813,6 +813,22 @@ impl Store for SqliteStore {
         .iter()
         .map(run_from_row)
         .collect()
+    }
+
+    async fn run_statistics(&self) -> Result<Vec<RunStatistic>, StoreError> {
+        sqlx::query("SELECT kind, status, COUNT(*) AS runs, CAST(COALESCE(SUM(finished_at - started_at), 0) AS REAL) / 1000000.0 AS seconds FROM runs GROUP BY kind, status ORDER BY kind, status")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(RunStatistic {
+                    kind: row.try_get::<&str, _>("kind")?.parse()?,
+                    status: row.try_get::<&str, _>("status")?.parse()?,
+                    runs: u64::try_from(row.try_get::<i64, _>("runs")?).unwrap_or(0),
+                    seconds: row.try_get::<Option<f64>, _>("seconds")?.unwrap_or(0.0),
+                })
+            })
+            .collect()
     }
 
     async fn update_run_progress(&self, id: i64, progress: &Value) -> Result<(), StoreError> {

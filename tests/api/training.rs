@@ -168,6 +168,24 @@ api_tests! {
         assert_eq!(cancelled.status, 200, "{}", cancelled.text());
         assert_eq!(cancelled.json()["status"], "cancelled");
 
+        // Runs by kind and status and the forecast compute time reach /metrics.
+        let metrics = app.client.get("/metrics").await.text();
+        for needle in [
+            "runs{kind=\"train\",status=\"succeeded\"} 1\n",
+            "runs{kind=\"finetune\",status=\"succeeded\"} 1\n",
+            "runs{kind=\"finetune\",status=\"skipped\"} 1\n",
+            "runs{kind=\"train\",status=\"cancelled\"} 1\n",
+            "run_seconds{kind=\"train\",status=\"succeeded\"} ",
+            "forecast_compute_seconds_bucket{le=\"+Inf\"} ",
+        ] {
+            assert!(metrics.contains(needle), "no {needle:?} in\n{metrics}");
+        }
+        let computed = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("forecast_compute_seconds_count "))
+            .unwrap();
+        assert_eq!(computed, "3", "the three forecasts computed above; refused ones are not timed");
+
         // A second server on the same store (a restart) serves the same registry.
         let restarted = Application::build(&test_config(), app.store.clone()).unwrap();
         let client = Client::new(restarted.local_addr(), Some(TEST_API_KEY));
