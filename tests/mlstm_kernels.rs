@@ -118,7 +118,13 @@ const INPUT_NAMES: [&str; 8] = ["q", "k", "v", "igate", "fgate", "C0", "n0", "m0
 fn tolerance(expected: &Tensor, short: (f32, f32)) -> (f32, f32) {
     match expected.dims() {
         [_, _, s, ..] if *s >= LONG_SEQUENCE => {
-            let largest = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let largest = expected
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             (LONG_SEQUENCE_SHARE_OF_LARGEST * largest, LONG_SEQUENCE_RTOL)
         }
         _ => short,
@@ -127,10 +133,20 @@ fn tolerance(expected: &Tensor, short: (f32, f32)) -> (f32, f32) {
 
 fn assert_same(what: &str, fused: &Differentiated, reference: &Differentiated) {
     for (j, (f, r)) in fused.outputs.iter().zip(&reference.outputs).enumerate() {
-        assert_close(&format!("{what} output {j}"), f, r, tolerance(r, FORWARD_TOL));
+        assert_close(
+            &format!("{what} output {j}"),
+            f,
+            r,
+            tolerance(r, FORWARD_TOL),
+        );
     }
     for (j, (f, r)) in fused.grads.iter().zip(&reference.grads).enumerate() {
-        assert_close(&format!("{what} grad {}", INPUT_NAMES[j]), f, r, tolerance(r, GRAD_TOL));
+        assert_close(
+            &format!("{what} grad {}", INPUT_NAMES[j]),
+            f,
+            r,
+            tolerance(r, GRAD_TOL),
+        );
     }
 }
 
@@ -563,4 +579,3 @@ fn backward_through_the_fused_step_fails_loudly() {
         &["mlstm-step"],
     );
 }
-

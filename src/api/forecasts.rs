@@ -14,8 +14,8 @@ use super::query;
 use super::series::find_series;
 use super::startup::AppState;
 use crate::data::{FrameOptions, Frequency, load_frame};
-use crate::forecast::{ForecastError, Predict};
 use crate::forecast::xlstm::{SeriesData, forecast_latest};
+use crate::forecast::{ForecastError, Predict};
 use crate::jobs::training::forecast_record;
 use crate::store::{Forecast, Series};
 
@@ -243,10 +243,9 @@ pub async fn fresh(
                 .get_model_version(champion.id)
                 .await?
                 .ok_or_else(|| ApiError::NotFound(format!("model version {}", champion.id)))?;
-            state
-                .models
-                .insert(&version)
-                .map_err(|err| ApiError::Internal(format!("loading model version {}: {err}", champion.id)))?
+            state.models.insert(&version).map_err(|err| {
+                ApiError::Internal(format!("loading model version {}: {err}", champion.id))
+            })?
         }
     };
     let limit = model.horizon();
@@ -330,16 +329,30 @@ pub async fn fresh(
 }
 
 /// The series' most recent `lookback` rows (a few more, the forecaster takes the last ones).
-async fn recent_rows(state: &AppState, series: &Series, lookback: usize) -> Result<SeriesData, ApiError> {
+async fn recent_rows(
+    state: &AppState,
+    series: &Series,
+    lookback: usize,
+) -> Result<SeriesData, ApiError> {
     let range = state.store.observation_range(&series.name).await?;
-    let frequency = series.frequency.as_deref().and_then(|text| Frequency::parse(text).ok());
+    let frequency = series
+        .frequency
+        .as_deref()
+        .and_then(|text| Frequency::parse(text).ok());
     let from = match (range.last_ts_micros, frequency) {
         (Some(last), Some(frequency)) => {
             DateTime::from_timestamp_micros(last - (lookback as i64 + 1) * frequency.micros())
         }
         _ => None,
     };
-    let frame = load_frame(state.store.as_ref(), &series.name, from, None, &FrameOptions::default()).await?;
+    let frame = load_frame(
+        state.store.as_ref(),
+        &series.name,
+        from,
+        None,
+        &FrameOptions::default(),
+    )
+    .await?;
     Ok(SeriesData {
         series: Some(series.name.clone()),
         channels: frame.channels.clone(),

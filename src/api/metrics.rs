@@ -91,7 +91,9 @@ impl HttpMetrics {
         }
         text.push_str("# HELP forecast_compute_seconds Time to compute a fresh forecast from the cached champion (reading the recent rows and the model's forward pass).\n");
         text.push_str("# TYPE forecast_compute_seconds histogram\n");
-        recorded.forecasts.write(&mut text, "forecast_compute_seconds", "");
+        recorded
+            .forecasts
+            .write(&mut text, "forecast_compute_seconds", "");
         text
     }
 
@@ -127,7 +129,11 @@ impl LatencyHistogram {
         let mut cumulative = 0;
         for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(&self.buckets) {
             cumulative += count;
-            let _ = writeln!(text, "{name}_bucket{} {cumulative}", join(&format!("le=\"{bound}\"")));
+            let _ = writeln!(
+                text,
+                "{name}_bucket{} {cumulative}",
+                join(&format!("le=\"{bound}\""))
+            );
         }
         let _ = writeln!(text, "{name}_bucket{} {}", join("le=\"+Inf\""), self.count);
         let _ = writeln!(text, "{name}_sum{} {}", join(""), self.sum_seconds);
@@ -141,11 +147,19 @@ fn render_runs(statistics: &[RunStatistic]) -> String {
     let mut text = String::new();
     text.push_str("# HELP runs Runs in the store, by kind and status.\n# TYPE runs gauge\n");
     for stat in statistics {
-        let _ = writeln!(text, "runs{{kind=\"{}\",status=\"{}\"}} {}", stat.kind, stat.status, stat.runs);
+        let _ = writeln!(
+            text,
+            "runs{{kind=\"{}\",status=\"{}\"}} {}",
+            stat.kind, stat.status, stat.runs
+        );
     }
     text.push_str("# HELP run_seconds Seconds from start to finish of the runs in the store (training time for train and finetune runs), by kind and status.\n# TYPE run_seconds gauge\n");
     for stat in statistics {
-        let _ = writeln!(text, "run_seconds{{kind=\"{}\",status=\"{}\"}} {}", stat.kind, stat.status, stat.seconds);
+        let _ = writeln!(
+            text,
+            "run_seconds{{kind=\"{}\",status=\"{}\"}} {}",
+            stat.kind, stat.status, stat.seconds
+        );
     }
     text
 }

@@ -13,12 +13,12 @@ use actix_web::{App, HttpServer, web};
 use super::error;
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
+use super::model_cache::{DEFAULT_MODEL_CACHE_BYTES, ModelCache};
 use super::{
     dashboard, docs, forecasts, health, metrics, models, observations, openapi, runs, schedules,
     series, sources, training,
 };
 use crate::config::{ANY_ORIGIN, Settings};
-use super::model_cache::{DEFAULT_MODEL_CACHE_BYTES, ModelCache};
 use crate::jobs::SchedulerHandle;
 use crate::store::Store;
 

@@ -64,8 +64,8 @@ pub async fn train(
         },
         other => ApiError::Internal(other.to_string()),
     })?;
-    let mut requested = serde_json::to_value(&request)
-        .map_err(|err| ApiError::Internal(err.to_string()))?;
+    let mut requested =
+        serde_json::to_value(&request).map_err(|err| ApiError::Internal(err.to_string()))?;
     requested["mode"] = serde_json::json!(body.mode);
     let run = enqueue_train(state.store.as_ref(), &series, body.mode, requested).await?;
     Ok(HttpResponse::Accepted().json(RunBody::new(run, series.name)))

@@ -174,4 +174,3 @@ fn print_text(report: &EvalReport, channels: &[String]) {
         report.test_rows
     );
 }
-

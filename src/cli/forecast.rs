@@ -7,9 +7,9 @@ use anyhow::bail;
 use candle_core::Device;
 
 use crate::config::Settings;
+use crate::forecast::Predict;
 use crate::forecast::xlstm::artefact::read_dir;
 use crate::forecast::xlstm::{SeriesForecast, XlstmModel, forecast_latest};
-use crate::forecast::Predict;
 
 use super::series_source::SeriesSourceArgs;
 
@@ -67,7 +67,11 @@ pub async fn run(args: ForecastArgs, settings: &Settings) -> anyhow::Result<()> 
 }
 
 /// The forecast in the API's shape: per channel the mean and each quantile.
-fn forecast_json(forecast: &SeriesForecast, levels: &[usize], model: &XlstmModel) -> serde_json::Value {
+fn forecast_json(
+    forecast: &SeriesForecast,
+    levels: &[usize],
+    model: &XlstmModel,
+) -> serde_json::Value {
     let channels: serde_json::Map<String, serde_json::Value> = forecast
         .channels
         .iter()
@@ -77,11 +81,18 @@ fn forecast_json(forecast: &SeriesForecast, levels: &[usize], model: &XlstmModel
             let quantiles: serde_json::Map<String, serde_json::Value> = levels
                 .iter()
                 .map(|&l| {
-                    let values: Vec<f32> = forecast.quantiles.iter().map(|step| step[c][l]).collect();
-                    (format!("{}", forecast.quantile_levels[l]), serde_json::json!(values))
+                    let values: Vec<f32> =
+                        forecast.quantiles.iter().map(|step| step[c][l]).collect();
+                    (
+                        format!("{}", forecast.quantile_levels[l]),
+                        serde_json::json!(values),
+                    )
                 })
                 .collect();
-            (name.clone(), serde_json::json!({ "mean": mean, "quantiles": quantiles }))
+            (
+                name.clone(),
+                serde_json::json!({ "mean": mean, "quantiles": quantiles }),
+            )
         })
         .collect();
     serde_json::json!({
@@ -113,7 +124,11 @@ fn print_table(forecast: &SeriesForecast, levels: &[usize]) {
         let mut row = vec![ts.to_rfc3339()];
         for c in 0..forecast.channels.len() {
             row.push(format!("{}", forecast.mean[step][c]));
-            row.extend(levels.iter().map(|&l| format!("{}", forecast.quantiles[step][c][l])));
+            row.extend(
+                levels
+                    .iter()
+                    .map(|&l| format!("{}", forecast.quantiles[step][c][l])),
+            );
         }
         println!("{}", row.join(","));
     }

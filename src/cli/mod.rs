@@ -11,8 +11,8 @@ mod import;
 mod migrate;
 mod progress;
 mod quickstart;
-mod serve;
 mod series_source;
+mod serve;
 mod train;
 mod wide_csv;
 

@@ -53,7 +53,9 @@ impl TrainingProgressPrinter {
         if finished_epochs > self.epochs_reported {
             self.epochs_reported = finished_epochs;
             if let Some(record) = progress.history.last() {
-                let train = record.train_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+                let train = record
+                    .train_loss
+                    .map_or("-".to_string(), |l| format!("{l:.4}"));
                 let clear = if self.drawn { "\r\x1b[2K" } else { "" };
                 let _ = writeln!(
                     stderr,

@@ -17,7 +17,9 @@ use crate::config::Settings;
 use crate::data::{ImportOptions, import_csv};
 use crate::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
 use crate::forecast::xlstm::TrainingProgress;
-use crate::jobs::{TrainMode, WorkerConfig, WorkerPool, enqueue_train, put_schedule, standard_executors};
+use crate::jobs::{
+    TrainMode, WorkerConfig, WorkerPool, enqueue_train, put_schedule, standard_executors,
+};
 use crate::store::{self, RunStatus, ScheduleMode, ScheduleSpec, Series, Store};
 
 const SERIES: &str = "demo";
@@ -102,19 +104,31 @@ async fn ensure_sample_series(store: &dyn Store, rows: usize) -> anyhow::Result<
     let names = ["load_kw", "temperature_c", "occupancy", "solar_kw"];
     let mut csv = format!("ts,{}\n", names.join(","));
     for row in 0..rows {
-        let ts = chrono::DateTime::from_timestamp_micros(sample.timestamp_micros(row)).context("timestamp")?;
-        let values: Vec<String> = (0..4).map(|c| sample.matrix.values[row * 4 + c].to_string()).collect();
+        let ts = chrono::DateTime::from_timestamp_micros(sample.timestamp_micros(row))
+            .context("timestamp")?;
+        let values: Vec<String> = (0..4)
+            .map(|c| sample.matrix.values[row * 4 + c].to_string())
+            .collect();
         csv.push_str(&format!("{},{}\n", ts.to_rfc3339(), values.join(",")));
     }
     let mut options = ImportOptions::new(SERIES);
     options.frequency = Some(SyntheticKind::Hourly.frequency());
     import_csv(store, Cursor::new(csv.into_bytes()), &options).await?;
-    eprintln!("series '{SERIES}': {rows} hourly rows x 4 channels (synthetic: daily and weekly cycles, trend, level shifts, correlated channels)");
-    store.get_series(SERIES).await?.context("the sample series was just imported")
+    eprintln!(
+        "series '{SERIES}': {rows} hourly rows x 4 channels (synthetic: daily and weekly cycles, trend, level shifts, correlated channels)"
+    );
+    store
+        .get_series(SERIES)
+        .await?
+        .context("the sample series was just imported")
 }
 
 /// Trains the first model through the run queue, showing its progress, unless one exists.
-async fn ensure_champion(store: &Arc<dyn Store>, series: &Series, preset: &str) -> anyhow::Result<()> {
+async fn ensure_champion(
+    store: &Arc<dyn Store>,
+    series: &Series,
+    preset: &str,
+) -> anyhow::Result<()> {
     if store.champion_model_version(series.id).await?.is_some() {
         eprintln!("model: a champion exists: keeping it");
         return Ok(());
@@ -138,7 +152,10 @@ async fn ensure_champion(store: &Arc<dyn Store>, series: &Series, preset: &str) 
     let mut printer = TrainingProgressPrinter::new();
     let finished = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let current = store.get_run(run.id).await?.context("the training run vanished")?;
+        let current = store
+            .get_run(run.id)
+            .await?
+            .context("the training run vanished")?;
         if let Ok(progress) = serde_json::from_value::<TrainingProgress>(current.progress.clone()) {
             let _ = printer.show(&progress);
         }
@@ -156,10 +173,20 @@ async fn ensure_champion(store: &Arc<dyn Store>, series: &Series, preset: &str) 
         );
     }
     let version = store
-        .get_model_version_summary(finished.model_version_id.context("the run names its model")?)
+        .get_model_version_summary(
+            finished
+                .model_version_id
+                .context("the run names its model")?,
+        )
         .await?
         .context("the trained model version")?;
-    let metric = |key: &str| version.metrics.get(key).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+    let metric = |key: &str| {
+        version
+            .metrics
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
     eprintln!(
         "model {}: validation mse {:.3}, coverage of the 10-90% band {:.2}; forecast persisted",
         version.id,

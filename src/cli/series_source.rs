@@ -33,7 +33,10 @@ impl SeriesSourceArgs {
                 frequency: None,
             });
         }
-        let name = self.series.as_deref().expect("clap requires --csv or --series");
+        let name = self
+            .series
+            .as_deref()
+            .expect("clap requires --csv or --series");
         let store = store::connect(&settings.database_url()).await?;
         let frame = load_frame(store.as_ref(), name, None, None, &FrameOptions::default()).await?;
         Ok(SeriesData {

@@ -7,11 +7,11 @@ use anyhow::bail;
 
 use crate::config::Settings;
 use crate::forecast::DEFAULT_PRESET;
+use crate::forecast::xlstm::artefact::{read_dir, write_dir};
 use crate::forecast::xlstm::{
     DEFAULT_VALIDATION_FRACTION, ParentModel, Preset, XlstmForecaster, XlstmModel,
     finetune_on_series, train_on_series,
 };
-use crate::forecast::xlstm::artefact::{read_dir, write_dir};
 
 use super::progress::{DeviceArg, TrainingProgressPrinter};
 use super::series_source::SeriesSourceArgs;
@@ -54,7 +54,10 @@ pub struct TrainArgs {
 
 pub async fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     if args.out.exists() {
-        bail!("--out: {} already exists; choose a new directory", args.out.display());
+        bail!(
+            "--out: {} already exists; choose a new directory",
+            args.out.display()
+        );
     }
     if args.max_epochs == Some(0) {
         bail!("--max-epochs: must be at least 1");
@@ -82,7 +85,13 @@ pub async fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
                 data_to: parent.manifest.data.as_ref().and_then(|d| d.data_to),
                 library_version: parent.manifest.library_version.clone(),
             };
-            finetune_on_series(&parent, parent_ref, &data, args.validation_fraction, Some(&mut show))?
+            finetune_on_series(
+                &parent,
+                parent_ref,
+                &data,
+                args.validation_fraction,
+                Some(&mut show),
+            )?
         }
         None => {
             let mut preset = Preset::load(&args.preset)?;

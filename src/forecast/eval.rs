@@ -15,8 +15,8 @@ use super::baseline::{LinearBaseline, SeasonalNaive};
 use super::error::ForecastError;
 use super::metrics::{Metrics, MetricsAccumulator, seasonal_naive_scale};
 use super::model::{Fit, Fitted, Predict, TrainingData};
-use super::xlstm::{Preset, ProgressCallback, XlstmForecaster};
 use super::window::{SplitRows, SplitSpec, ZScore};
+use super::xlstm::{Preset, ProgressCallback, XlstmForecaster};
 
 /// Test windows forecast per batch.
 const EVAL_BATCH_WINDOWS: usize = 256;

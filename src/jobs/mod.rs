@@ -43,7 +43,10 @@ use crate::store::{RunKind, Store};
 pub fn standard_executors(store: Arc<dyn Store>) -> Executors {
     let training: Arc<dyn RunExecutor> = Arc::new(RetrainingPolicy::new(
         store.clone(),
-        Arc::new(TrainingExecutor::new(store.clone(), candle_core::Device::Cpu)),
+        Arc::new(TrainingExecutor::new(
+            store.clone(),
+            candle_core::Device::Cpu,
+        )),
     ));
     Executors::new()
         .with(RunKind::Pull, Arc::new(PullExecutor::new(store)))

@@ -103,9 +103,15 @@ pub fn version_config(manifest: &ModelManifest) -> Value {
 }
 
 /// Rebuilds the model of a stored version.
-pub fn load_model_version(version: &ModelVersion, device: &Device) -> Result<XlstmModel, ForecastError> {
+pub fn load_model_version(
+    version: &ModelVersion,
+    device: &Device,
+) -> Result<XlstmModel, ForecastError> {
     let manifest = version.summary.config.get("manifest").ok_or_else(|| {
-        ForecastError::invalid("model", format!("model version {} has no manifest", version.summary.id))
+        ForecastError::invalid(
+            "model",
+            format!("model version {} has no manifest", version.summary.id),
+        )
     })?;
     let manifest = ModelManifest::from_json(&manifest.to_string())?;
     XlstmModel::from_parts(&version.artefact, manifest, device)
@@ -126,7 +132,11 @@ pub async fn load_series_data(store: &dyn Store, series: &Series) -> Result<Seri
 }
 
 /// The stored form of a forecast.
-pub fn forecast_record(series_id: i64, model_version_id: i64, forecast: &SeriesForecast) -> NewForecast {
+pub fn forecast_record(
+    series_id: i64,
+    model_version_id: i64,
+    forecast: &SeriesForecast,
+) -> NewForecast {
     let mut points = Vec::with_capacity(forecast.timestamps.len() * forecast.channels.len());
     for (step, ts) in forecast.timestamps.iter().enumerate() {
         for (channel, name) in forecast.channels.iter().enumerate() {
@@ -135,7 +145,10 @@ pub fn forecast_record(series_id: i64, model_version_id: i64, forecast: &SeriesF
                 ts: *ts,
                 channel: name.clone(),
                 mean: widen(forecast.mean[step][channel]),
-                quantiles: forecast.quantiles[step][channel].iter().map(|q| widen(*q)).collect(),
+                quantiles: forecast.quantiles[step][channel]
+                    .iter()
+                    .map(|q| widen(*q))
+                    .collect(),
             });
         }
     }
@@ -181,22 +194,37 @@ impl RunExecutor for TrainingExecutor {
             .get_series_by_id(run.series_id)
             .await
             .map_err(RunFailure::failed)?
-            .ok_or_else(|| RunFailure::failed(format!("series {} no longer exists", run.series_id)))?;
+            .ok_or_else(|| {
+                RunFailure::failed(format!("series {} no longer exists", run.series_id))
+            })?;
         let request = TrainRequest::of_run(run).map_err(RunFailure::failed)?;
-        let data = load_series_data(store, &series).await.map_err(RunFailure::Failed)?;
-        let champion = match store.champion_model_version(series.id).await.map_err(RunFailure::failed)? {
+        let data = load_series_data(store, &series)
+            .await
+            .map_err(RunFailure::Failed)?;
+        let champion = match store
+            .champion_model_version(series.id)
+            .await
+            .map_err(RunFailure::failed)?
+        {
             Some(version) => {
-                let model = load_model_version(&version, &self.device)
-                    .map_err(|err| RunFailure::failed(format!("loading the champion failed: {err}")))?;
+                let model = load_model_version(&version, &self.device).map_err(|err| {
+                    RunFailure::failed(format!("loading the champion failed: {err}"))
+                })?;
                 Some((version.summary.id, model))
             }
             None => None,
         };
         let fallback = champion
             .as_ref()
-            .map_or(DEFAULT_PRESET.to_string(), |(_, model)| model.manifest.preset.name.clone());
+            .map_or(DEFAULT_PRESET.to_string(), |(_, model)| {
+                model.manifest.preset.name.clone()
+            });
         let finetune = run.kind == RunKind::Finetune && champion.is_some();
-        let resolved = if finetune { None } else { Some(request.resolve(&fallback).map_err(RunFailure::failed)?) };
+        let resolved = if finetune {
+            None
+        } else {
+            Some(request.resolve(&fallback).map_err(RunFailure::failed)?)
+        };
         ctx.check_continue()?;
 
         let reporter = ctx.reporter();
@@ -216,7 +244,13 @@ impl RunExecutor for TrainingExecutor {
                         data_to: parent.manifest.data.as_ref().and_then(|d| d.data_to),
                         library_version: parent.manifest.library_version.clone(),
                     };
-                    finetune_on_series(parent, parent_ref, &data, DEFAULT_VALIDATION_FRACTION, Some(&mut report))?
+                    finetune_on_series(
+                        parent,
+                        parent_ref,
+                        &data,
+                        DEFAULT_VALIDATION_FRACTION,
+                        Some(&mut report),
+                    )?
                 }
                 (_, Some((preset, lookback, horizon))) => train_on_series(
                     &XlstmForecaster::new(preset, device),
@@ -231,17 +265,23 @@ impl RunExecutor for TrainingExecutor {
             let recent_mse = recent_validation_mse(&model, &data, DEFAULT_VALIDATION_FRACTION)?;
             // A champion that cannot be scored on today's data (other channels, too few rows
             // for its window) is no yardstick: the new model replaces it.
-            let champion_recent_mse = champion
-                .as_ref()
-                .and_then(|(_, parent)| recent_validation_mse(parent, &data, DEFAULT_VALIDATION_FRACTION).ok());
-            Ok(Trained { model, recent_mse, champion_recent_mse })
+            let champion_recent_mse = champion.as_ref().and_then(|(_, parent)| {
+                recent_validation_mse(parent, &data, DEFAULT_VALIDATION_FRACTION).ok()
+            });
+            Ok(Trained {
+                model,
+                recent_mse,
+                champion_recent_mse,
+            })
         })
         .await
         .map_err(|err| RunFailure::failed(format!("the training thread failed: {err}")))?;
         let trained = match trained {
             Ok(trained) => trained,
             Err(ForecastError::Cancelled) => {
-                return Err(RunFailure::Stopped(ctx.stop_reason().unwrap_or(StopReason::Cancelled)));
+                return Err(RunFailure::Stopped(
+                    ctx.stop_reason().unwrap_or(StopReason::Cancelled),
+                ));
             }
             Err(err) => return Err(RunFailure::failed(err)),
         };
@@ -252,9 +292,17 @@ impl RunExecutor for TrainingExecutor {
 }
 
 impl TrainingExecutor {
-    async fn record(&self, series: &Series, trained: Trained) -> Result<ExecutionOutcome, RunFailure> {
+    async fn record(
+        &self,
+        series: &Series,
+        trained: Trained,
+    ) -> Result<ExecutionOutcome, RunFailure> {
         let store = self.store.as_ref();
-        let Trained { mut model, recent_mse, champion_recent_mse } = trained;
+        let Trained {
+            mut model,
+            recent_mse,
+            champion_recent_mse,
+        } = trained;
         let promote = champion_recent_mse.is_none_or(|champion| recent_mse <= champion);
         let recorded = [
             ("recent_mse", json!(recent_mse)),
@@ -286,18 +334,32 @@ impl TrainingExecutor {
             .await
             .map_err(RunFailure::failed)?;
         if promote {
-            store.promote_model_version(version.id).await.map_err(RunFailure::failed)?;
-            let data = load_series_data(store, series).await.map_err(RunFailure::Failed)?;
-            let horizon = manifest.shape.horizon;
-            let forecast = tokio::task::spawn_blocking(move || forecast_latest(&model, &data, horizon))
+            store
+                .promote_model_version(version.id)
                 .await
-                .map_err(|err| RunFailure::failed(format!("the forecast thread failed: {err}")))?
-                .map_err(|err| RunFailure::failed(format!("forecasting with the new champion failed: {err}")))?;
+                .map_err(RunFailure::failed)?;
+            let data = load_series_data(store, series)
+                .await
+                .map_err(RunFailure::Failed)?;
+            let horizon = manifest.shape.horizon;
+            let forecast =
+                tokio::task::spawn_blocking(move || forecast_latest(&model, &data, horizon))
+                    .await
+                    .map_err(|err| {
+                        RunFailure::failed(format!("the forecast thread failed: {err}"))
+                    })?
+                    .map_err(|err| {
+                        RunFailure::failed(format!(
+                            "forecasting with the new champion failed: {err}"
+                        ))
+                    })?;
             store
                 .insert_forecast(&forecast_record(series.id, version.id, &forecast))
                 .await
                 .map_err(RunFailure::failed)?;
         }
-        Ok(ExecutionOutcome::Succeeded { model_version_id: Some(version.id) })
+        Ok(ExecutionOutcome::Succeeded {
+            model_version_id: Some(version.id),
+        })
     }
 }

@@ -24,11 +24,10 @@ use super::validate::{max_option, min_option};
 use super::{
     Backend, EnqueuedRun, Forecast, ForecastPoint, ImportSession, ImportSummary, LOAD_SPANS,
     LeaseState, LongObservations, MigrationReport, ModelVersion, ModelVersionStatus,
-    ModelVersionSummary, NewForecast, NewModelVersion, NewRun, ObservationBatch,
-    ObservationRange, PendingMigration, Run, RunClaim, RunFilter, RunStatistic, RunOutcome, Schedule,
-    ScheduleSpec, SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError,
-    apply_migrations, datetime_from_micros, join_spans, pending_migrations, series_named,
-    split_time_span, validate,
+    ModelVersionSummary, NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange,
+    PendingMigration, Run, RunClaim, RunFilter, RunOutcome, RunStatistic, Schedule, ScheduleSpec,
+    SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError, apply_migrations,
+    datetime_from_micros, join_spans, pending_migrations, series_named, split_time_span, validate,
 };
 use crate::config::mask_database_url;
 

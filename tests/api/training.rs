@@ -16,7 +16,13 @@ use crate::api_tests;
 
 /// Hourly rows `first..first + count` of a 2-channel synthetic series as CSV.
 fn csv_rows(first: usize, count: usize) -> String {
-    let series = generate(&SyntheticSpec::new(SyntheticKind::Hourly, first + count, 2, 9)).unwrap();
+    let series = generate(&SyntheticSpec::new(
+        SyntheticKind::Hourly,
+        first + count,
+        2,
+        9,
+    ))
+    .unwrap();
     let mut text = String::from("ts,load,temp\n");
     for row in first..first + count {
         let ts = chrono::DateTime::from_timestamp_micros(series.timestamp_micros(row)).unwrap();
@@ -26,12 +32,18 @@ fn csv_rows(first: usize, count: usize) -> String {
     text
 }
 
-const TRAIN_TINY: &str =
-    r#"{"mode": "full", "preset": "tiny", "overrides": {"lookback": 48, "horizon": 12, "max_epochs": 1}}"#;
+const TRAIN_TINY: &str = r#"{"mode": "full", "preset": "tiny", "overrides": {"lookback": 48, "horizon": 12, "max_epochs": 1}}"#;
 
 async fn upload(app: &TestApp, first: usize, count: usize) {
     let csv = csv_rows(first, count);
-    let response = app.client.post("/api/v1/series/plant/observations", "text/csv", csv.as_bytes()).await;
+    let response = app
+        .client
+        .post(
+            "/api/v1/series/plant/observations",
+            "text/csv",
+            csv.as_bytes(),
+        )
+        .await;
     assert_eq!(response.status, 200, "{}", response.text());
 }
 
@@ -49,7 +61,13 @@ async fn finished_run(client: &Client, id: i64) -> Value {
 }
 
 async fn queue(client: &Client, body: &str) -> i64 {
-    let response = client.post("/api/v1/series/plant/train", "application/json", body.as_bytes()).await;
+    let response = client
+        .post(
+            "/api/v1/series/plant/train",
+            "application/json",
+            body.as_bytes(),
+        )
+        .await;
     assert_eq!(response.status, 202, "{}", response.text());
     let run = response.json();
     assert_eq!(run["status"], "queued");
@@ -61,7 +79,11 @@ fn workers(app: &TestApp) -> WorkerPool {
         poll_interval: Duration::from_millis(50),
         ..WorkerConfig::default()
     };
-    WorkerPool::start(app.store.clone(), standard_executors(app.store.clone()), config)
+    WorkerPool::start(
+        app.store.clone(),
+        standard_executors(app.store.clone()),
+        config,
+    )
 }
 
 api_tests! {

@@ -3,8 +3,8 @@ use std::f64::consts::TAU;
 use xlstm_forecast::data::ChannelMatrix;
 use xlstm_forecast::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
 use xlstm_forecast::forecast::{
-    EvalOptions, Fit, Forecast, LinearBaseline, ModelChoice, Predict, SeasonalNaive,
-    SplitRows, SplitSpec, TrainingData, evaluate,
+    EvalOptions, Fit, Forecast, LinearBaseline, ModelChoice, Predict, SeasonalNaive, SplitRows,
+    SplitSpec, TrainingData, evaluate,
 };
 
 use super::common::matrix;
@@ -249,7 +249,12 @@ fn eval_refuses_unknown_presets_and_presets_for_baselines() {
     };
     options.preset = Some("huge".to_string());
     let error = evaluate(pure_seasonal(480, 1), &options).unwrap_err();
-    assert!(error.to_string().starts_with("preset: unknown preset \"huge\""), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("preset: unknown preset \"huge\""),
+        "{error}"
+    );
     options.preset = None;
     options.max_epochs = Some(0);
     let error = evaluate(pure_seasonal(480, 1), &options).unwrap_err();

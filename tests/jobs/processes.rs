@@ -201,10 +201,14 @@ async fn sigterm_lets_the_running_run_finish_before_the_process_exits() {
     .await;
     let run = enqueue_pull(store.as_ref(), &series).await.unwrap();
     let mut worker = WorkerProcess::start(database.url(), 10.0);
-    wait_until(Duration::from_secs(30), "the worker to claim the run", || {
-        let store = store.clone();
-        async move { run_of(&store, run.id).await.status == RunStatus::Running }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to claim the run",
+        || {
+            let store = store.clone();
+            async move { run_of(&store, run.id).await.status == RunStatus::Running }
+        },
+    )
     .await;
     assert!(worker.terminate().success(), "graceful exit on SIGTERM");
     let finished = run_of(&store, run.id).await;

@@ -26,7 +26,13 @@ fn a_model_round_trips_through_its_directory_exactly() {
     let data = series_data(600, 3, 11);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model");
-    write_dir(&out, &model.weights_bytes().unwrap(), &model.manifest, false).unwrap();
+    write_dir(
+        &out,
+        &model.weights_bytes().unwrap(),
+        &model.manifest,
+        false,
+    )
+    .unwrap();
     let (weights, manifest) = read_dir(&out).unwrap();
     assert_eq!(manifest, model.manifest);
     let loaded = XlstmModel::from_parts(&weights, manifest, &Device::Cpu).unwrap();
@@ -41,14 +47,19 @@ fn a_model_round_trips_through_its_directory_exactly() {
     assert_eq!(description.frequency.as_deref(), Some("1h"));
     assert!(description.data_from < description.data_to);
     for key in ["val_mse", "val_mae", "coverage_80", "epochs", "params"] {
-        assert!(loaded.manifest.metrics.contains_key(key), "metrics lack {key}");
+        assert!(
+            loaded.manifest.metrics.contains_key(key),
+            "metrics lack {key}"
+        );
     }
     assert_eq!(loaded.manifest.library_version, env!("CARGO_PKG_VERSION"));
     // Nothing is left beside the model directory.
     let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(entries.len(), 1);
     // An existing directory is never overwritten by accident.
-    let err = write_dir(&out, b"x", &model.manifest, false).unwrap_err().to_string();
+    let err = write_dir(&out, b"x", &model.manifest, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already exists"), "{err}");
     assert!(read_dir(&out).unwrap().0 == weights);
 }
@@ -60,18 +71,33 @@ fn models_of_another_shape_or_format_are_refused_with_the_reason() {
 
     let mut wider = model.manifest.clone();
     wider.preset.model.xlstm.embedding_dim = 32;
-    let err = XlstmModel::from_parts(&weights, wider, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("has shape") && err.contains("in the weights"), "{err}");
+    let err = XlstmModel::from_parts(&weights, wider, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has shape") && err.contains("in the weights"),
+        "{err}"
+    );
 
     let mut deeper = model.manifest.clone();
     deeper.preset.model.xlstm.num_blocks = 3;
-    let err = XlstmModel::from_parts(&weights, deeper, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("the weights lack parameter stack.blocks.2"), "{err}");
+    let err = XlstmModel::from_parts(&weights, deeper, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the weights lack parameter stack.blocks.2"),
+        "{err}"
+    );
 
     let mut newer = serde_json::to_value(&model.manifest).unwrap();
     newer["format"] = serde_json::json!(99);
-    let err = ModelManifest::from_json(&newer.to_string()).unwrap_err().to_string();
-    assert!(err.contains("model format 99") && err.contains("reads format 1"), "{err}");
+    let err = ModelManifest::from_json(&newer.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model format 99") && err.contains("reads format 1"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model");
@@ -95,11 +121,24 @@ fn fine_tuning_makes_a_child_that_records_its_parent() {
         data_to: parent.manifest.data.as_ref().unwrap().data_to,
         library_version: parent.manifest.library_version.clone(),
     };
-    let child = finetune_on_series(&parent, parent_ref.clone(), &newer, DEFAULT_VALIDATION_FRACTION, None).unwrap();
+    let child = finetune_on_series(
+        &parent,
+        parent_ref.clone(),
+        &newer,
+        DEFAULT_VALIDATION_FRACTION,
+        None,
+    )
+    .unwrap();
     assert_eq!(child.manifest.parent, Some(parent_ref));
     assert_eq!(child.manifest.shape, parent.manifest.shape);
-    let (parent_data, child_data) = (parent.manifest.data.clone().unwrap(), child.manifest.data.clone().unwrap());
-    assert_eq!(child_data.zscore_mean, parent_data.zscore_mean, "same preprocessing");
+    let (parent_data, child_data) = (
+        parent.manifest.data.clone().unwrap(),
+        child.manifest.data.clone().unwrap(),
+    );
+    assert_eq!(
+        child_data.zscore_mean, parent_data.zscore_mean,
+        "same preprocessing"
+    );
     assert!(child_data.data_to > parent_data.data_to);
     assert!(child.manifest.training.epochs <= child.manifest.preset.training.finetune_max_epochs);
     // It trained (it may keep its starting weights when no epoch beats them on validation).
@@ -109,7 +148,11 @@ fn fine_tuning_makes_a_child_that_records_its_parent() {
     let other_channels = series_data(700, 2, 11);
     let err = finetune_on_series(
         &child,
-        ParentModel { version_id: None, data_to: None, library_version: "x".into() },
+        ParentModel {
+            version_id: None,
+            data_to: None,
+            library_version: "x".into(),
+        },
         &other_channels,
         DEFAULT_VALIDATION_FRACTION,
         None,
@@ -128,7 +171,11 @@ fn forecasts_continue_the_series_in_its_units() {
     let last = *data.ts_micros.last().unwrap();
     assert_eq!(forecast.origin.timestamp_micros(), last);
     let expected: Vec<i64> = (1..=5).map(|k| last + k * step).collect();
-    let got: Vec<i64> = forecast.timestamps.iter().map(|t| t.timestamp_micros()).collect();
+    let got: Vec<i64> = forecast
+        .timestamps
+        .iter()
+        .map(|t| t.timestamp_micros())
+        .collect();
     assert_eq!(got, expected);
     assert_eq!(forecast.mean.len(), 5);
     // In the series' units: near the recent level of each channel, not near 0.
@@ -138,9 +185,20 @@ fn forecasts_continue_the_series_in_its_units() {
             .sum::<f32>()
             / 24.0;
         let forecast_mean = forecast.mean.iter().map(|step| step[channel]).sum::<f32>() / 5.0;
-        let spread = data.matrix.values.iter().skip(channel).step_by(3).fold(0.0_f32, |m, v| m.max(v.abs()));
-        assert!((forecast_mean - recent).abs() < spread, "channel {channel}: {forecast_mean} vs {recent}");
+        let spread = data
+            .matrix
+            .values
+            .iter()
+            .skip(channel)
+            .step_by(3)
+            .fold(0.0_f32, |m, v| m.max(v.abs()));
+        assert!(
+            (forecast_mean - recent).abs() < spread,
+            "channel {channel}: {forecast_mean} vs {recent}"
+        );
     }
-    let err = forecast_latest(&model, &data, HORIZON + 1).unwrap_err().to_string();
+    let err = forecast_latest(&model, &data, HORIZON + 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(&format!("model's horizon {HORIZON}")), "{err}");
 }

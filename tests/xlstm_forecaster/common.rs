@@ -36,7 +36,9 @@ impl Prepared {
             validation: rows * 2 / 10,
             test: rows - rows * 6 / 10 - rows * 2 / 10,
         };
-        ZScore::fit(&matrix, split.train_range()).unwrap().apply(&mut matrix);
+        ZScore::fit(&matrix, split.train_range())
+            .unwrap()
+            .apply(&mut matrix);
         Self { matrix, split }
     }
 
@@ -53,7 +55,13 @@ impl Prepared {
 
 /// A synthetic series in its own units, as the CLI and the service hold it.
 pub fn series_data(rows: usize, channels: usize, seed: u64) -> SeriesData {
-    let series = generate(&SyntheticSpec::new(SyntheticKind::Hourly, rows, channels, seed)).unwrap();
+    let series = generate(&SyntheticSpec::new(
+        SyntheticKind::Hourly,
+        rows,
+        channels,
+        seed,
+    ))
+    .unwrap();
     SeriesData {
         series: Some("synthetic".into()),
         channels: series.channel_names.clone(),

@@ -33,7 +33,10 @@ fn forecasts_have_the_window_shape_and_ordered_quantiles_in_both_channel_modes()
         let model = forecaster(preset).fit(&prepared.data()).unwrap().model;
         let windows = test_windows(&prepared, 5);
         let forecast = model.predict(&windows).unwrap();
-        assert_eq!((forecast.batch, forecast.horizon, forecast.channels), (5, HORIZON, 3));
+        assert_eq!(
+            (forecast.batch, forecast.horizon, forecast.channels),
+            (5, HORIZON, 3)
+        );
         assert_eq!(forecast.mean.len(), 5 * HORIZON * 3);
         assert_eq!(forecast.quantiles.len(), 5 * HORIZON * 3 * 9);
         assert!(forecast.mean.iter().all(|v| v.is_finite()));
@@ -44,22 +47,34 @@ fn forecasts_have_the_window_shape_and_ordered_quantiles_in_both_channel_modes()
 #[test]
 fn missing_inputs_are_masked_not_read() {
     let prepared = Prepared::new(800, 2, 0.1);
-    let model = forecaster(quick_preset()).fit(&prepared.data()).unwrap().model;
+    let model = forecaster(quick_preset())
+        .fit(&prepared.data())
+        .unwrap()
+        .model;
     let windows = test_windows(&prepared, 4);
-    assert!(windows.missing.iter().any(|m| *m), "the test needs missing cells");
+    assert!(
+        windows.missing.iter().any(|m| *m),
+        "the test needs missing cells"
+    );
     let mut garbage = windows.clone();
     for (value, missing) in garbage.values.iter_mut().zip(&garbage.missing) {
         if *missing {
             *value = 1.0e6;
         }
     }
-    assert_eq!(model.predict(&windows).unwrap(), model.predict(&garbage).unwrap());
+    assert_eq!(
+        model.predict(&windows).unwrap(),
+        model.predict(&garbage).unwrap()
+    );
     // ... while the mask itself is an input: hiding an observed cell changes the forecast.
     let mut hidden = windows.clone();
     let last = hidden.index(0, LOOKBACK - 1, 0);
     hidden.missing[last] = true;
     hidden.values[last] = 0.0;
-    assert_ne!(model.predict(&windows).unwrap().mean, model.predict(&hidden).unwrap().mean);
+    assert_ne!(
+        model.predict(&windows).unwrap().mean,
+        model.predict(&hidden).unwrap().mean
+    );
 }
 
 #[test]
@@ -83,7 +98,10 @@ fn a_seed_fixes_the_model_and_another_seed_changes_it() {
     };
     assert_eq!(losses(&first), losses(&second));
     let windows = test_windows(&prepared, 3);
-    assert_eq!(first.predict(&windows).unwrap(), second.predict(&windows).unwrap());
+    assert_eq!(
+        first.predict(&windows).unwrap(),
+        second.predict(&windows).unwrap()
+    );
     assert!(first.weights_bytes().unwrap() != other.weights_bytes().unwrap());
 }
 
@@ -125,9 +143,19 @@ fn progress_is_reported_and_the_callback_can_cancel() {
         )
         .unwrap();
     let last = seen.last().unwrap();
-    assert_eq!(last.history.len(), fitted.epochs + 1, "epoch 0 plus each epoch");
-    assert!(seen.iter().all(|p| p.step <= p.steps_per_epoch && p.epoch <= p.max_epochs));
-    assert!(seen.iter().any(|p| p.train_loss.is_some() && p.eta_seconds.is_some()));
+    assert_eq!(
+        last.history.len(),
+        fitted.epochs + 1,
+        "epoch 0 plus each epoch"
+    );
+    assert!(
+        seen.iter()
+            .all(|p| p.step <= p.steps_per_epoch && p.epoch <= p.max_epochs)
+    );
+    assert!(
+        seen.iter()
+            .any(|p| p.train_loss.is_some() && p.eta_seconds.is_some())
+    );
 
     let mut calls = 0;
     let cancelled = forecaster(quick_preset()).fit_with_progress(
@@ -147,7 +175,10 @@ fn a_diverging_run_stops_with_a_clear_error() {
     let mut preset = quick_preset();
     preset.training.learning_rate = 1e30;
     preset.training.warmup_fraction = 0.0;
-    let err = forecaster(preset).fit(&prepared.data()).unwrap_err().to_string();
+    let err = forecaster(preset)
+        .fit(&prepared.data())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("training diverged at epoch 1"), "{err}");
 }
 
@@ -158,6 +189,12 @@ fn a_lookback_shorter_than_a_patch_is_refused() {
     data.lookback = 4;
     data.train = prepared.split.train_windows(4, HORIZON).unwrap();
     data.validation = prepared.split.validation_windows(4, HORIZON).unwrap();
-    let err = forecaster(quick_preset()).fit(&data).unwrap_err().to_string();
-    assert!(err.contains("lookback 4 is shorter than the preset's patch_len 8"), "{err}");
+    let err = forecaster(quick_preset())
+        .fit(&data)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lookback 4 is shorter than the preset's patch_len 8"),
+        "{err}"
+    );
 }

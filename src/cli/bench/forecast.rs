@@ -37,7 +37,11 @@ pub struct ForecastBenchArgs {
     #[arg(long, default_value = "small")]
     pub preset: String,
     /// Postgres server whose role may create databases (a scratch database is dropped after).
-    #[arg(long, value_name = "URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pub postgres_url: String,
     /// Backends to measure (repeatable) [default: sqlite and postgres].
     #[arg(long = "backend", value_enum)]
@@ -109,8 +113,11 @@ pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
                 result?
             }
             QueueBackend::Sqlite => {
-                let dir = std::env::temp_dir()
-                    .join(format!("xf-bench-forecast-{}-{}", std::process::id(), rand::random::<u32>()));
+                let dir = std::env::temp_dir().join(format!(
+                    "xf-bench-forecast-{}-{}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                ));
                 let url = format!("sqlite://{}", dir.join("forecast.db").display());
                 let result = measure(&url, "sqlite", &args).await;
                 std::fs::remove_dir_all(&dir).ok();
@@ -137,20 +144,35 @@ pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(url: &str, backend: &'static str, args: &ForecastBenchArgs) -> anyhow::Result<ForecastFigures> {
+async fn measure(
+    url: &str,
+    backend: &'static str,
+    args: &ForecastBenchArgs,
+) -> anyhow::Result<ForecastFigures> {
     let (lookback, horizon, channels, rows) = (336, 96, 7, 1200);
     let store = store::connect(url).await?;
-    let sample = generate(&SyntheticSpec::new(SyntheticKind::Hourly, rows, channels, 3))?;
+    let sample = generate(&SyntheticSpec::new(
+        SyntheticKind::Hourly,
+        rows,
+        channels,
+        3,
+    ))?;
     let mut csv = format!("ts,{}\n", sample.channel_names.join(","));
     for row in 0..rows {
-        let ts = chrono::DateTime::from_timestamp_micros(sample.timestamp_micros(row)).context("timestamp")?;
-        let values: Vec<String> = (0..channels).map(|c| sample.matrix.values[row * channels + c].to_string()).collect();
+        let ts = chrono::DateTime::from_timestamp_micros(sample.timestamp_micros(row))
+            .context("timestamp")?;
+        let values: Vec<String> = (0..channels)
+            .map(|c| sample.matrix.values[row * channels + c].to_string())
+            .collect();
         csv.push_str(&format!("{},{}\n", ts.to_rfc3339(), values.join(",")));
     }
     let mut options = ImportOptions::new(SERIES);
     options.frequency = Some(SyntheticKind::Hourly.frequency());
     import_csv(store.as_ref(), Cursor::new(csv.into_bytes()), &options).await?;
-    let series = store.get_series(SERIES).await?.context("the bench series")?;
+    let series = store
+        .get_series(SERIES)
+        .await?
+        .context("the bench series")?;
     let run = enqueue_train(
         store.as_ref(),
         &series,
@@ -159,7 +181,11 @@ async fn measure(url: &str, backend: &'static str, args: &ForecastBenchArgs) -> 
             "overrides": {"lookback": lookback, "horizon": horizon, "max_epochs": 1}}),
     )
     .await?;
-    let workers = WorkerPool::start(store.clone(), standard_executors(store.clone()), WorkerConfig::default());
+    let workers = WorkerPool::start(
+        store.clone(),
+        standard_executors(store.clone()),
+        WorkerConfig::default(),
+    );
     let trained = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let current = store.get_run(run.id).await?.context("the training run")?;
@@ -169,7 +195,10 @@ async fn measure(url: &str, backend: &'static str, args: &ForecastBenchArgs) -> 
     };
     workers.shutdown().await;
     if trained.status != RunStatus::Succeeded {
-        bail!("training the bench model failed: {}", trained.error.unwrap_or_default());
+        bail!(
+            "training the bench model failed: {}",
+            trained.error.unwrap_or_default()
+        );
     }
     let config = ApiConfig {
         bind: "127.0.0.1:0".parse()?,
@@ -188,19 +217,39 @@ async fn measure(url: &str, backend: &'static str, args: &ForecastBenchArgs) -> 
         bail!("the warm-up forecast answered {status}");
     }
     let output = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "http-load", "--addr", &addr.to_string(), "--path", &path])
-        .args(["--concurrency", &args.concurrency.to_string(), "--seconds", &args.seconds.to_string()])
+        .args([
+            "bench",
+            "http-load",
+            "--addr",
+            &addr.to_string(),
+            "--path",
+            &path,
+        ])
+        .args([
+            "--concurrency",
+            &args.concurrency.to_string(),
+            "--seconds",
+            &args.seconds.to_string(),
+        ])
         .output()
         .await?;
     server.abort();
     if !output.status.success() {
-        bail!("the load generator failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "the load generator failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let load: LoadFigures = serde_json::from_slice(&output.stdout).context("the load generator's figures")?;
+    let load: LoadFigures =
+        serde_json::from_slice(&output.stdout).context("the load generator's figures")?;
     Ok(ForecastFigures {
         bench: "forecast",
         backend,
-        build: if cfg!(debug_assertions) { "debug" } else { "release" },
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         preset: args.preset.clone(),
         lookback,
         horizon,
@@ -228,7 +277,11 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Connection> {
 }
 
 /// One keep-alive GET; returns the status and the body length.
-async fn request(conn: &mut Connection, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, usize)> {
+async fn request(
+    conn: &mut Connection,
+    addr: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(u16, usize)> {
     let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: keep-alive\r\n\r\n");
     conn.get_mut().write_all(head.as_bytes()).await?;
     let mut line = String::new();

@@ -73,8 +73,9 @@ impl ModelManifest {
 
     /// Parses a manifest, refusing other formats and kinds before looking at the rest.
     pub fn from_json(text: &str) -> Result<Self, ForecastError> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|err| ForecastError::invalid("model", format!("manifest is not JSON: {err}")))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
+            ForecastError::invalid("model", format!("manifest is not JSON: {err}"))
+        })?;
         let format = value.get("format").and_then(serde_json::Value::as_u64);
         if format != Some(u64::from(ARTEFACT_FORMAT)) {
             let written_by = value
@@ -96,7 +97,10 @@ impl ModelManifest {
         if manifest.kind != "xlstm" {
             return Err(ForecastError::invalid(
                 "model",
-                format!("manifest is for a {:?} model, expected \"xlstm\"", manifest.kind),
+                format!(
+                    "manifest is for a {:?} model, expected \"xlstm\"",
+                    manifest.kind
+                ),
             ));
         }
         Ok(manifest)
@@ -106,7 +110,12 @@ impl ModelManifest {
 /// Writes `weights` and `manifest` into the new directory `dir` all at once: both files go
 /// into a sibling temporary directory that is renamed into place, so a crash never leaves a
 /// half-written model behind. An existing `dir` is an error unless `replace`.
-pub fn write_dir(dir: &Path, weights: &[u8], manifest: &ModelManifest, replace: bool) -> Result<(), ForecastError> {
+pub fn write_dir(
+    dir: &Path,
+    weights: &[u8],
+    manifest: &ModelManifest,
+    replace: bool,
+) -> Result<(), ForecastError> {
     let io = |what: &str, path: &Path, err: std::io::Error| {
         ForecastError::invalid("out", format!("{what} {}: {err}", path.display()))
     };
@@ -121,16 +130,21 @@ pub fn write_dir(dir: &Path, weights: &[u8], manifest: &ModelManifest, replace: 
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent).map_err(|err| io("cannot create", &parent, err))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| ForecastError::invalid("out", format!("{} names no directory", dir.display())))?;
-    let staging = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let name = dir.file_name().ok_or_else(|| {
+        ForecastError::invalid("out", format!("{} names no directory", dir.display()))
+    })?;
+    let staging = parent.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(|err| io("cannot clear", &staging, err))?;
     }
     fs::create_dir(&staging).map_err(|err| io("cannot create", &staging, err))?;
     let write = || -> Result<(), ForecastError> {
-        write_synced(&staging.join(WEIGHTS_FILE), weights).map_err(|err| io("cannot write", &staging, err))?;
+        write_synced(&staging.join(WEIGHTS_FILE), weights)
+            .map_err(|err| io("cannot write", &staging, err))?;
         write_synced(&staging.join(MANIFEST_FILE), manifest.to_json().as_bytes())
             .map_err(|err| io("cannot write", &staging, err))?;
         if dir.exists() {

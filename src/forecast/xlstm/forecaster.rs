@@ -60,7 +60,10 @@ impl XlstmForecaster {
                 "linear_path.weight",
                 Tensor::from_vec(weight, (shape.horizon, shape.lookback), &self.device)?,
             )?;
-            varmap.set_one("linear_path.bias", Tensor::from_vec(bias, shape.horizon, &self.device)?)?;
+            varmap.set_one(
+                "linear_path.bias",
+                Tensor::from_vec(bias, shape.horizon, &self.device)?,
+            )?;
         }
         let training = &self.preset.training;
         let schedule = Schedule {
@@ -71,7 +74,15 @@ impl XlstmForecaster {
             quantile_loss_weight: self.preset.model.quantile_loss_weight,
             quantile_levels: &self.preset.model.quantile_levels,
         };
-        let summary = train::train(&network, &varmap, &norm, data, &schedule, &self.device, progress)?;
+        let summary = train::train(
+            &network,
+            &varmap,
+            &norm,
+            data,
+            &schedule,
+            &self.device,
+            progress,
+        )?;
         let model = XlstmModel::assemble(
             network,
             varmap,
@@ -207,7 +218,15 @@ impl XlstmModel {
             quantile_loss_weight: preset.model.quantile_loss_weight,
             quantile_levels: &preset.model.quantile_levels,
         };
-        let summary = train::train(&network, &varmap, &self.norm, data, &schedule, &self.device, progress)?;
+        let summary = train::train(
+            &network,
+            &varmap,
+            &self.norm,
+            data,
+            &schedule,
+            &self.device,
+            progress,
+        )?;
         let mut model = Self::assemble(
             network,
             varmap,
@@ -313,13 +332,18 @@ impl XlstmModel {
             SeededVarMap::builder(&varmap, manifest.preset.training.seed, device),
         )?;
         let mut stored = candle_core::safetensors::load_buffer(weights, device).map_err(|err| {
-            ForecastError::invalid("model", format!("the weights are not a safetensors file: {err}"))
+            ForecastError::invalid(
+                "model",
+                format!("the weights are not a safetensors file: {err}"),
+            )
         })?;
         for (name, var) in train::sorted_vars(&varmap) {
             let tensor = stored.remove(&name).ok_or_else(|| {
                 ForecastError::invalid(
                     "model",
-                    format!("the weights lack parameter {name} that the manifest's architecture needs"),
+                    format!(
+                        "the weights lack parameter {name} that the manifest's architecture needs"
+                    ),
                 )
             })?;
             if tensor.dims() != var.dims() {
@@ -338,7 +362,9 @@ impl XlstmModel {
         if let Some(extra) = stored.keys().min() {
             return Err(ForecastError::invalid(
                 "model",
-                format!("the weights hold parameter {extra}, which the manifest's architecture lacks"),
+                format!(
+                    "the weights hold parameter {extra}, which the manifest's architecture lacks"
+                ),
             ));
         }
         let levels = manifest.preset.model.quantile_levels.len();

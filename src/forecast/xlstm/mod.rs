@@ -13,8 +13,8 @@ pub use artefact::{DataDescription, ModelManifest, ParentModel};
 pub use forecaster::{XlstmForecaster, XlstmModel};
 pub use network::NetworkShape;
 pub use preset::{ChannelMode, ForecasterConfig, PointLoss, Preset, TrainingConfig};
-pub use train::{EpochRecord, ProgressCallback, TrainingProgress, TrainingSummary};
 pub use series::{
     DEFAULT_VALIDATION_FRACTION, SeriesData, SeriesForecast, finetune_on_series, forecast_latest,
     recent_validation_mse, train_on_series,
 };
+pub use train::{EpochRecord, ProgressCallback, TrainingProgress, TrainingSummary};

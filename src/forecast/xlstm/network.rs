@@ -109,15 +109,13 @@ impl ForecastNetwork {
         // quantile head starts from a fixed Gaussian band around it.
         let point_head = zero_linear(patching.count * e, head_outputs, vb.pp("point_head"))?;
         let quantile_vb = vb.pp("quantile_head");
-        let quantile_weight = quantile_vb.get_with_hints(
-            (head_outputs * levels, e),
-            "weight",
-            Init::Const(0.0),
-        )?;
-        let quantile_bias = get_or_init_with(&quantile_vb, &[head_outputs * levels], "bias", |d| {
-            Tensor::new(initial_quantile_increments(&cfg.quantile_levels), d)?
-                .repeat(head_outputs)
-        })?;
+        let quantile_weight =
+            quantile_vb.get_with_hints((head_outputs * levels, e), "weight", Init::Const(0.0))?;
+        let quantile_bias =
+            get_or_init_with(&quantile_vb, &[head_outputs * levels], "bias", |d| {
+                Tensor::new(initial_quantile_increments(&cfg.quantile_levels), d)?
+                    .repeat(head_outputs)
+            })?;
         let quantile_head = Linear::new(quantile_weight, Some(quantile_bias));
         let linear_path = if cfg.linear_path {
             Some(zero_linear(
@@ -196,7 +194,11 @@ impl ForecastNetwork {
                         .contiguous()?
                         .reshape((batch * channels, lookback, 1))
                 };
-                (batch * channels, per_channel(values)?, per_channel(observed)?)
+                (
+                    batch * channels,
+                    per_channel(values)?,
+                    per_channel(observed)?,
+                )
             }
             ChannelMode::Mixing => (batch, values.clone(), observed.clone()),
         };
@@ -232,13 +234,17 @@ impl ForecastNetwork {
             point = (point + path)?;
         }
         let levels = self.cfg.quantile_levels.len();
-        let raw = self
-            .quantile_head
-            .forward(&hidden.mean(1)?)?
-            .reshape((sequences, horizon * out_channels, levels))?;
+        let raw = self.quantile_head.forward(&hidden.mean(1)?)?.reshape((
+            sequences,
+            horizon * out_channels,
+            levels,
+        ))?;
         let increments = if levels > 1 {
             Tensor::cat(
-                &[raw.narrow(2, 0, 1)?, softplus(&raw.narrow(2, 1, levels - 1)?)?],
+                &[
+                    raw.narrow(2, 0, 1)?,
+                    softplus(&raw.narrow(2, 1, levels - 1)?)?,
+                ],
                 2,
             )?
         } else {
@@ -299,7 +305,8 @@ fn standard_normal_quantile(p: f64) -> f64 {
         let t = 1.0 / (1.0 + 0.327_591_1 * x);
         let poly = t
             * (0.254_829_592
-                + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+                + t * (-0.284_496_736
+                    + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
         sign * (1.0 - poly * (-x * x).exp())
     };
     let cdf = |z: f64| 0.5 * (1.0 + erf(z / std::f64::consts::SQRT_2));
@@ -310,8 +317,6 @@ fn standard_normal_quantile(p: f64) -> f64 {
     }
     0.5 * (lo + hi)
 }
-
-
 
 #[cfg(test)]
 mod tests {

@@ -189,10 +189,7 @@ impl Preset {
             );
         }
         if self.lookback == 0 || self.horizon == 0 {
-            return invalid(
-                "lookback",
-                "lookback and horizon must be at least 1".into(),
-            );
+            return invalid("lookback", "lookback and horizon must be at least 1".into());
         }
         Ok(())
     }

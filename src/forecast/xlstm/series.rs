@@ -39,7 +39,12 @@ impl SeriesData {
 
 /// Splits `rows` into training rows and the most recent `fraction` for validation, with room
 /// for at least one window on each side.
-fn split_rows(rows: usize, lookback: usize, horizon: usize, fraction: f64) -> Result<SplitRows, ForecastError> {
+fn split_rows(
+    rows: usize,
+    lookback: usize,
+    horizon: usize,
+    fraction: f64,
+) -> Result<SplitRows, ForecastError> {
     if !(fraction > 0.0 && fraction < 1.0) {
         return Err(ForecastError::invalid(
             "validation_fraction",
@@ -101,11 +106,19 @@ pub fn finetune_on_series(
     progress: Option<ProgressCallback<'_>>,
 ) -> Result<XlstmModel, ForecastError> {
     let description = parent.manifest.data.as_ref().ok_or_else(|| {
-        ForecastError::invalid("model", "the model was not trained on a series; it cannot be fine-tuned")
+        ForecastError::invalid(
+            "model",
+            "the model was not trained on a series; it cannot be fine-tuned",
+        )
     })?;
     check_channels(description, data)?;
     let shape = parent.manifest.shape;
-    let split = split_rows(data.matrix.steps, shape.lookback, shape.horizon, validation_fraction)?;
+    let split = split_rows(
+        data.matrix.steps,
+        shape.lookback,
+        shape.horizon,
+        validation_fraction,
+    )?;
     let zscore = ZScore {
         mean: description.zscore_mean.clone(),
         std: description.zscore_std.clone(),
@@ -169,7 +182,11 @@ fn record_metrics(
     split: &SplitRows,
     frequency: Option<Frequency>,
 ) -> Result<(), ForecastError> {
-    let scale = seasonal_naive_scale(training.series, split.train_range(), seasonal_period_for(frequency))?;
+    let scale = seasonal_naive_scale(
+        training.series,
+        split.train_range(),
+        seasonal_period_for(frequency),
+    )?;
     let mut accumulator = MetricsAccumulator::new(scale);
     training.validation.for_each_block(
         training.series,
@@ -208,7 +225,10 @@ pub fn recent_validation_mse(
     validation_fraction: f64,
 ) -> Result<f64, ForecastError> {
     let description = model.manifest.data.as_ref().ok_or_else(|| {
-        ForecastError::invalid("model", "the model was not trained on a series; it cannot be scored on one")
+        ForecastError::invalid(
+            "model",
+            "the model was not trained on a series; it cannot be scored on one",
+        )
     })?;
     check_channels(description, data)?;
     let (lookback, horizon) = (model.lookback(), model.horizon());
@@ -222,12 +242,9 @@ pub fn recent_validation_mse(
     model_scale.apply(&mut scaled);
     let channels = data.matrix.channels;
     let (mut sum, mut count) = (0.0_f64, 0_usize);
-    split.validation_windows(lookback, horizon)?.for_each_block(
-        &scaled,
-        lookback,
-        horizon,
-        256,
-        |inputs, targets| {
+    split
+        .validation_windows(lookback, horizon)?
+        .for_each_block(&scaled, lookback, horizon, 256, |inputs, targets| {
             let forecast = model.predict(&inputs)?;
             for (cell, missing) in targets.missing.iter().enumerate() {
                 if *missing {
@@ -241,10 +258,12 @@ pub fn recent_validation_mse(
                 count += 1;
             }
             Ok(())
-        },
-    )?;
+        })?;
     if count == 0 {
-        return Err(ForecastError::invalid("series", "the recent rows hold no observed value to score on"));
+        return Err(ForecastError::invalid(
+            "series",
+            "the recent rows hold no observed value to score on",
+        ));
     }
     Ok(sum / count as f64)
 }
@@ -270,7 +289,10 @@ pub fn forecast_latest(
     horizon: usize,
 ) -> Result<SeriesForecast, ForecastError> {
     let description = model.manifest.data.as_ref().ok_or_else(|| {
-        ForecastError::invalid("model", "the model was not trained on a series; it has no z-scoring to apply")
+        ForecastError::invalid(
+            "model",
+            "the model was not trained on a series; it has no z-scoring to apply",
+        )
     })?;
     check_channels(description, data)?;
     let (lookback, limit) = (model.lookback(), model.horizon());
@@ -289,8 +311,18 @@ pub fn forecast_latest(
     }
     let frequency = data
         .frequency()
-        .or_else(|| description.frequency.as_deref().and_then(|f| f.parse().ok()))
-        .ok_or_else(|| ForecastError::invalid("series", "cannot tell the series' frequency to date the forecast"))?;
+        .or_else(|| {
+            description
+                .frequency
+                .as_deref()
+                .and_then(|f| f.parse().ok())
+        })
+        .ok_or_else(|| {
+            ForecastError::invalid(
+                "series",
+                "cannot tell the series' frequency to date the forecast",
+            )
+        })?;
     let channels = data.matrix.channels;
     let first = (rows - lookback) * channels;
     let mut window = ChannelMatrix {
@@ -310,21 +342,36 @@ pub fn forecast_latest(
         std: description.zscore_std.clone(),
     };
     zscore.apply(&mut window);
-    let forecast = model.predict(&WindowBatch::new(1, lookback, channels, window.values, window.missing)?)?;
+    let forecast = model.predict(&WindowBatch::new(
+        1,
+        lookback,
+        channels,
+        window.values,
+        window.missing,
+    )?)?;
     let levels = forecast.quantile_levels.len();
-    let unscale = |value: f32, channel: usize| (f64::from(value) * zscore.std[channel] + zscore.mean[channel]) as f32;
+    let unscale = |value: f32, channel: usize| {
+        (f64::from(value) * zscore.std[channel] + zscore.mean[channel]) as f32
+    };
     let last = *data.ts_micros.last().expect("rows >= lookback >= 1");
-    let origin = datetime(last).ok_or_else(|| ForecastError::invalid("series", "last timestamp out of range"))?;
+    let origin = datetime(last)
+        .ok_or_else(|| ForecastError::invalid("series", "last timestamp out of range"))?;
     let timestamps = (1..=horizon as i64)
         .map(|step| {
-            datetime(last + step * frequency.micros())
-                .ok_or_else(|| ForecastError::invalid("horizon", "forecast timestamps out of range"))
+            datetime(last + step * frequency.micros()).ok_or_else(|| {
+                ForecastError::invalid("horizon", "forecast timestamps out of range")
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mean = (0..horizon)
         .map(|step| {
             (0..channels)
-                .map(|channel| unscale(forecast.mean[forecast.mean_index(0, step, channel)], channel))
+                .map(|channel| {
+                    unscale(
+                        forecast.mean[forecast.mean_index(0, step, channel)],
+                        channel,
+                    )
+                })
                 .collect()
         })
         .collect();
@@ -334,7 +381,11 @@ pub fn forecast_latest(
                 .map(|channel| {
                     (0..levels)
                         .map(|level| {
-                            unscale(forecast.quantiles[forecast.quantile_index(0, step, channel, level)], channel)
+                            unscale(
+                                forecast.quantiles
+                                    [forecast.quantile_index(0, step, channel, level)],
+                                channel,
+                            )
                         })
                         .collect()
                 })

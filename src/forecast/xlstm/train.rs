@@ -93,7 +93,11 @@ pub(super) struct TensorBatch {
 }
 
 impl TensorBatch {
-    pub fn new(norm: &InstanceNorm, windows: &WindowBatch, device: &Device) -> candle_core::Result<Self> {
+    pub fn new(
+        norm: &InstanceNorm,
+        windows: &WindowBatch,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let (mut normalised, stats) = norm.normalise(windows);
         // Whatever a missing cell holds, the network sees 0 there and the mask says why.
         for (value, missing) in normalised.values.iter_mut().zip(&windows.missing) {
@@ -102,7 +106,11 @@ impl TensorBatch {
             }
         }
         let dims = (windows.batch, windows.lookback, windows.channels);
-        let observed: Vec<f32> = windows.missing.iter().map(|m| if *m { 0.0 } else { 1.0 }).collect();
+        let observed: Vec<f32> = windows
+            .missing
+            .iter()
+            .map(|m| if *m { 0.0 } else { 1.0 })
+            .collect();
         let stat_dims = (windows.batch, 1, windows.channels);
         Ok(Self {
             values: Tensor::from_vec(normalised.values, dims, device)?,
@@ -115,7 +123,10 @@ impl TensorBatch {
 
     /// Network outputs mapped back to the input scale: `[B, H, C]` and `[B, H, C, Q]`.
     pub fn denormalise(&self, output: &NetworkOutput) -> candle_core::Result<(Tensor, Tensor)> {
-        let point = output.point.broadcast_mul(&self.scale)?.broadcast_add(&self.centre)?;
+        let point = output
+            .point
+            .broadcast_mul(&self.scale)?
+            .broadcast_add(&self.centre)?;
         let quantiles = output
             .quantiles
             .broadcast_mul(&self.scale.unsqueeze(3)?)?
@@ -134,7 +145,11 @@ struct TargetTensors {
 impl TargetTensors {
     fn new(targets: &Targets, device: &Device) -> candle_core::Result<Self> {
         let dims = (targets.batch, targets.horizon, targets.channels);
-        let observed: Vec<f32> = targets.missing.iter().map(|m| if *m { 0.0 } else { 1.0 }).collect();
+        let observed: Vec<f32> = targets
+            .missing
+            .iter()
+            .map(|m| if *m { 0.0 } else { 1.0 })
+            .collect();
         let count = observed.iter().map(|v| f64::from(*v)).sum();
         Ok(Self {
             values: Tensor::from_slice(&targets.values, dims, device)?,
@@ -178,7 +193,13 @@ impl DropoutMasks for SeededDropout {
         let keep = (1.0 / (1.0 - self.rate)) as f32;
         let count = dims.iter().product();
         let values: Vec<f32> = (0..count)
-            .map(|_| if self.rng.random::<f64>() < self.rate { 0.0 } else { keep })
+            .map(|_| {
+                if self.rng.random::<f64>() < self.rate {
+                    0.0
+                } else {
+                    keep
+                }
+            })
             .collect();
         Tensor::from_vec(values, dims, device)
     }
@@ -280,10 +301,16 @@ pub(super) fn train(
     let started = Instant::now();
     let training = schedule.training;
     if data.train.count == 0 {
-        return Err(ForecastError::invalid("train", "there are no training windows"));
+        return Err(ForecastError::invalid(
+            "train",
+            "there are no training windows",
+        ));
     }
     if data.validation.count == 0 {
-        return Err(ForecastError::invalid("validation", "there are no validation windows"));
+        return Err(ForecastError::invalid(
+            "validation",
+            "there are no validation windows",
+        ));
     }
     // The linear path keeps its closed-form ridge fit: AdamW's normalised steps would walk
     // those small, precise weights away within an epoch, and the deep path learns the
@@ -369,18 +396,31 @@ pub(super) fn train(
             }
             let output = network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
             let (point, quantiles) = batch.denormalise(&output)?;
-            let (point_sum, pinball_sum) =
-                loss_sums(&point, &quantiles, &target_tensors, schedule.point_loss, &levels)?;
+            let (point_sum, pinball_sum) = loss_sums(
+                &point,
+                &quantiles,
+                &target_tensors,
+                schedule.point_loss,
+                &levels,
+            )?;
             let loss = ((point_sum + (pinball_sum * schedule.quantile_loss_weight)?)?
                 / target_tensors.count)?;
             let loss_value = f64::from(loss.to_scalar::<f32>()?);
             if !loss_value.is_finite() || loss_value > EXPLODED_LOSS {
-                return Err(diverged(epoch, step, format!("the training loss is {loss_value}")));
+                return Err(diverged(
+                    epoch,
+                    step,
+                    format!("the training loss is {loss_value}"),
+                ));
             }
             let mut grads = loss.backward()?;
             let norm = clip_gradients(&vars, &mut grads, training.grad_clip)?;
             if !norm.is_finite() {
-                return Err(diverged(epoch, step, format!("the gradient norm is {norm}")));
+                return Err(diverged(
+                    epoch,
+                    step,
+                    format!("the gradient norm is {norm}"),
+                ));
             }
             optimiser.set_learning_rate(learning_rate_at(
                 global_step,
@@ -415,7 +455,11 @@ pub(super) fn train(
             device,
         )?;
         if !val_loss.is_finite() {
-            return Err(diverged(epoch, steps_per_epoch, format!("the validation loss is {val_loss}")));
+            return Err(diverged(
+                epoch,
+                steps_per_epoch,
+                format!("the validation loss is {val_loss}"),
+            ));
         }
         epochs = epoch;
         history.push(EpochRecord {

@@ -184,25 +184,25 @@ impl LayerNormOp {
                         .zip(x.par_chunks(task))
                         .zip(grad_y.par_chunks(task))
                         .map(|((grad_x, x), grad_y)| {
-                                let mut partial = vec![0f32; partial_len];
-                                let (grad_scale, grad_bias) = partial.split_at_mut(features);
-                                let rows = grad_x
-                                    .chunks_exact_mut(features)
-                                    .zip(x.chunks_exact(features))
-                                    .zip(grad_y.chunks_exact(features));
-                                for ((grad_x, x), grad_y) in rows {
-                                    normalise_row_backward(
-                                        x,
-                                        scale,
-                                        grad_y,
-                                        self.eps,
-                                        grad_x,
-                                        grad_scale,
-                                        with_bias.then_some(&mut *grad_bias),
-                                    );
-                                }
-                                partial
-                            })
+                            let mut partial = vec![0f32; partial_len];
+                            let (grad_scale, grad_bias) = partial.split_at_mut(features);
+                            let rows = grad_x
+                                .chunks_exact_mut(features)
+                                .zip(x.chunks_exact(features))
+                                .zip(grad_y.chunks_exact(features));
+                            for ((grad_x, x), grad_y) in rows {
+                                normalise_row_backward(
+                                    x,
+                                    scale,
+                                    grad_y,
+                                    self.eps,
+                                    grad_x,
+                                    grad_scale,
+                                    with_bias.then_some(&mut *grad_bias),
+                                );
+                            }
+                            partial
+                        })
                         // Partials per fixed chunk, summed in chunk order: the weight
                         // gradients do not depend on how rayon split the work.
                         .collect::<Vec<_>>()
@@ -413,26 +413,26 @@ impl CustomOp2 for MultiHeadLayerNormOp {
                     .par_chunks_mut(blocks_per_task * block)
                     .enumerate()
                     .map(|(t, grad_h)| {
-                            let mut grad_scale = vec![0f32; features];
-                            for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
-                                let bh = t * blocks_per_task + i;
-                                let (b, head) = (bh / geo.heads, bh % geo.heads);
-                                let span = head * dh..(head + 1) * dh;
-                                for (s, grad_row) in grad_h.chunks_exact_mut(dh).enumerate() {
-                                    let y_row = (b * seq_len + s) * features;
-                                    normalise_row_backward(
-                                        geo.row(h_data, b, head, s),
-                                        &scale[span.clone()],
-                                        &grad_y[y_row + span.start..y_row + span.end],
-                                        self.eps,
-                                        grad_row,
-                                        &mut grad_scale[span.clone()],
-                                        None,
-                                    );
-                                }
+                        let mut grad_scale = vec![0f32; features];
+                        for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
+                            let bh = t * blocks_per_task + i;
+                            let (b, head) = (bh / geo.heads, bh % geo.heads);
+                            let span = head * dh..(head + 1) * dh;
+                            for (s, grad_row) in grad_h.chunks_exact_mut(dh).enumerate() {
+                                let y_row = (b * seq_len + s) * features;
+                                normalise_row_backward(
+                                    geo.row(h_data, b, head, s),
+                                    &scale[span.clone()],
+                                    &grad_y[y_row + span.start..y_row + span.end],
+                                    self.eps,
+                                    grad_row,
+                                    &mut grad_scale[span.clone()],
+                                    None,
+                                );
                             }
-                            grad_scale
-                        })
+                        }
+                        grad_scale
+                    })
                     // Summed in task order: deterministic whatever rayon's split.
                     .collect::<Vec<_>>()
                     .into_iter()
