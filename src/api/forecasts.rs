@@ -353,13 +353,7 @@ async fn recent_rows(
         &FrameOptions::default(),
     )
     .await?;
-    Ok(SeriesData {
-        series: Some(series.name.clone()),
-        channels: frame.channels.clone(),
-        ts_micros: frame.ts_micros()?,
-        matrix: frame.channel_matrix()?,
-        frequency: Some(frame.frequency),
-    })
+    Ok(SeriesData::from_frame(&frame)?)
 }
 
 #[cfg(test)]

@@ -39,12 +39,6 @@ impl SeriesSourceArgs {
             .expect("clap requires --csv or --series");
         let store = store::connect(&settings.database_url()).await?;
         let frame = load_frame(store.as_ref(), name, None, None, &FrameOptions::default()).await?;
-        Ok(SeriesData {
-            series: Some(frame.series.clone()),
-            channels: frame.channels.clone(),
-            ts_micros: frame.ts_micros()?,
-            matrix: frame.channel_matrix()?,
-            frequency: Some(frame.frequency),
-        })
+        Ok(SeriesData::from_frame(&frame)?)
     }
 }

@@ -122,13 +122,7 @@ pub async fn load_series_data(store: &dyn Store, series: &Series) -> Result<Seri
     let frame = load_frame(store, &series.name, None, None, &FrameOptions::default())
         .await
         .map_err(|err| format!("loading the series failed: {err}"))?;
-    Ok(SeriesData {
-        series: Some(series.name.clone()),
-        channels: frame.channels.clone(),
-        ts_micros: frame.ts_micros().map_err(|err| err.to_string())?,
-        matrix: frame.channel_matrix().map_err(|err| err.to_string())?,
-        frequency: Some(frame.frequency),
-    })
+    SeriesData::from_frame(&frame).map_err(|err| err.to_string())
 }
 
 /// The stored form of a forecast.
@@ -182,6 +176,8 @@ impl TrainingExecutor {
 /// What the blocking training thread hands back.
 struct Trained {
     model: XlstmModel,
+    /// The series it was trained on; the promoted model forecasts from it.
+    data: SeriesData,
     recent_mse: f64,
     champion_recent_mse: Option<f64>,
 }
@@ -270,6 +266,7 @@ impl RunExecutor for TrainingExecutor {
             });
             Ok(Trained {
                 model,
+                data,
                 recent_mse,
                 champion_recent_mse,
             })
@@ -300,6 +297,7 @@ impl TrainingExecutor {
         let store = self.store.as_ref();
         let Trained {
             mut model,
+            data,
             recent_mse,
             champion_recent_mse,
         } = trained;
@@ -338,9 +336,6 @@ impl TrainingExecutor {
                 .promote_model_version(version.id)
                 .await
                 .map_err(RunFailure::failed)?;
-            let data = load_series_data(store, series)
-                .await
-                .map_err(RunFailure::Failed)?;
             let horizon = manifest.shape.horizon;
             let forecast =
                 tokio::task::spawn_blocking(move || forecast_latest(&model, &data, horizon))

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::data::{ChannelMatrix, Frequency, infer_frequency};
+use crate::data::{ChannelMatrix, DataError, Frequency, SeriesFrame, infer_frequency};
 
 use super::super::error::ForecastError;
 use super::super::eval::seasonal_period_for;
@@ -32,6 +32,17 @@ pub struct SeriesData {
 }
 
 impl SeriesData {
+    /// A regular frame from the store (`data::load_frame`) as the forecaster takes it.
+    pub fn from_frame(frame: &SeriesFrame) -> Result<Self, DataError> {
+        Ok(Self {
+            series: Some(frame.series.clone()),
+            channels: frame.channels.clone(),
+            ts_micros: frame.ts_micros()?,
+            matrix: frame.channel_matrix()?,
+            frequency: Some(frame.frequency),
+        })
+    }
+
     fn frequency(&self) -> Option<Frequency> {
         self.frequency.or_else(|| infer_frequency(&self.ts_micros))
     }
