@@ -300,6 +300,7 @@ async fn dashboard_draws_the_forecast_band_and_lists_the_runs() {
         workers: Some(2),
         // The page is served by the same origin it calls.
         cors_allowed_origins: Vec::new(),
+        forecast_memo_bytes: xlstm_forecast::api::DEFAULT_FORECAST_MEMO_BYTES,
     };
     let application = Application::build(&config, store).expect("build the application");
     let address = application.local_addr();

@@ -184,6 +184,31 @@ store_tests! {
         assert_eq!(store.observation_range("energy").await.unwrap().count, 48);
     }
 
+    async fn each_committed_import_moves_the_data_revision_and_the_last_timestamp(store) {
+        let spec = spec("energy", &["load", "temp"]);
+        let created = create(&store, "energy").await;
+        assert_eq!(created.data_revision, 0);
+        assert_eq!(store.last_observation_micros(created.id).await.unwrap(), None);
+        let batch = hourly_batch(&["load", "temp"], 24);
+        import(&store, &spec, &batch).await;
+        let after_first = store.get_series("energy").await.unwrap().unwrap();
+        assert!(after_first.data_revision > created.data_revision);
+        assert_eq!(store.last_observation_micros(created.id).await.unwrap(), Some(batch.ts_micros[23]));
+        // A session rolled back (dropped) leaves the revision alone; an empty one too.
+        let mut session = store.begin_import(&spec).await.unwrap();
+        session.write(&hourly_batch(&["load"], 30)).await.unwrap();
+        drop(session);
+        store.begin_import(&spec).await.unwrap().commit().await.unwrap();
+        assert_eq!(store.get_series("energy").await.unwrap().unwrap().data_revision, after_first.data_revision);
+        assert_eq!(store.last_observation_micros(created.id).await.unwrap(), Some(batch.ts_micros[23]));
+        // Rewriting old rows moves it although the last timestamp stays.
+        let mut changed = hourly_batch(&["temp"], 1);
+        changed.values[0] = vec![Some(-5.0)];
+        import(&store, &spec, &changed).await;
+        assert!(store.get_series("energy").await.unwrap().unwrap().data_revision > after_first.data_revision);
+        assert_eq!(store.last_observation_micros(created.id).await.unwrap(), Some(batch.ts_micros[23]));
+    }
+
     async fn import_with_several_batches_in_one_transaction(store) {
         let spec = spec("multi", &["a", "b"]);
         let batch = hourly_batch(&["a", "b"], 10);

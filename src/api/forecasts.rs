@@ -2,19 +2,22 @@
 //! wide form.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use actix_web::web::Bytes;
 use actix_web::{HttpResponse, web};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::OrderedMap;
 use super::error::{ApiError, ErrorBody};
+use super::forecast_memo::{MemoForecast, MemoKey, Selection};
 use super::query;
 use super::series::find_series;
 use super::startup::AppState;
 use crate::data::{FrameOptions, Frequency, load_frame};
-use crate::forecast::xlstm::{SeriesData, forecast_latest};
+use crate::forecast::xlstm::{SeriesData, XlstmModel, forecast_latest};
 use crate::forecast::{ForecastError, Predict};
 use crate::jobs::training::forecast_record;
 use crate::store::{Forecast, Series};
@@ -201,7 +204,9 @@ pub struct FreshForecastQuery {
 }
 
 /// A fresh forecast of the steps after the series' last observation, from its champion
-/// model (held in memory) and its latest observations.
+/// model (held in memory) and its latest observations. It is computed once per champion and
+/// state of the rows: until new observations arrive or another version becomes champion,
+/// requests reuse it (same `created_at`).
 #[utoipa::path(
     get,
     path = "/api/v1/series/{name}/forecast",
@@ -222,12 +227,10 @@ pub async fn fresh(
     query: web::Query<FreshForecastQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let series = find_series(&state, &name).await?;
-    let champion = state
+    let champion_id = state
         .store
-        .list_model_versions(series.id)
+        .champion_version_id(series.id)
         .await?
-        .into_iter()
-        .find(|version| version.is_champion)
         .ok_or_else(|| {
             ApiError::Conflict(format!(
                 "series '{0}' has no trained model yet; train one first with POST \
@@ -235,16 +238,16 @@ pub async fn fresh(
                 series.name
             ))
         })?;
-    let model = match state.models.get(champion.id) {
+    let model = match state.models.get(champion_id) {
         Some(model) => model,
         None => {
             let version = state
                 .store
-                .get_model_version(champion.id)
+                .get_model_version(champion_id)
                 .await?
-                .ok_or_else(|| ApiError::NotFound(format!("model version {}", champion.id)))?;
+                .ok_or_else(|| ApiError::NotFound(format!("model version {champion_id}")))?;
             state.models.insert(&version).map_err(|err| {
-                ApiError::Internal(format!("loading model version {}: {err}", champion.id))
+                ApiError::Internal(format!("loading model version {champion_id}: {err}"))
             })?
         }
     };
@@ -289,9 +292,73 @@ pub async fn fresh(
             )));
         }
     };
+    let key = MemoKey {
+        series_id: series.id,
+        model_version_id: champion_id,
+        data_revision: series.data_revision,
+    };
+    let (memo, outcome) = state
+        .forecasts
+        .get_or_compute(key, || compute(&state, &series, model))
+        .await?;
+    state.metrics.record_forecast_served(outcome);
+    let selection = Selection {
+        horizon,
+        levels: wanted,
+    };
+    if !persist {
+        if let Some(body) = memo.rendering(&selection) {
+            return Ok(json_response(body));
+        }
+    }
+    let mut record = forecast_record(
+        series.id,
+        champion_id,
+        &memo.forecast.select(selection.horizon, &selection.levels),
+    );
+    record.issued_at = memo.issued_at;
+    if persist {
+        let body = ForecastBody::new(state.store.insert_forecast(&record).await?, &series);
+        return Ok(HttpResponse::Ok().json(body));
+    }
+    let mut body = ForecastBody::new(
+        Forecast {
+            id: 0,
+            series_id: record.series_id,
+            model_version_id: record.model_version_id,
+            issued_at: record.issued_at,
+            horizon: record.horizon,
+            quantile_levels: record.quantile_levels,
+            points: record.points,
+        },
+        &series,
+    );
+    body.id = None;
+    let body = Bytes::from(
+        serde_json::to_vec(&body)
+            .map_err(|err| ApiError::Internal(format!("rendering the forecast: {err}")))?,
+    );
+    state
+        .forecasts
+        .add_rendering(key, &memo, selection, body.clone());
+    Ok(json_response(body))
+}
+
+fn json_response(body: Bytes) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(body)
+}
+
+/// The champion's forecast at its full horizon from the series' latest rows.
+async fn compute(
+    state: &AppState,
+    series: &Series,
+    model: Arc<XlstmModel>,
+) -> Result<MemoForecast, ApiError> {
     let started = std::time::Instant::now();
-    let data = recent_rows(&state, &series, model.lookback()).await?;
-    let forecast = web::block(move || forecast_latest(&model, &data, horizon))
+    let data = recent_rows(state, series, model.lookback()).await?;
+    let forecast = web::block(move || forecast_latest(&model, &data, model.horizon()))
         .await
         .map_err(|err| ApiError::Internal(format!("forecast thread: {err}")))?
         .map_err(|err| match err {
@@ -302,30 +369,8 @@ pub async fn fresh(
             other => ApiError::Internal(other.to_string()),
         })?;
     state.metrics.record_forecast(started.elapsed());
-    let mut record = forecast_record(series.id, champion.id, &forecast);
-    record.quantile_levels = wanted.iter().map(|&l| record.quantile_levels[l]).collect();
-    for point in &mut record.points {
-        point.quantiles = wanted.iter().map(|&l| point.quantiles[l]).collect();
-    }
-    let body = if persist {
-        ForecastBody::new(state.store.insert_forecast(&record).await?, &series)
-    } else {
-        let mut body = ForecastBody::new(
-            Forecast {
-                id: 0,
-                series_id: record.series_id,
-                model_version_id: record.model_version_id,
-                issued_at: record.issued_at,
-                horizon: record.horizon,
-                quantile_levels: record.quantile_levels,
-                points: record.points,
-            },
-            &series,
-        );
-        body.id = None;
-        body
-    };
-    Ok(HttpResponse::Ok().json(body))
+    // The store keeps microseconds: a persisted copy then shows the same time.
+    Ok(MemoForecast::new(forecast, Utc::now().trunc_subsecs(6)))
 }
 
 /// The series' most recent `lookback` rows (a few more, the forecaster takes the last ones).
@@ -334,12 +379,12 @@ async fn recent_rows(
     series: &Series,
     lookback: usize,
 ) -> Result<SeriesData, ApiError> {
-    let range = state.store.observation_range(&series.name).await?;
+    let last = state.store.last_observation_micros(series.id).await?;
     let frequency = series
         .frequency
         .as_deref()
         .and_then(|text| Frequency::parse(text).ok());
-    let from = match (range.last_ts_micros, frequency) {
+    let from = match (last, frequency) {
         (Some(last), Some(frequency)) => {
             DateTime::from_timestamp_micros(last - (lookback as i64 + 1) * frequency.micros())
         }
@@ -376,6 +421,7 @@ mod tests {
             timezone: "UTC".into(),
             channels: vec!["load".into(), "temp".into()],
             created_at: at(0),
+            data_revision: 0,
         };
         let point = |step: u32, channel: &str, mean: f64| ForecastPoint {
             step,

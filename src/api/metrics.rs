@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 
+use super::forecast_memo::MemoOutcome;
 use super::startup::AppState;
 use crate::store::RunStatistic;
 
@@ -34,6 +35,8 @@ struct Recorded {
     /// (method, route) → latency histogram.
     latencies: BTreeMap<(String, String), LatencyHistogram>,
     forecasts: LatencyHistogram,
+    forecasts_reused: u64,
+    forecasts_computed: u64,
 }
 
 #[derive(Default)]
@@ -94,7 +97,31 @@ impl HttpMetrics {
         recorded
             .forecasts
             .write(&mut text, "forecast_compute_seconds", "");
+        text.push_str("# HELP forecasts_served_total Forecasts answered, by whether they were computed for the request or reused (same champion, same rows).\n");
+        text.push_str("# TYPE forecasts_served_total counter\n");
+        let _ = writeln!(
+            text,
+            "forecasts_served_total{{source=\"computed\"}} {}",
+            recorded.forecasts_computed
+        );
+        let _ = writeln!(
+            text,
+            "forecasts_served_total{{source=\"reused\"}} {}",
+            recorded.forecasts_reused
+        );
         text
+    }
+
+    /// Counts a forecast served, by whether it was computed for the request.
+    pub fn record_forecast_served(&self, outcome: MemoOutcome) {
+        let mut recorded = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match outcome {
+            MemoOutcome::Reused => recorded.forecasts_reused += 1,
+            MemoOutcome::Computed => recorded.forecasts_computed += 1,
+        }
     }
 
     /// Records the time one fresh forecast took to compute.

@@ -8,6 +8,7 @@
 mod dashboard;
 mod docs;
 pub mod error;
+mod forecast_memo;
 mod forecasts;
 mod health;
 pub mod metrics;
@@ -28,6 +29,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 pub use error::ApiError;
+pub use forecast_memo::DEFAULT_FORECAST_MEMO_BYTES;
 pub use startup::{ApiConfig, AppState, Application, BodyLimits};
 
 /// Epoch microseconds (already within the stored range) as RFC 3339 UTC text.

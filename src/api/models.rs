@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::series::find_series;
 use super::startup::AppState;
-use crate::store::{ModelVersionSummary, Series};
+use crate::store::{ModelVersionStatus, ModelVersionSummary, Series};
 
 /// A trained model version as the API shows it (the weights stay in the store).
 #[derive(Debug, Serialize, ToSchema)]
@@ -25,6 +25,10 @@ pub struct ModelVersionBody {
     pub status: String,
     /// True for the one version that serves the series' forecasts.
     pub is_champion: bool,
+    /// The registry's word for it: `champion` (serves the forecasts), `challenger` (ready,
+    /// not serving; a manual promotion may make it the champion) or `rejected`.
+    #[schema(example = "champion")]
+    pub role: ModelRole,
     /// The version this one was fine-tuned from.
     pub parent_version_id: Option<i64>,
     pub created_at: DateTime<Utc>,
@@ -49,6 +53,11 @@ impl ModelVersionBody {
             series: series.name.clone(),
             status: version.status.as_str().to_string(),
             is_champion: version.is_champion,
+            role: match (version.is_champion, version.status) {
+                (true, _) => ModelRole::Champion,
+                (false, ModelVersionStatus::Ready) => ModelRole::Challenger,
+                (false, ModelVersionStatus::Rejected) => ModelRole::Rejected,
+            },
             parent_version_id: version.parent_version_id,
             created_at: version.created_at,
             data_from: version.data_from,
@@ -58,6 +67,14 @@ impl ModelVersionBody {
             metrics: version.metrics,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelRole {
+    Champion,
+    Challenger,
+    Rejected,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

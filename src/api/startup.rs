@@ -11,6 +11,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
 use super::error;
+use super::forecast_memo::{DEFAULT_FORECAST_MEMO_BYTES, ForecastMemo};
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
 use super::model_cache::{DEFAULT_MODEL_CACHE_BYTES, ModelCache};
@@ -37,6 +38,9 @@ pub struct ApiConfig {
     pub workers: Option<usize>,
     /// Origins whose browser pages may call the API (`*` = any); empty = none.
     pub cors_allowed_origins: Vec<String>,
+    /// Bytes of computed forecasts kept for reuse until the series' rows or champion
+    /// change; 0 computes every forecast.
+    pub forecast_memo_bytes: usize,
 }
 
 /// The largest request bodies accepted (larger ones are answered with 413).
@@ -70,6 +74,7 @@ impl ApiConfig {
             limits: BodyLimits::default(),
             workers: None,
             cors_allowed_origins: settings.server.cors_allowed_origins.clone(),
+            forecast_memo_bytes: DEFAULT_FORECAST_MEMO_BYTES,
         }
     }
 }
@@ -85,6 +90,8 @@ pub struct AppState {
     pub limits: BodyLimits,
     /// Champion models in memory for forecasting.
     pub models: ModelCache,
+    /// Forecasts already computed from the current rows and champion.
+    pub forecasts: ForecastMemo,
 }
 
 /// A bound, not yet running server.
@@ -116,6 +123,7 @@ impl Application {
             api_key: config.api_key.clone(),
             limits: config.limits,
             models: ModelCache::new(DEFAULT_MODEL_CACHE_BYTES),
+            forecasts: ForecastMemo::new(config.forecast_memo_bytes),
         });
         let json_limit = config.limits.json_bytes;
         let cors_allowed_origins = config.cors_allowed_origins.clone();

@@ -51,7 +51,7 @@ impl RunExecutor for RetrainingPolicy {
             ctx.report_progress(json!({"phase": "pulled", "pull": report}));
         }
         if run.kind == RunKind::Finetune
-            && let Some(reason) = finetune_skip_reason(store, run.series_id, &series.name)
+            && let Some(reason) = finetune_skip_reason(store, run.series_id)
                 .await
                 .map_err(RunFailure::failed)?
         {
@@ -68,7 +68,6 @@ impl RunExecutor for RetrainingPolicy {
 pub async fn finetune_skip_reason(
     store: &dyn Store,
     series_id: i64,
-    series_name: &str,
 ) -> Result<Option<String>, StoreError> {
     let champion = store
         .list_model_versions(series_id)
@@ -79,9 +78,8 @@ pub async fn finetune_skip_reason(
         return Ok(None);
     };
     let last = store
-        .observation_range(series_name)
+        .last_observation_micros(series_id)
         .await?
-        .last_ts_micros
         .and_then(chrono::DateTime::from_timestamp_micros);
     Ok(match last {
         Some(last) if last > champion.data_to => None,

@@ -126,9 +126,8 @@ pub async fn pull_from(
     };
     check_source(&spec)?;
     let after = store
-        .observation_range(&series.name)
+        .last_observation_micros(series.id)
         .await?
-        .last_ts_micros
         .and_then(DateTime::from_timestamp_micros);
     let (csv, rows) = read_source(&spec, series, after).await?;
     let mut report = PullReport {

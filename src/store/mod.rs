@@ -205,6 +205,10 @@ pub trait Store: Send + Sync {
     /// the series does not exist.
     async fn observation_range(&self, series: &str) -> Result<ObservationRange, StoreError>;
 
+    /// The timestamp of a series' last observation (an index lookup, unlike
+    /// `observation_range`); `None` when it has none or does not exist.
+    async fn last_observation_micros(&self, series_id: i64) -> Result<Option<i64>, StoreError>;
+
     // --- model versions ---
 
     /// Writes a complete model version (artefact, stats, metrics) in one
@@ -225,6 +229,8 @@ pub trait Store: Send + Sync {
         &self,
         series_id: i64,
     ) -> Result<Vec<ModelVersionSummary>, StoreError>;
+    /// The id of a series' champion, if it has one (what a forecast looks up per request).
+    async fn champion_version_id(&self, series_id: i64) -> Result<Option<i64>, StoreError>;
     /// The champion of a series with its artefact bytes, if there is one.
     async fn champion_model_version(
         &self,

@@ -30,6 +30,8 @@ pub struct Series {
     pub timezone: String,
     pub channels: Vec<String>,
     pub created_at: DateTime<Utc>,
+    /// Grows with every import that writes observations: equal revisions, equal rows.
+    pub data_revision: i64,
 }
 
 /// Columnar batch for one series: values[c][r] is channel `channels[c]` at

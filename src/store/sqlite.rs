@@ -41,7 +41,7 @@ const FORECAST_CHUNK_ROWS: usize = 1024;
 
 macro_rules! series_columns {
     () => {
-        "id, name, frequency, timezone, channels, created_at"
+        "id, name, frequency, timezone, channels, created_at, data_revision"
     };
 }
 macro_rules! model_version_summary_columns {
@@ -247,6 +247,7 @@ fn series_from_row(row: &SqliteRow) -> Result<Series, StoreError> {
         timezone: row.try_get("timezone")?,
         channels: parse_json("channels", row.try_get("channels")?)?,
         created_at: timestamp(row, "created_at")?,
+        data_revision: row.try_get("data_revision")?,
     })
 }
 
@@ -595,6 +596,15 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn last_observation_micros(&self, series_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT ts FROM observations WHERE series_id = ?1 ORDER BY ts DESC LIMIT 1",
+        )
+        .bind(series_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn insert_model_version(
         &self,
         version: &NewModelVersion,
@@ -680,6 +690,17 @@ impl Store for SqliteStore {
         .iter()
         .map(model_version_summary_from_row)
         .collect()
+    }
+
+    async fn champion_version_id(&self, series_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar(
+                "SELECT id FROM model_versions WHERE series_id = ?1 AND is_champion",
+            )
+            .bind(series_id)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
     }
 
     async fn champion_model_version(
@@ -1341,7 +1362,13 @@ impl ImportSession for SqliteImport {
     }
 
     async fn commit(self: Box<Self>) -> Result<ImportSummary, StoreError> {
-        let this = *self;
+        let mut this = *self;
+        if this.cells_written > 0 {
+            sqlx::query("UPDATE series SET data_revision = data_revision + 1 WHERE id = ?1")
+                .bind(this.series_id)
+                .execute(&mut *this.tx)
+                .await?;
+        }
         this.tx.commit().await?;
         Ok(ImportSummary {
             series: this.series_name,

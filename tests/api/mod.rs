@@ -59,6 +59,7 @@ pub fn test_config() -> ApiConfig {
         },
         workers: Some(2),
         cors_allowed_origins: Vec::new(),
+        forecast_memo_bytes: xlstm_forecast::api::DEFAULT_FORECAST_MEMO_BYTES,
     }
 }
 

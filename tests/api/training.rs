@@ -126,6 +126,7 @@ api_tests! {
         let models = app.client.get("/api/v1/series/plant/models").await.json()["models"].clone();
         assert_eq!(models.as_array().unwrap().len(), 1);
         assert_eq!(models[0]["is_champion"], true);
+        assert_eq!(models[0]["role"], "champion");
         assert_eq!(models[0]["config"]["preset"], "tiny");
         assert_eq!(models[0]["config"]["horizon"], 12);
         assert!(models[0]["metrics"]["val_mse"].as_f64().unwrap().is_finite());
@@ -160,8 +161,11 @@ api_tests! {
             assert_eq!(response.status, status, "{query}: {}", response.text());
             assert!(response.text().contains(needle), "{query}: {}", response.text());
         }
+        // Same champion, same rows: the forecast computed above is reused, not recomputed.
         let stored = app.client.get("/api/v1/series/plant/forecast?persist=true").await.json();
         assert!(stored["id"].is_i64(), "{stored}");
+        assert_eq!(stored["created_at"], fresh["created_at"]);
+        assert_eq!(stored["channels"]["load"]["mean"].as_array().unwrap()[..6], load["mean"].as_array().unwrap()[..]);
         assert_eq!(app.client.get("/api/v1/series/plant/forecasts").await.json()["forecasts"].as_array().unwrap().len(), 2);
 
         // A fine-tune with nothing new is skipped; with newer rows it trains a child.
@@ -180,6 +184,14 @@ api_tests! {
         assert_eq!(promoted.status, 200, "{}", promoted.text());
         let fresh = app.client.get("/api/v1/series/plant/forecast").await.json();
         assert_eq!(fresh["model_version_id"], first_version);
+        let roles: Vec<(i64, String)> = app.client.get("/api/v1/series/plant/models").await.json()["models"]
+            .as_array().unwrap().iter()
+            .map(|m| (m["id"].as_i64().unwrap(), m["role"].as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(roles, [(child, "challenger".to_string()), (first_version, "champion".to_string())]);
+        // ...computed from the rows uploaded since: they moved the origin 48 hours on.
+        let origin = |body: &Value| chrono::DateTime::parse_from_rfc3339(body["origin"].as_str().unwrap()).unwrap();
+        assert_eq!(origin(&fresh) - origin(&stored), chrono::Duration::hours(48));
 
         // Cancelling a finished run is a conflict; a queued one is cancelled at once.
         let conflict = app.client.post(&format!("/api/v1/runs/{}/cancel", run["id"]), "application/json", b"").await;
@@ -206,7 +218,9 @@ api_tests! {
             .lines()
             .find_map(|line| line.strip_prefix("forecast_compute_seconds_count "))
             .unwrap();
-        assert_eq!(computed, "3", "the three forecasts computed above; refused ones are not timed");
+        assert_eq!(computed, "2", "one per (champion, rows) asked for above; refused ones are not timed");
+        assert!(metrics.contains("forecasts_served_total{source=\"computed\"} 2\n"), "{metrics}");
+        assert!(metrics.contains("forecasts_served_total{source=\"reused\"} 1\n"), "{metrics}");
 
         // A second server on the same store (a restart) serves the same registry.
         let restarted = Application::build(&test_config(), app.store.clone()).unwrap();

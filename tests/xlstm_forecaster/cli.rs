@@ -347,9 +347,17 @@ fn the_forecast_latency_bench_serves_forecasts_to_a_second_process() {
             "--json",
         ],
     );
-    let figures: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(figures["backend"], "sqlite");
-    assert_eq!(figures["errors"], 0, "{figures}");
-    assert!(figures["requests"].as_u64().unwrap() > 0, "{figures}");
-    assert!(figures["p50_ms"].as_f64().unwrap() <= figures["p99_ms"].as_f64().unwrap());
+    // One line per memo setting, the default being both.
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let memo: Vec<&str> = lines.iter().map(|f| f["memo"].as_str().unwrap()).collect();
+    assert_eq!(memo, ["on", "off"], "{out}");
+    for figures in &lines {
+        assert_eq!(figures["backend"], "sqlite");
+        assert_eq!(figures["errors"], 0, "{figures}");
+        assert!(figures["requests"].as_u64().unwrap() > 0, "{figures}");
+        assert!(figures["p50_ms"].as_f64().unwrap() <= figures["p99_ms"].as_f64().unwrap());
+    }
 }

@@ -6,6 +6,7 @@
 
 use std::io::Cursor;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,7 +19,7 @@ use crate::api::{ApiConfig, Application, BodyLimits};
 use crate::data::{ImportOptions, import_csv};
 use crate::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
 use crate::jobs::{TrainMode, WorkerConfig, WorkerPool, enqueue_train, standard_executors};
-use crate::store::{self, RunStatus};
+use crate::store::{self, RunStatus, Store};
 
 const SERIES: &str = "bench";
 const GOAL_P50_MS: f64 = 5.0;
@@ -33,6 +34,12 @@ pub struct ForecastBenchArgs {
     /// Seconds of load per backend.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    /// Offer this many requests per second in all, spread over the connections on a fixed
+    /// schedule, with latency counted from each request's scheduled time (so a slow answer
+    /// also counts against the requests queued behind it). Without it each connection sends
+    /// its next request as soon as the previous one is answered, which measures saturation.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Model preset (lookback 336, horizon 96, 7 channels).
     #[arg(long, default_value = "small")]
     pub preset: String,
@@ -46,8 +53,20 @@ pub struct ForecastBenchArgs {
     /// Backends to measure (repeatable) [default: sqlite and postgres].
     #[arg(long = "backend", value_enum)]
     pub backends: Vec<QueueBackend>,
+    /// Forecast memo settings to measure (repeatable) [default: on and off]. `on`: the
+    /// service's default, so the rows being unchanged, requests after the first reuse its
+    /// forecast; `off`: every request reads the rows and runs the network.
+    #[arg(long = "memo", value_enum)]
+    pub memo: Vec<MemoSetting>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoSetting {
+    On,
+    Off,
 }
 
 /// The load generator's side (run as a second process by `bench forecast`).
@@ -61,6 +80,8 @@ pub struct HttpLoadArgs {
     pub concurrency: usize,
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -77,12 +98,16 @@ struct LoadFigures {
 struct ForecastFigures {
     bench: &'static str,
     backend: &'static str,
+    memo: MemoSetting,
     build: &'static str,
     preset: String,
     lookback: usize,
     horizon: usize,
     channels: usize,
     concurrency: usize,
+    /// Requests per second offered (open loop); null when each connection sends as fast as
+    /// it is answered.
+    offered_per_second: Option<f64>,
     seconds: f64,
     requests: usize,
     errors: usize,
@@ -96,19 +121,24 @@ struct ForecastFigures {
 }
 
 pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
-    if args.concurrency == 0 || !(args.seconds > 0.0) {
-        bail!("--concurrency and --seconds must be positive");
+    if args.concurrency == 0 || !(args.seconds > 0.0) || args.rate.is_some_and(|r| !(r > 0.0)) {
+        bail!("--concurrency, --seconds and --rate must be positive");
     }
     let backends = if args.backends.is_empty() {
         vec![QueueBackend::Sqlite, QueueBackend::Postgres]
     } else {
         args.backends.clone()
     };
+    let memo = if args.memo.is_empty() {
+        vec![MemoSetting::On, MemoSetting::Off]
+    } else {
+        args.memo.clone()
+    };
     for backend in backends {
-        let figures = match backend {
+        let measured = match backend {
             QueueBackend::Postgres => {
                 let database = ScratchPostgres::create(&args.postgres_url).await?;
-                let result = measure(&database.url, "postgres", &args).await;
+                let result = measure(&database.url, "postgres", &memo, &args).await;
                 database.drop_database().await;
                 result?
             }
@@ -119,26 +149,30 @@ pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
                     rand::random::<u32>()
                 ));
                 let url = format!("sqlite://{}", dir.join("forecast.db").display());
-                let result = measure(&url, "sqlite", &args).await;
+                let result = measure(&url, "sqlite", &memo, &args).await;
                 std::fs::remove_dir_all(&dir).ok();
                 result?
             }
         };
-        if args.json {
-            println!("{}", serde_json::to_string(&figures)?);
-        } else {
-            println!(
-                "{}: {} forecasts in {:.1} s at concurrency {}: p50 {:.2} ms (goal ≤ {GOAL_P50_MS}), \
-                 p99 {:.2} ms (goal ≤ {GOAL_P99_MS}), {:.0}/s (goal ≥ {GOAL_PER_SECOND}), {} errors",
-                figures.backend,
-                figures.requests,
-                figures.seconds,
-                figures.concurrency,
-                figures.p50_ms,
-                figures.p99_ms,
-                figures.forecasts_per_second,
-                figures.errors
-            );
+        for figures in measured {
+            if args.json {
+                println!("{}", serde_json::to_string(&figures)?);
+            } else {
+                println!(
+                    "{} (memo {:?}): {} forecasts in {:.1} s at concurrency {}: p50 {:.2} ms \
+                     (goal ≤ {GOAL_P50_MS}), p99 {:.2} ms (goal ≤ {GOAL_P99_MS}), {:.0}/s \
+                     (goal ≥ {GOAL_PER_SECOND}), {} errors",
+                    figures.backend,
+                    figures.memo,
+                    figures.requests,
+                    figures.seconds,
+                    figures.concurrency,
+                    figures.p50_ms,
+                    figures.p99_ms,
+                    figures.forecasts_per_second,
+                    figures.errors
+                );
+            }
         }
     }
     Ok(())
@@ -147,8 +181,9 @@ pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
 async fn measure(
     url: &str,
     backend: &'static str,
+    memo: &[MemoSetting],
     args: &ForecastBenchArgs,
-) -> anyhow::Result<ForecastFigures> {
+) -> anyhow::Result<Vec<ForecastFigures>> {
     let (lookback, horizon, channels, rows) = (336, 96, 7, 1200);
     let store = store::connect(url).await?;
     let sample = generate(&SyntheticSpec::new(
@@ -200,12 +235,55 @@ async fn measure(
             trained.error.unwrap_or_default()
         );
     }
+    let mut measured = Vec::new();
+    for &setting in memo {
+        let load = load_server(&store, setting, args).await?;
+        measured.push(ForecastFigures {
+            bench: "forecast",
+            backend,
+            memo: setting,
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            preset: args.preset.clone(),
+            lookback,
+            horizon,
+            channels,
+            concurrency: args.concurrency,
+            offered_per_second: args.rate,
+            seconds: args.seconds,
+            requests: load.requests,
+            errors: load.errors,
+            p50_ms: load.p50_ms,
+            p99_ms: load.p99_ms,
+            max_ms: load.max_ms,
+            forecasts_per_second: load.per_second,
+            goal_p50_ms: GOAL_P50_MS,
+            goal_p99_ms: GOAL_P99_MS,
+            goal_forecasts_per_second: GOAL_PER_SECOND,
+        });
+    }
+    Ok(measured)
+}
+
+/// Serves `store` on a free port and runs the load generator against it.
+async fn load_server(
+    store: &Arc<dyn Store>,
+    memo: MemoSetting,
+    args: &ForecastBenchArgs,
+) -> anyhow::Result<LoadFigures> {
     let config = ApiConfig {
         bind: "127.0.0.1:0".parse()?,
         api_key: None,
         limits: BodyLimits::default(),
         workers: None,
         cors_allowed_origins: Vec::new(),
+        forecast_memo_bytes: match memo {
+            MemoSetting::On => crate::api::DEFAULT_FORECAST_MEMO_BYTES,
+            MemoSetting::Off => 0,
+        },
     };
     let application = Application::build(&config, store.clone())?;
     let addr = application.local_addr();
@@ -231,6 +309,11 @@ async fn measure(
             "--seconds",
             &args.seconds.to_string(),
         ])
+        .args(
+            args.rate
+                .map(|rate| vec!["--rate".to_string(), rate.to_string()])
+                .unwrap_or_default(),
+        )
         .output()
         .await?;
     server.abort();
@@ -240,32 +323,7 @@ async fn measure(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let load: LoadFigures =
-        serde_json::from_slice(&output.stdout).context("the load generator's figures")?;
-    Ok(ForecastFigures {
-        bench: "forecast",
-        backend,
-        build: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
-        preset: args.preset.clone(),
-        lookback,
-        horizon,
-        channels,
-        concurrency: args.concurrency,
-        seconds: args.seconds,
-        requests: load.requests,
-        errors: load.errors,
-        p50_ms: load.p50_ms,
-        p99_ms: load.p99_ms,
-        max_ms: load.max_ms,
-        forecasts_per_second: load.per_second,
-        goal_p50_ms: GOAL_P50_MS,
-        goal_p99_ms: GOAL_P99_MS,
-        goal_forecasts_per_second: GOAL_PER_SECOND,
-    })
+    serde_json::from_slice(&output.stdout).context("the load generator's figures")
 }
 
 type Connection = BufReader<TcpStream>;
@@ -315,14 +373,32 @@ async fn request(
 pub async fn http_load(args: HttpLoadArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
     let started = Instant::now();
-    let tasks: Vec<_> = (0..args.concurrency.max(1))
-        .map(|_| {
+    let connections = args.concurrency.max(1);
+    // Open loop: connection i sends its k-th request at started + (k·connections + i) / rate.
+    let interval = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(connections as f64 / rate));
+    let tasks: Vec<_> = (0..connections)
+        .map(|index| {
             let path = args.path.clone();
             let addr = args.addr;
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (Vec::new(), 0_usize);
                 let mut conn = None;
+                let mut next = interval
+                    .map(|every| started + every.mul_f64(index as f64 / connections as f64));
                 while Instant::now() < deadline {
+                    let scheduled = match (next, interval) {
+                        (Some(at), Some(every)) => {
+                            if at >= deadline {
+                                break;
+                            }
+                            tokio::time::sleep_until(at.into()).await;
+                            next = Some(at + every);
+                            Some(at)
+                        }
+                        _ => None,
+                    };
                     if conn.is_none() {
                         match connect(addr).await {
                             Ok(c) => conn = Some(c),
@@ -332,7 +408,7 @@ pub async fn http_load(args: HttpLoadArgs) -> anyhow::Result<()> {
                             }
                         }
                     }
-                    let sent = Instant::now();
+                    let sent = scheduled.unwrap_or_else(Instant::now);
                     match request(conn.as_mut().expect("connected"), addr, &path).await {
                         Ok((200, _)) => latencies.push(sent.elapsed().as_secs_f64() * 1e3),
                         Ok(_) => errors += 1,

@@ -293,6 +293,29 @@ pub struct SeriesForecast {
     pub quantiles: Vec<Vec<Vec<f32>>>,
 }
 
+impl SeriesForecast {
+    /// The first `horizon` steps with only the quantile levels at positions `levels` (in the
+    /// order given).
+    pub fn select(&self, horizon: usize, levels: &[usize]) -> Self {
+        let horizon = horizon.min(self.timestamps.len());
+        Self {
+            origin: self.origin,
+            timestamps: self.timestamps[..horizon].to_vec(),
+            channels: self.channels.clone(),
+            quantile_levels: levels.iter().map(|&l| self.quantile_levels[l]).collect(),
+            mean: self.mean[..horizon].to_vec(),
+            quantiles: self.quantiles[..horizon]
+                .iter()
+                .map(|step| {
+                    step.iter()
+                        .map(|channel| levels.iter().map(|&l| channel[l]).collect())
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Forecasts the `horizon` steps after the last row of `data` from its last `lookback` rows.
 pub fn forecast_latest(
     model: &XlstmModel,
@@ -416,6 +439,35 @@ pub fn forecast_latest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn select_keeps_the_first_steps_and_the_named_levels() {
+        let at = |hour: i64| DateTime::from_timestamp(hour * 3600, 0).unwrap();
+        let forecast = SeriesForecast {
+            origin: at(0),
+            timestamps: vec![at(1), at(2), at(3)],
+            channels: vec!["a".into(), "b".into()],
+            quantile_levels: vec![0.1, 0.5, 0.9],
+            mean: vec![vec![1.0, 10.0], vec![2.0, 20.0], vec![3.0, 30.0]],
+            quantiles: (1..=3)
+                .map(|step| {
+                    (1..=2)
+                        .map(|channel| {
+                            (1..=3)
+                                .map(|level| (100 * step + 10 * channel + level) as f32)
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        let selected = forecast.select(2, &[2, 0]);
+        assert_eq!(selected.timestamps, vec![at(1), at(2)]);
+        assert_eq!(selected.quantile_levels, vec![0.9, 0.1]);
+        assert_eq!(selected.mean, vec![vec![1.0, 10.0], vec![2.0, 20.0]]);
+        assert_eq!(selected.quantiles[1][1], vec![223.0, 221.0]);
+        assert_eq!(forecast.select(3, &[0, 1, 2]), forecast);
+    }
 
     #[test]
     fn validation_takes_the_most_recent_rows() {

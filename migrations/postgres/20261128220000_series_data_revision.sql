@@ -1,0 +1,7 @@
+-- Forecast memo (issue 5). migrations/sqlite holds the same schema meaning for
+-- SQLite; change both together.
+
+-- Bumped in the same transaction as every import that writes observations, so
+-- that a forecast computed from a series' rows can be reused, by any API
+-- process, for exactly as long as those rows are unchanged.
+ALTER TABLE series ADD COLUMN data_revision BIGINT NOT NULL DEFAULT 0;
