@@ -6,7 +6,6 @@
 
 use std::io::Cursor;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,7 +18,7 @@ use crate::api::{ApiConfig, Application, BodyLimits};
 use crate::data::{ImportOptions, import_csv};
 use crate::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
 use crate::jobs::{TrainMode, WorkerConfig, WorkerPool, enqueue_train, standard_executors};
-use crate::store::{self, RunStatus, Store};
+use crate::store::{self, RunStatus};
 
 const SERIES: &str = "bench";
 const GOAL_P50_MS: f64 = 5.0;
@@ -237,7 +236,7 @@ async fn measure(
     }
     let mut measured = Vec::new();
     for &setting in memo {
-        let load = load_server(&store, setting, args).await?;
+        let load = load_server(url, setting, args).await?;
         measured.push(ForecastFigures {
             bench: "forecast",
             backend,
@@ -268,12 +267,15 @@ async fn measure(
     Ok(measured)
 }
 
-/// Serves `store` on a free port and runs the load generator against it.
+/// Serves the store at `url` on a free port and runs the load generator against it. Each
+/// server gets its own connection pool: pooled Postgres connections belong to the runtime
+/// (an actix worker's) that opened them, which is gone once the previous server stopped.
 async fn load_server(
-    store: &Arc<dyn Store>,
+    url: &str,
     memo: MemoSetting,
     args: &ForecastBenchArgs,
 ) -> anyhow::Result<LoadFigures> {
+    let store = store::connect(url).await?;
     let config = ApiConfig {
         bind: "127.0.0.1:0".parse()?,
         api_key: None,
