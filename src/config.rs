@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+pub const DEFAULT_FORECAST_MEMO_MIB: usize = 64;
 pub const ENV_DATA_DIR: &str = "XLSTM_FORECAST_DATA_DIR";
 pub const ENV_BIND: &str = "XLSTM_FORECAST_BIND";
 pub const ENV_API_KEY: &str = "XLSTM_FORECAST_API_KEY";
@@ -58,6 +59,9 @@ pub struct ServerSettings {
     /// the API across origins. Empty (the default): none may.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cors_allowed_origins: Vec<String>,
+    /// MiB of computed forecasts each API process keeps for reuse until a series' rows or
+    /// champion change; 0 computes every forecast request.
+    pub forecast_memo_mib: usize,
 }
 
 impl Default for ServerSettings {
@@ -66,6 +70,7 @@ impl Default for ServerSettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
             cors_allowed_origins: Vec::new(),
+            forecast_memo_mib: DEFAULT_FORECAST_MEMO_MIB,
         }
     }
 }
@@ -422,6 +427,22 @@ mod tests {
             overridden.origins["store.data_dir"],
             SettingOrigin::File("xf.toml".into())
         );
+    }
+
+    #[test]
+    fn the_forecast_memo_size_comes_from_the_file_and_zero_turns_it_off() {
+        let default = Settings::from_sources(None, &HashMap::new()).unwrap();
+        assert_eq!(default.server.forecast_memo_mib, DEFAULT_FORECAST_MEMO_MIB);
+        let file = "[server]\nforecast_memo_mib = 0\n";
+        let off = Settings::from_sources(Some(("xf.toml", file)), &HashMap::new()).unwrap();
+        assert_eq!(off.server.forecast_memo_mib, 0);
+        let err = Settings::from_sources(
+            Some(("xf.toml", "[server]\nforecast_memo_mib = -1\n")),
+            &HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("forecast_memo_mib"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,8 @@ use tokio::sync::OnceCell;
 
 use crate::forecast::xlstm::SeriesForecast;
 
-pub const DEFAULT_FORECAST_MEMO_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_FORECAST_MEMO_BYTES: usize =
+    crate::config::DEFAULT_FORECAST_MEMO_MIB * 1024 * 1024;
 
 /// What a forecast was computed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

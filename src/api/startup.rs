@@ -11,7 +11,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
 use super::error;
-use super::forecast_memo::{DEFAULT_FORECAST_MEMO_BYTES, ForecastMemo};
+use super::forecast_memo::ForecastMemo;
 use super::metrics::HttpMetrics;
 use super::middleware::{observe_request, require_api_key};
 use super::model_cache::{DEFAULT_MODEL_CACHE_BYTES, ModelCache};
@@ -74,7 +74,10 @@ impl ApiConfig {
             limits: BodyLimits::default(),
             workers: None,
             cors_allowed_origins: settings.server.cors_allowed_origins.clone(),
-            forecast_memo_bytes: DEFAULT_FORECAST_MEMO_BYTES,
+            forecast_memo_bytes: settings
+                .server
+                .forecast_memo_mib
+                .saturating_mul(1024 * 1024),
         }
     }
 }
