@@ -5,9 +5,10 @@
 //! not the best forecast:
 //!
 //! - **weather:** with two or more channels the last one is an outdoor temperature (°C): an
-//!   annual cycle, multi-day weather regimes (each with its own temperature anomaly, which the
-//!   weather relaxes towards over about half a day, and its own sky — clear days swing much
-//!   more between night and afternoon than overcast ones) plus hourly noise;
+//!   annual cycle, weather regimes of 1.5 to 8 days (each with its own temperature anomaly,
+//!   which the weather relaxes towards over about half a day, and its own sky: a daily swing
+//!   between the 05:00 low and the 15:00 high of 1 to 7 °C, large when clear, small when
+//!   overcast) plus persistent hourly noise;
 //! - **operating regimes:** a plant shared by the load channels runs for days to weeks at a
 //!   time (4 to 21 days, switching at midnight) in one of three regimes, each with its own
 //!   daily shape: normal two-peak office hours damped at weekends, two-shift production (a
