@@ -115,7 +115,7 @@ async fn ensure_sample_series(store: &dyn Store, rows: usize) -> anyhow::Result<
     options.frequency = Some(SyntheticKind::Hourly.frequency());
     import_csv(store, Cursor::new(csv.into_bytes()), &options).await?;
     eprintln!(
-        "series '{SERIES}': {rows} hourly rows x 4 channels (synthetic: daily and weekly cycles, trend, level shifts, correlated channels)"
+        "series '{SERIES}': {rows} hourly rows x 4 channels (synthetic: 3 loads with daily and weekly cycles, operating regimes, trend, level shifts and a nonlinear response to the temperature in the last channel)"
     );
     store
         .get_series(SERIES)
