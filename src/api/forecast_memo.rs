@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::OnceCell;
 
 use crate::forecast::xlstm::SeriesForecast;
+use crate::store::VersionRef;
 
 pub const DEFAULT_FORECAST_MEMO_BYTES: usize =
     crate::config::DEFAULT_FORECAST_MEMO_MIB * 1024 * 1024;
@@ -21,7 +22,9 @@ pub const DEFAULT_FORECAST_MEMO_BYTES: usize =
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoKey {
     pub series_id: i64,
-    pub model_version_id: i64,
+    /// SQLite may give a deleted series' id to a new one: the creation time tells them apart.
+    pub series_created_at: DateTime<Utc>,
+    pub model_version: VersionRef,
     pub data_revision: i64,
 }
 
@@ -237,7 +240,11 @@ mod tests {
     fn key(series_id: i64, data_revision: i64) -> MemoKey {
         MemoKey {
             series_id,
-            model_version_id: 1,
+            series_created_at: DateTime::UNIX_EPOCH,
+            model_version: VersionRef {
+                id: 1,
+                created_at: DateTime::UNIX_EPOCH,
+            },
             data_revision,
         }
     }

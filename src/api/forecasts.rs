@@ -227,27 +227,24 @@ pub async fn fresh(
     query: web::Query<FreshForecastQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let series = find_series(&state, &name).await?;
-    let champion_id = state
-        .store
-        .champion_version_id(series.id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::Conflict(format!(
-                "series '{0}' has no trained model yet; train one first with POST \
+    let champion = state.store.champion_ref(series.id).await?.ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "series '{0}' has no trained model yet; train one first with POST \
                  /api/v1/series/{0}/train",
-                series.name
-            ))
-        })?;
-    let model = match state.models.get(champion_id) {
+            series.name
+        ))
+    })?;
+    let model = match state.models.get(champion) {
         Some(model) => model,
         None => {
             let version = state
                 .store
-                .get_model_version(champion_id)
+                .get_model_version(champion.id)
                 .await?
-                .ok_or_else(|| ApiError::NotFound(format!("model version {champion_id}")))?;
+                .filter(|version| version.summary.created_at == champion.created_at)
+                .ok_or_else(|| ApiError::NotFound(format!("model version {}", champion.id)))?;
             state.models.insert(&version).map_err(|err| {
-                ApiError::Internal(format!("loading model version {champion_id}: {err}"))
+                ApiError::Internal(format!("loading model version {}: {err}", champion.id))
             })?
         }
     };
@@ -294,7 +291,8 @@ pub async fn fresh(
     };
     let key = MemoKey {
         series_id: series.id,
-        model_version_id: champion_id,
+        series_created_at: series.created_at,
+        model_version: champion,
         data_revision: series.data_revision,
     };
     let (memo, outcome) = state
@@ -313,7 +311,7 @@ pub async fn fresh(
     }
     let mut record = forecast_record(
         series.id,
-        champion_id,
+        champion.id,
         &memo.forecast.select(selection.horizon, &selection.levels),
     );
     record.issued_at = memo.issued_at;

@@ -1,7 +1,8 @@
 //! Champion models kept in memory, so a forecast reads no artefact from the store: at most a
 //! byte budget of weights, least recently used evicted first. A version's weights never change,
-//! so an entry is valid for as long as it is cached; promotion simply makes another id the one
-//! looked up.
+//! so an entry is valid for as long as it is cached; promotion simply makes another version the
+//! one looked up. Entries are keyed by id and creation time (`VersionRef`), because SQLite may
+//! reuse a deleted version's id.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,14 +11,14 @@ use candle_core::Device;
 use crate::forecast::ForecastError;
 use crate::forecast::xlstm::XlstmModel;
 use crate::jobs::training::load_model_version;
-use crate::store::ModelVersion;
+use crate::store::{ModelVersion, VersionRef};
 
 pub const DEFAULT_MODEL_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
 pub struct ModelCache {
     budget_bytes: usize,
-    /// Most recently used last: `(version id, model, artefact bytes)`.
-    entries: Mutex<Vec<(i64, Arc<XlstmModel>, usize)>>,
+    /// Most recently used last: `(version, model, artefact bytes)`.
+    entries: Mutex<Vec<(VersionRef, Arc<XlstmModel>, usize)>>,
 }
 
 impl ModelCache {
@@ -28,9 +29,9 @@ impl ModelCache {
         }
     }
 
-    pub fn get(&self, version_id: i64) -> Option<Arc<XlstmModel>> {
+    pub fn get(&self, version: VersionRef) -> Option<Arc<XlstmModel>> {
         let mut entries = self.entries.lock().expect("model cache lock poisoned");
-        let position = entries.iter().position(|(id, _, _)| *id == version_id)?;
+        let position = entries.iter().position(|(held, _, _)| *held == version)?;
         let entry = entries.remove(position);
         let model = entry.1.clone();
         entries.push(entry);
@@ -42,13 +43,17 @@ impl ModelCache {
         let model = Arc::new(load_model_version(version, &Device::Cpu)?);
         let bytes = version.artefact.len();
         let mut entries = self.entries.lock().expect("model cache lock poisoned");
-        entries.retain(|(id, _, _)| *id != version.summary.id);
+        let key = VersionRef {
+            id: version.summary.id,
+            created_at: version.summary.created_at,
+        };
+        entries.retain(|(held, _, _)| held.id != key.id);
         if bytes <= self.budget_bytes {
             let mut used: usize = entries.iter().map(|(_, _, b)| b).sum();
             while used + bytes > self.budget_bytes && !entries.is_empty() {
                 used -= entries.remove(0).2;
             }
-            entries.push((version.summary.id, model.clone(), bytes));
+            entries.push((key, model.clone(), bytes));
         }
         Ok(model)
     }

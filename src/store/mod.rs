@@ -229,8 +229,8 @@ pub trait Store: Send + Sync {
         &self,
         series_id: i64,
     ) -> Result<Vec<ModelVersionSummary>, StoreError>;
-    /// The id of a series' champion, if it has one (what a forecast looks up per request).
-    async fn champion_version_id(&self, series_id: i64) -> Result<Option<i64>, StoreError>;
+    /// A series' champion, if it has one (what a forecast looks up per request).
+    async fn champion_ref(&self, series_id: i64) -> Result<Option<VersionRef>, StoreError>;
     /// The champion of a series with its artefact bytes, if there is one.
     async fn champion_model_version(
         &self,

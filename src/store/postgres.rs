@@ -17,8 +17,9 @@ use super::{
     LeaseState, LongObservations, MigrationReport, ModelVersion, ModelVersionStatus,
     ModelVersionSummary, NewForecast, NewModelVersion, NewRun, ObservationBatch, ObservationRange,
     PendingMigration, Run, RunClaim, RunFilter, RunOutcome, RunStatistic, Schedule, ScheduleSpec,
-    SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError, apply_migrations,
-    datetime_from_micros, join_spans, pending_migrations, series_named, split_time_span, validate,
+    SecretUrl, Series, SeriesSpec, Source, SourceSpec, Store, StoreError, VersionRef,
+    apply_migrations, datetime_from_micros, join_spans, pending_migrations, series_named,
+    split_time_span, validate,
 };
 use crate::config::mask_database_url;
 
@@ -629,15 +630,20 @@ impl Store for PostgresStore {
         .collect()
     }
 
-    async fn champion_version_id(&self, series_id: i64) -> Result<Option<i64>, StoreError> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT id FROM model_versions WHERE series_id = $1 AND is_champion",
-            )
-            .bind(series_id)
-            .fetch_optional(&self.pool)
-            .await?,
+    async fn champion_ref(&self, series_id: i64) -> Result<Option<VersionRef>, StoreError> {
+        sqlx::query(
+            "SELECT id, created_at FROM model_versions WHERE series_id = $1 AND is_champion",
         )
+        .bind(series_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| {
+            Ok(VersionRef {
+                id: row.try_get("id")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
     }
 
     async fn champion_model_version(

@@ -72,6 +72,14 @@ pub struct ObservationRange {
 
 // --- model versions ---
 
+/// Names one model version for good: SQLite may give a deleted version's id to a new one,
+/// never with the same creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRef {
+    pub id: i64,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Whether a trained version may serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

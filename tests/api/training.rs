@@ -232,4 +232,37 @@ api_tests! {
         assert_eq!(fresh["model_version_id"], first_version);
         assert_eq!(client.get("/api/v1/runs?series=plant").await.json()["runs"].as_array().unwrap().len(), 4);
     }
+
+    async fn a_series_deleted_and_created_again_is_forecast_from_its_new_rows(backend) {
+        let app = TestApp::start(backend).await;
+        let pool = workers(&app);
+        let (mut origins, mut last) = (Vec::new(), Value::Null);
+        // The second life of the series may get the first's ids (SQLite reuses the largest
+        // rowid once it is deleted) and reaches the same data revision.
+        for first_row in [0, 600] {
+            app.create_series("plant", &["load", "temp"]).await;
+            upload(&app, first_row, 400).await;
+            let run = finished_run(&app.client, queue(&app.client, TRAIN_TINY).await).await;
+            assert_eq!(run["status"], "succeeded", "{run}");
+            let fresh = app.client.get("/api/v1/series/plant/forecast").await;
+            assert_eq!(fresh.status, 200, "{}", fresh.text());
+            let fresh = fresh.json();
+            origins.push(fresh["origin"].as_str().unwrap().to_string());
+            last = fresh;
+            if first_row == 0 {
+                let deleted = app.client.delete("/api/v1/series/plant").await;
+                assert!(deleted.status < 300, "{}", deleted.text());
+            }
+        }
+        let at = |text: &str| chrono::DateTime::parse_from_rfc3339(text).unwrap();
+        assert_eq!(at(&origins[1]) - at(&origins[0]), chrono::Duration::hours(600), "{origins:?}");
+        // A server that never saw the first life (no cached model or forecast) agrees.
+        let restarted = Application::build(&test_config(), app.store.clone()).unwrap();
+        let client = Client::new(restarted.local_addr(), Some(TEST_API_KEY));
+        tokio::spawn(restarted.run_until_stopped());
+        let cold = client.get("/api/v1/series/plant/forecast").await.json();
+        assert_eq!(cold["channels"], last["channels"]);
+        assert_eq!(cold["model_version_id"], last["model_version_id"]);
+        pool.shutdown().await;
+    }
 }
