@@ -12,8 +12,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use super::ingest::ScratchPostgres;
-use super::queue::QueueBackend;
+use super::queue::{QueueBackend, ScratchStore};
 use crate::api::{ApiConfig, Application, BodyLimits};
 use crate::data::{ImportOptions, import_csv};
 use crate::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
@@ -134,25 +133,10 @@ pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
         args.memo.clone()
     };
     for backend in backends {
-        let measured = match backend {
-            QueueBackend::Postgres => {
-                let database = ScratchPostgres::create(&args.postgres_url).await?;
-                let result = measure(&database.url, "postgres", &memo, &args).await;
-                database.drop_database().await;
-                result?
-            }
-            QueueBackend::Sqlite => {
-                let dir = std::env::temp_dir().join(format!(
-                    "xf-bench-forecast-{}-{}",
-                    std::process::id(),
-                    rand::random::<u32>()
-                ));
-                let url = format!("sqlite://{}", dir.join("forecast.db").display());
-                let result = measure(&url, "sqlite", &memo, &args).await;
-                std::fs::remove_dir_all(&dir).ok();
-                result?
-            }
-        };
+        let scratch = ScratchStore::create(backend, &args.postgres_url, "forecast").await?;
+        let result = measure(scratch.url(), scratch.backend(), &memo, &args).await;
+        scratch.remove().await;
+        let measured = result?;
         for figures in measured {
             if args.json {
                 println!("{}", serde_json::to_string(&figures)?);

@@ -29,6 +29,62 @@ pub enum QueueBackend {
     Sqlite,
 }
 
+/// A fresh, empty store for one benchmark: a scratch database on the Postgres server, or a
+/// SQLite file in its own temporary directory.
+pub(super) enum ScratchStore {
+    Postgres(ScratchPostgres),
+    Sqlite {
+        dir: std::path::PathBuf,
+        url: String,
+    },
+}
+
+impl ScratchStore {
+    /// `label` names the SQLite directory and file (`xf-bench-{label}-…/{label}.db`).
+    pub(super) async fn create(
+        backend: QueueBackend,
+        postgres_url: &str,
+        label: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(match backend {
+            QueueBackend::Postgres => Self::Postgres(ScratchPostgres::create(postgres_url).await?),
+            QueueBackend::Sqlite => {
+                let dir = std::env::temp_dir().join(format!(
+                    "xf-bench-{label}-{}-{}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                ));
+                let url = format!("sqlite://{}", dir.join(format!("{label}.db")).display());
+                Self::Sqlite { dir, url }
+            }
+        })
+    }
+
+    pub(super) fn url(&self) -> &str {
+        match self {
+            Self::Postgres(database) => &database.url,
+            Self::Sqlite { url, .. } => url,
+        }
+    }
+
+    pub(super) fn backend(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite { .. } => "sqlite",
+        }
+    }
+
+    /// Removes the database or file; the figures are already taken, so failures only warn.
+    pub(super) async fn remove(self) {
+        match self {
+            Self::Postgres(database) => database.drop_database().await,
+            Self::Sqlite { dir, .. } => {
+                std::fs::remove_dir_all(&dir).ok();
+            }
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct QueueBenchArgs {
     /// Runs in the throughput backlog.
@@ -99,25 +155,10 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
         args.backends.clone()
     };
     for backend in backends {
-        let figures = match backend {
-            QueueBackend::Postgres => {
-                let database = ScratchPostgres::create(&args.postgres_url).await?;
-                let result = measure(&database.url, "postgres", &args).await;
-                database.drop_database().await;
-                result?
-            }
-            QueueBackend::Sqlite => {
-                let dir = std::env::temp_dir().join(format!(
-                    "xf-bench-queue-{}-{}",
-                    std::process::id(),
-                    rand::random::<u32>()
-                ));
-                let url = format!("sqlite://{}", dir.join("queue.db").display());
-                let result = measure(&url, "sqlite", &args).await;
-                std::fs::remove_dir_all(&dir).ok();
-                result?
-            }
-        };
+        let scratch = ScratchStore::create(backend, &args.postgres_url, "queue").await?;
+        let result = measure(scratch.url(), scratch.backend(), &args).await;
+        scratch.remove().await;
+        let figures = result?;
         print_figures(&figures, args.json)?;
     }
     Ok(())
