@@ -5,10 +5,10 @@
 //! * inputs: `qkv` = q, k, v concatenated on the last dim; `gates` = igate, fgate
 //!   stacked on a new last dim; for the chunkwise form and the step the state
 //!   record `[C (DH·DH) | n (DH) | m]` per head.
-//! * outputs: h `[B, NH, S, DH]`; the chunkwise form appends the final state record as
-//!   DH + 2 more rows per head (C, n, then m); the wrappers return h as a `narrow` view
-//!   of that one output (the small final state as copies of its rows), so candle's
-//!   autodiff routes the gradients of both back into one `bwd` call.
+//! * outputs: h `[B, NH, S, DH]`; the chunkwise form's output is flat, h of every head
+//!   followed by every head's final state record, so that the wrapper returns h as a
+//!   contiguous view of it (the small final state as copies) and candle's autodiff routes
+//!   the gradients of both back into one `bwd` call.
 //! * tape: internally every head computes rows `[h (DH) | m_row | b_row]` (the row
 //!   stabiliser and the signed normaliser) and, for the chunkwise form, the state record
 //!   before every chunk; while gradients are tracked the op keeps them for its backward
@@ -75,8 +75,8 @@ impl HeadGeometry {
         state_record_len(self.head_dim)
     }
 
-    /// Packed chunkwise output per head: rows, then NC + 1 state records.
-    fn chunkwise_output_len(&self) -> usize {
+    /// What the chunkwise form records per head: rows, then NC + 1 state records.
+    fn chunkwise_record_len(&self) -> usize {
         self.rows_len() + (self.num_chunks() + 1) * self.state_len()
     }
 
@@ -151,9 +151,76 @@ impl<'a> Strided<'a> {
         }
     }
 
+    /// The submatrix from row `i` and column `p` on.
+    fn from(self, i: usize, p: usize) -> Self {
+        Self {
+            data: &self.data[i * self.row + p * self.col..],
+            ..self
+        }
+    }
+
     #[inline(always)]
     fn at(&self, i: usize, p: usize) -> f32 {
         self.data[i * self.row + p * self.col]
+    }
+}
+
+/// A triangle of a chunk's L×L product known to be zero or not wanted, which
+/// [`causal_gemm_acc`] skips: causal masks make half of every such product vanish.
+#[derive(Clone, Copy)]
+enum Causal {
+    /// Only `C[i, j]` with `j ≤ i` is wanted; the rest of C is left as it was.
+    LowerOutput,
+    /// `A[i, p] = 0` for `p > i`.
+    LowerA,
+    /// `A[i, p] = 0` for `p < i` (the transpose of a lower-triangular matrix).
+    UpperA,
+}
+
+/// `gemm_acc` skipping the `causal` triangle, eight rows of C at a time.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn causal_gemm_acc<L: Lanes>(
+    lanes: L,
+    causal: Causal,
+    (m, n, k): (usize, usize, usize),
+    a: Strided<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    const ROWS: usize = 8;
+    for first in (0..m).step_by(ROWS) {
+        let rows = ROWS.min(m - first);
+        let c_rows = &mut c[first * ldc..];
+        match causal {
+            Causal::LowerOutput => lanes.gemm_acc(
+                (rows, n.min(first + rows), k),
+                a.from(first, 0),
+                b,
+                ldb,
+                c_rows,
+                ldc,
+            ),
+            Causal::LowerA => lanes.gemm_acc(
+                (rows, n, k.min(first + rows)),
+                a.from(first, 0),
+                b,
+                ldb,
+                c_rows,
+                ldc,
+            ),
+            Causal::UpperA if first < k => lanes.gemm_acc(
+                (rows, n, k - first),
+                a.from(first, first),
+                &b[first * ldb..],
+                ldb,
+                c_rows,
+                ldc,
+            ),
+            Causal::UpperA => {}
+        }
     }
 }
 
@@ -645,9 +712,10 @@ impl HeadScratch {
         }
     }
 
-    /// Gate terms and transposed keys/values of a chunk of `gates.len() / 2` rows.
+    /// Gate terms and transposed keys of a chunk of `gates.len() / 2` rows; with
+    /// `values`, the transposed values too (only the backward pass reads them).
     #[inline(always)]
-    fn load_chunk(&mut self, d: usize, qkv: &[f32], gates: &[f32]) {
+    fn load_chunk(&mut self, d: usize, qkv: &[f32], gates: &[f32], values: bool) {
         let len = gates.len() / 2;
         let mut total = 0.0;
         for (tau, g) in gates.chunks_exact(2).enumerate() {
@@ -655,11 +723,9 @@ impl HeadScratch {
             self.cum[tau] = total;
             self.igate[tau] = g[0];
         }
-        for (sigma, row) in qkv.chunks_exact(3 * d).enumerate() {
-            for a in 0..d {
-                self.keys_t[a * len + sigma] = row[d + a];
-                self.values_t[a * len + sigma] = row[2 * d + a];
-            }
+        transpose_columns(qkv, 3 * d, d, d, &mut self.keys_t[..d * len]);
+        if values {
+            transpose_columns(qkv, 3 * d, 2 * d, d, &mut self.values_t[..d * len]);
         }
     }
 
@@ -692,7 +758,9 @@ impl HeadScratch {
         }
         let square = &mut self.square[..len * len];
         square.fill(0.0);
-        lanes.gemm_acc(
+        causal_gemm_acc(
+            lanes,
+            Causal::LowerOutput,
             (len, len, d),
             Strided::rows(qkv, 3 * d),
             &self.keys_t[..d * len],
@@ -745,7 +813,7 @@ fn forward_head<L: Lanes>(
         let start = chunk * geometry.chunk_size;
         let len = geometry.chunk_size.min(geometry.seq_len - start);
         let chunk_qkv = &qkv[start * qkv_width..(start + len) * qkv_width];
-        scratch.load_chunk(d, chunk_qkv, &gates[start * 2..(start + len) * 2]);
+        scratch.load_chunk(d, chunk_qkv, &gates[start * 2..(start + len) * 2], false);
         let chunk_rows = &mut rows[start * row_width..(start + len) * row_width];
         if initial.is_some() {
             let (before, after) = states.split_at_mut((chunk + 1) * state_len);
@@ -789,7 +857,9 @@ fn chunk_rows_forward<L: Lanes>(
     scratch.fill_weights(lanes, geometry, qkv, len);
     let num = &mut scratch.rows_a[..len * d];
     num.fill(0.0);
-    lanes.gemm_acc(
+    causal_gemm_acc(
+        lanes,
+        Causal::LowerA,
         (len, d, len),
         Strided::rows(&scratch.weights[..len * len], len),
         &qkv[2 * d..],
@@ -943,7 +1013,7 @@ fn backward_head<L: Lanes>(
         let len = geometry.chunk_size.min(geometry.seq_len - start);
         let chunk_qkv = &qkv[start * qkv_width..(start + len) * qkv_width];
         let chunk_gates = &gates[start * 2..(start + len) * 2];
-        scratch.load_chunk(d, chunk_qkv, chunk_gates);
+        scratch.load_chunk(d, chunk_qkv, chunk_gates, true);
         scratch.grad_cum[..len].fill(0.0);
         scratch.grad_igate[..len].fill(0.0);
         scratch.grad_k[..len * d].fill(0.0);
@@ -1004,14 +1074,32 @@ fn backward_head<L: Lanes>(
     }
 }
 
+/// Columns `first..first + width` of the row-major `rows` (row stride `stride`), transposed:
+/// `out[a·n + σ] = rows[σ·stride + first + a]` for the n = `out.len() / width` rows.
+#[inline(always)]
+fn transpose_columns(rows: &[f32], stride: usize, first: usize, width: usize, out: &mut [f32]) {
+    let n = out.len() / width;
+    if n == 0 {
+        return;
+    }
+    assert!(
+        out.len() == n * width
+            && first + width <= stride
+            && (n - 1) * stride + first + width <= rows.len(),
+        "transpose_columns: out of bounds"
+    );
+    for (sigma, row) in rows.chunks(stride).take(n).enumerate() {
+        for (a, x) in row[first..first + width].iter().enumerate() {
+            // SAFETY: a < width and σ < n, so a·n + σ < width·n = out.len() (asserted above).
+            unsafe { *out.get_unchecked_mut(a * n + sigma) = *x };
+        }
+    }
+}
+
 /// `out[j·d + i] = m[i·d + j]` for a d×d matrix.
 #[inline(always)]
 fn transpose_square(m: &[f32], d: usize, out: &mut [f32]) {
-    for i in 0..d {
-        for j in 0..d {
-            out[j * d + i] = m[i * d + j];
-        }
-    }
+    transpose_columns(m, d, 0, d, &mut out[..d * d]);
 }
 
 /// Backward of the state update of one chunk: writes into the k, v gradient buffers,
@@ -1132,7 +1220,9 @@ fn chunk_rows_backward<L: Lanes>(
     for (tau, row) in grad_weights.chunks_exact_mut(len).enumerate() {
         row.fill(scratch.row_grad_normaliser[tau]);
     }
-    lanes.gemm_acc(
+    causal_gemm_acc(
+        lanes,
+        Causal::LowerOutput,
         (len, len, d),
         Strided::rows(grad_num, d),
         &scratch.values_t[..d * len],
@@ -1141,7 +1231,9 @@ fn chunk_rows_backward<L: Lanes>(
         len,
     );
     let weights = &scratch.weights[..len * len];
-    lanes.gemm_acc(
+    causal_gemm_acc(
+        lanes,
+        Causal::UpperA,
         (len, d, len),
         Strided::rows(weights, len).transposed(),
         grad_num,
@@ -1172,7 +1264,9 @@ fn chunk_rows_backward<L: Lanes>(
     let grad_scores = &scratch.grad_scores[..len * len];
     let grad_q = &mut scratch.grad_q[..len * d];
     grad_q.fill(0.0);
-    lanes.gemm_acc(
+    causal_gemm_acc(
+        lanes,
+        Causal::LowerA,
         (len, d, len),
         Strided::rows(grad_scores, len),
         &qkv[d..],
@@ -1180,7 +1274,9 @@ fn chunk_rows_backward<L: Lanes>(
         grad_q,
         d,
     );
-    lanes.gemm_acc(
+    causal_gemm_acc(
+        lanes,
+        Causal::UpperA,
         (len, d, len),
         Strided::rows(grad_scores, len).transposed(),
         qkv,
@@ -1413,22 +1509,36 @@ fn copy_h(g: HeadGeometry, rows: &[f32], h: &mut [f32]) {
     }
 }
 
-/// The chunkwise form as a custom op on (qkv, gates, initial state records); output
-/// `[B, NH, S + DH + 2, DH]`: h in rows 0..S, then the final state record (C in DH rows, n in
-/// one, m first in the last), so h and the final state are views of the one output.
+/// The chunkwise form as a custom op on (qkv, gates, initial state records). The one output
+/// is flat: h of every head `[B, NH, S, DH]`, then every head's final state record
+/// `[B, NH, DH·DH + DH + 1]`, so that h is a contiguous view of it and candle's autodiff routes
+/// the gradients of h and of the final state into one `bwd` call.
 struct ChunkwiseOp {
     geometry: HeadGeometry,
     tape: Tape,
 }
 
 impl ChunkwiseOp {
-    /// Rows of the output per head after the S rows of h.
-    fn state_rows(g: HeadGeometry) -> usize {
-        g.head_dim + 2
-    }
-
-    fn output_len(g: HeadGeometry) -> usize {
-        (g.seq_len + Self::state_rows(g)) * g.head_dim
+    /// Runs one head: its records (rows, then the state before every chunk and the last one)
+    /// go to `record`, h and the final state to the output.
+    fn forward_one(
+        g: HeadGeometry,
+        (qkv, gates, initial): (&[f32], &[f32], &[f32]),
+        record: &mut [f32],
+        (h, final_state): (&mut [f32], &mut [f32]),
+        scratch: &mut HeadScratch,
+    ) {
+        let (rows, states) = record.split_at_mut(g.rows_len());
+        let forward = HeadForward {
+            qkv,
+            gates,
+            initial: Some(initial),
+            rows,
+            states,
+        };
+        with_best_lanes!(forward_head_avx2, forward_head(g, forward, scratch));
+        copy_h(g, rows, h);
+        final_state.copy_from_slice(&states[g.num_chunks() * g.state_len()..]);
     }
 }
 
@@ -1451,38 +1561,51 @@ impl CustomOp3 for ChunkwiseOp {
         let qkv = contiguous_f32(op, "qkv", qkv_storage, qkv_layout)?;
         let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
         let initial = contiguous_f32(op, "initial state", initial_storage, initial_layout)?;
-        let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
-        let record_len = g.chunkwise_output_len();
-        let out_len = Self::output_len(g);
-        let mut records = vec![0f32; batch * heads * record_len];
-        let mut out = vec![0f32; batch * heads * out_len];
-        records
-            .par_chunks_mut(record_len)
-            .zip(out.par_chunks_mut(out_len))
-            .enumerate()
-            .for_each_init(
-                || HeadScratch::new(g),
-                |scratch, (head, (record, out))| {
-                    let (rows, states) = record.split_at_mut(g.rows_len());
-                    let forward = HeadForward {
-                        qkv: &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
-                        gates: &gates[head * g.seq_len * 2..][..g.seq_len * 2],
-                        initial: Some(&initial[head * g.state_len()..][..g.state_len()]),
-                        rows,
-                        states,
-                    };
-                    with_best_lanes!(forward_head_avx2, forward_head(g, forward, scratch));
-                    let (h, final_state) = out.split_at_mut(g.seq_len * g.head_dim);
-                    copy_h(g, rows, h);
-                    let last = g.num_chunks() * g.state_len();
-                    final_state[..g.state_len()].copy_from_slice(&states[last..]);
+        let heads = qkv_layout.dims()[0] * qkv_layout.dims()[1];
+        let (h_len, state_len, record_len) = (
+            g.seq_len * g.head_dim,
+            g.state_len(),
+            g.chunkwise_record_len(),
+        );
+        let inputs = |head: usize| {
+            (
+                &qkv[head * g.seq_len * g.qkv_width()..][..g.seq_len * g.qkv_width()],
+                &gates[head * g.seq_len * 2..][..g.seq_len * 2],
+                &initial[head * state_len..][..state_len],
+            )
+        };
+        let mut out = vec![0f32; heads * (h_len + state_len)];
+        let (h, final_states) = out.split_at_mut(heads * h_len);
+        let outputs = h
+            .par_chunks_mut(h_len)
+            .zip(final_states.par_chunks_mut(state_len))
+            .enumerate();
+        match &self.tape {
+            // Training: every head's records stay for the backward pass.
+            Some(tape) => {
+                let mut records = vec![0f32; heads * record_len];
+                outputs
+                    .zip(records.par_chunks_mut(record_len))
+                    .for_each_init(
+                        || HeadScratch::new(g),
+                        |scratch, ((head, output), record)| {
+                            Self::forward_one(g, inputs(head), record, output, scratch)
+                        },
+                    );
+                let _ = tape.set(records);
+            }
+            // Inference: one record buffer per worker, reused head after head.
+            None => outputs.for_each_init(
+                || (HeadScratch::new(g), vec![0f32; record_len]),
+                |(scratch, record), (head, output)| {
+                    Self::forward_one(g, inputs(head), record, output, scratch)
                 },
-            );
-        if let Some(tape) = &self.tape {
-            let _ = tape.set(records);
+            ),
         }
-        let shape = Shape::from((batch, heads, g.seq_len + Self::state_rows(g), g.head_dim));
-        Ok((CpuStorage::F32(out), shape))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(heads * (h_len + state_len)),
+        ))
     }
 
     fn bwd(
@@ -1506,14 +1629,15 @@ impl CustomOp3 for ChunkwiseOp {
         let mut grad_gates = vec![0f32; gates.elem_count()];
         let mut grad_initial = vec![0f32; initial.elem_count()];
         let qkv_len = g.seq_len * g.qkv_width();
-        let record_len = g.chunkwise_output_len();
-        let out_len = Self::output_len(g);
+        let record_len = g.chunkwise_record_len();
         let state_len = g.state_len();
         let h_len = g.seq_len * g.head_dim;
+        let heads = grad_initial.len() / state_len;
         qkv_b.read(op, "qkv", |qkv_data| {
             gates_b.read(op, "gates", |gates_data| {
                 initial_b.read(op, "initial state", |initial_data| {
                     grad_b.read(op, "output gradient", |grad_out| {
+                        let (grad_h, grad_final) = grad_out.split_at(heads * h_len);
                         grad_qkv
                             .par_chunks_mut(qkv_len)
                             .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
@@ -1524,8 +1648,6 @@ impl CustomOp3 for ChunkwiseOp {
                                 |scratch, (head, ((grad_qkv, grad_gates), grad_initial))| {
                                     let (rows, states) = records[head * record_len..][..record_len]
                                         .split_at(g.rows_len());
-                                    let (grad_h, grad_final) =
-                                        grad_out[head * out_len..][..out_len].split_at(h_len);
                                     let backward = HeadBackward {
                                         qkv: &qkv_data[head * qkv_len..][..qkv_len],
                                         gates: &gates_data[head * g.seq_len * 2..][..g.seq_len * 2],
@@ -1534,9 +1656,11 @@ impl CustomOp3 for ChunkwiseOp {
                                         ),
                                         rows,
                                         states,
-                                        grad_rows: grad_h,
+                                        grad_rows: &grad_h[head * h_len..][..h_len],
                                         grad_h_width: g.head_dim,
-                                        grad_final: Some(&grad_final[..state_len]),
+                                        grad_final: Some(
+                                            &grad_final[head * state_len..][..state_len],
+                                        ),
                                         grad_qkv,
                                         grad_gates,
                                         grad_initial: Some(grad_initial),
@@ -1747,19 +1871,16 @@ pub(super) fn chunkwise_packed(
         &initial,
         ChunkwiseOp { geometry, tape },
     )?;
-    let h = out.narrow(2, 0, seq_len)?;
+    let h_len = batch * heads * seq_len * d;
+    let h = out
+        .narrow(0, 0, h_len)?
+        .reshape((batch, heads, seq_len, d))?;
     // The state is carried across calls: small copies, so that it does not pin the
     // O(S) output buffer for as long as a stream lives.
-    let final_state = MlstmState {
-        c: out.narrow(2, seq_len, d)?.contiguous()?,
-        n: out.narrow(2, seq_len + d, 1)?.squeeze(2)?.contiguous()?,
-        m: out
-            .narrow(2, seq_len + d + 1, 1)?
-            .squeeze(2)?
-            .narrow(2, 0, 1)?
-            .squeeze(2)?
-            .contiguous()?,
-    };
+    let records = out
+        .narrow(0, h_len, batch * heads * geometry.state_len())?
+        .reshape((batch, heads, geometry.state_len()))?;
+    let final_state = unpack_state(&records, d)?;
     Ok((h, final_state))
 }
 
