@@ -1,4 +1,5 @@
-//! The fused CPU layer kernels (LayerNorm, multi-head LayerNorm, causal conv + SiLU) against their
+//! The fused CPU layer kernels (LayerNorm, multi-head LayerNorm, causal conv + SiLU, head-wise
+//! linear) against their
 //! candle-ops references: outputs and the gradients of every input (x, scale, bias), on
 //! contiguous and strided inputs, plus a finite-difference check and argument errors.
 
@@ -6,8 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use xlstm_forecast::xlstm::kernels::conv;
 use xlstm_forecast::xlstm::kernels::norm::{self, fused_cpu, reference};
+use xlstm_forecast::xlstm::kernels::{conv, headwise};
 
 const EPS: f64 = 1e-5;
 const FORWARD_TOL: (f32, f32) = (1e-5, 1e-4);
@@ -168,7 +169,7 @@ fn fused_multi_head_layer_norm_reads_strided_views() {
 /// Central differences of an f64 loss along a random direction of each input, against the
 /// fused backward pass.
 #[test]
-fn fused_norm_gradients_match_finite_differences() {
+fn fused_layer_gradients_match_finite_differences() {
     const STEP: f64 = 1e-2;
     let mut rng = StdRng::seed_from_u64(14);
     let ln_inputs = vec![
@@ -181,7 +182,16 @@ fn fused_norm_gradients_match_finite_differences() {
         random(&mut rng, &[8], 1.0, 0.5),
     ];
     type Forward = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
-    let cases: [(&str, Vec<Tensor>, Forward); 2] = [
+    let headwise_inputs = vec![
+        random(&mut rng, &[2, 3, 12], 0.0, 1.0),
+        random(&mut rng, &[3, 5, 4], 0.0, 0.5),
+    ];
+    let cases: [(&str, Vec<Tensor>, Forward); 3] = [
+        (
+            "head-wise linear",
+            headwise_inputs,
+            Box::new(|x| headwise::fused_cpu::headwise_linear(&x[0], &x[1])),
+        ),
         (
             "layer norm",
             ln_inputs,
@@ -366,4 +376,95 @@ fn conv_arguments_are_checked_with_clear_errors() {
         err.contains("state has shape [2, 3, 3]") && err.contains("[2, 4, 3]"),
         "{err}"
     );
+}
+
+/// Fused head-wise linear map against the batched-matmul reference: the mLSTM's 4×4 and the
+/// sLSTM's 16×16 blocks, rectangular blocks (the generic path), one row, more rows than one
+/// parallel task takes, and x handed over as a view.
+#[test]
+fn fused_headwise_linear_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(31);
+    for (lead, blocks, d_out, d_in) in [
+        (vec![2, 5], 32, 4, 4),
+        (vec![3, 7], 4, 16, 16),
+        (vec![1], 3, 2, 5),
+        (vec![600], 2, 8, 8),
+        (vec![2, 300], 2, 32, 32),
+    ] {
+        for as_view in [false, true] {
+            let mut wide_dims = lead.clone();
+            wide_dims.push(2 * blocks * d_in);
+            let inputs = vec![
+                random(&mut rng, &wide_dims, 0.0, 1.0),
+                random(&mut rng, &[blocks, d_out, d_in], 0.0, 0.5),
+            ];
+            let mut out_dims = lead.clone();
+            out_dims.push(blocks * d_out);
+            let weight = random(&mut rng, &out_dims, 0.0, 1.0);
+            let last = lead.len();
+            let run = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                differentiate(&inputs, &weight, |x| {
+                    let input = if as_view {
+                        x[0].narrow(last, blocks * d_in, blocks * d_in)?
+                    } else {
+                        x[0].narrow(last, 0, blocks * d_in)?.contiguous()?
+                    };
+                    f(&input, &x[1])
+                })
+            };
+            assert_same(
+                &format!("head-wise {lead:?} NB{blocks} {d_out}x{d_in} view {as_view}"),
+                &["x", "weight"],
+                &run(headwise::fused_cpu::headwise_linear),
+                &run(headwise::reference::headwise_linear),
+            );
+        }
+    }
+}
+
+/// The weight gradient sums its per-task parts in a fixed order: the same inputs give the same
+/// bits every time, whatever the threads did.
+#[test]
+fn fused_headwise_weight_gradient_is_deterministic() {
+    let mut rng = StdRng::seed_from_u64(32);
+    let inputs = vec![
+        random(&mut rng, &[4, 700, 64], 0.0, 1.0),
+        random(&mut rng, &[4, 16, 16], 0.0, 0.5),
+    ];
+    let weight = random(&mut rng, &[4, 700, 64], 0.0, 1.0);
+    let grads = || {
+        differentiate(&inputs, &weight, |x| {
+            headwise::headwise_linear(&x[0], &x[1])
+        })
+        .1[1]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let first = grads();
+    for _ in 0..3 {
+        assert_eq!(grads(), first);
+    }
+}
+
+#[test]
+fn headwise_arguments_are_checked_with_clear_errors() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+    let err = headwise::headwise_linear(&x, &Tensor::zeros((2, 4), DType::F32, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("weight has shape [2, 4], expected [NB, d_out, d_in]"),
+        "{err}"
+    );
+    let err = headwise::headwise_linear(&x, &Tensor::zeros((3, 4, 4), DType::F32, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected [.., NB·d_in] = [.., 12]"), "{err}");
+    let err = headwise::headwise_linear(&x, &Tensor::zeros((2, 4, 4), DType::F64, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weight is F64"), "{err}");
 }

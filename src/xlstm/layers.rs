@@ -8,7 +8,7 @@
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::kernels::{conv, norm};
+use super::kernels::{conv, headwise, norm};
 
 /// eps of every LayerNorm / GroupNorm in the stack.
 pub const NORM_EPS: f64 = 1e-5;
@@ -249,22 +249,11 @@ impl LinearHeadwiseExpand {
             weight: vb.get_with_hints((num_blocks, d, d), "weight", init)?,
         })
     }
-
-    /// The equivalent dense `[D_out, D_in]` matrix (a `Linear` weight). Small blocks (4×4) make
-    /// a batched block matmul slow; one dense GEMM is faster on CPU at these sizes and
-    /// autodiff routes the gradient back to the blocks through the mask product.
-    pub fn dense_weight(&self) -> Result<Tensor> {
-        let (nb, d_out, d_in) = self.weight.dims3()?;
-        let eye =
-            Tensor::eye(nb, self.weight.dtype(), self.weight.device())?.reshape((nb, 1, nb, 1))?;
-        eye.broadcast_mul(&self.weight.reshape((nb, d_out, 1, d_in))?)?
-            .reshape((nb * d_out, nb * d_in))
-    }
 }
 
 impl Module for LinearHeadwiseExpand {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_transposed(x, &self.dense_weight()?)
+        headwise::headwise_linear(x, &self.weight)
     }
 }
 
@@ -404,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn headwise_dense_weight_is_block_diagonal() -> Result<()> {
+    fn headwise_linear_is_block_diagonal() -> Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::arange(0f32, 2.0 * 3.0 * 3.0, &dev)?.reshape((2, 3, 3))?;
         let lin =

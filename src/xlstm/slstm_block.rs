@@ -151,22 +151,13 @@ impl SlstmBlock {
             }
             None => (normed.clone(), None),
         };
-        // Gate-major [B, S, 4H] in the order i, f, z, o, two GEMMs (conv branch, normed branch).
-        let from_conv = Tensor::cat(
-            &[
-                self.input_gate.dense_weight()?,
-                self.forget_gate.dense_weight()?,
-            ],
-            0,
-        )?;
-        let from_normed = Tensor::cat(
-            &[self.z_gate.dense_weight()?, self.o_gate.dense_weight()?],
-            0,
-        )?;
+        // Gate-major [B, S, 4H] in the order i, f, z, o.
         let gates = Tensor::cat(
             &[
-                x_conv.broadcast_matmul(&from_conv.t()?)?,
-                normed.broadcast_matmul(&from_normed.t()?)?,
+                self.input_gate.forward(&x_conv)?,
+                self.forget_gate.forward(&x_conv)?,
+                self.z_gate.forward(&normed)?,
+                self.o_gate.forward(&normed)?,
             ],
             D::Minus1,
         )?;
