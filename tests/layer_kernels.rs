@@ -1,5 +1,5 @@
 //! The fused CPU layer kernels (LayerNorm, multi-head LayerNorm, causal conv + SiLU, head-wise
-//! linear) against their
+//! linear, the SiLU-gated output sum) against their
 //! candle-ops references: outputs and the gradients of every input (x, scale, bias), on
 //! contiguous and strided inputs, plus a finite-difference check and argument errors.
 
@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use xlstm_forecast::xlstm::kernels::norm::{self, fused_cpu, reference};
-use xlstm_forecast::xlstm::kernels::{conv, headwise};
+use xlstm_forecast::xlstm::kernels::{conv, gate, headwise};
 
 const EPS: f64 = 1e-5;
 const FORWARD_TOL: (f32, f32) = (1e-5, 1e-4);
@@ -186,7 +186,17 @@ fn fused_layer_gradients_match_finite_differences() {
         random(&mut rng, &[2, 3, 12], 0.0, 1.0),
         random(&mut rng, &[3, 5, 4], 0.0, 0.5),
     ];
-    let cases: [(&str, Vec<Tensor>, Forward); 3] = [
+    let gate_inputs = vec![
+        random(&mut rng, &[2, 3, 5], 0.0, 1.0),
+        random(&mut rng, &[2, 3, 5], 0.5, 1.0),
+        random(&mut rng, &[2, 3, 5], 0.0, 2.0),
+    ];
+    let cases: [(&str, Vec<Tensor>, Forward); 4] = [
+        (
+            "SiLU-gated sum",
+            gate_inputs,
+            Box::new(|x| gate::fused_cpu::silu_gated_sum(&x[0], &x[1], &x[2])),
+        ),
         (
             "head-wise linear",
             headwise_inputs,
@@ -467,4 +477,58 @@ fn headwise_arguments_are_checked_with_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("weight is F64"), "{err}");
+}
+
+/// Fused output gate against `(a + b) ⊙ SiLU(z)` from candle ops, with z contiguous and as the
+/// z half of an up-projection (a view with strided rows), and extreme z.
+#[test]
+fn fused_silu_gated_sum_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(33);
+    for dims in [
+        vec![1usize, 1, 1],
+        vec![2, 9, 16],
+        vec![3, 70, 128],
+        vec![5, 12],
+    ] {
+        for as_view in [false, true] {
+            let last = dims.len() - 1;
+            let mut wide = dims.clone();
+            wide[last] *= 2;
+            let inputs = vec![
+                random(&mut rng, &dims, 0.0, 1.0),
+                random(&mut rng, &dims, 0.0, 1.0),
+                random(&mut rng, &wide, 0.0, 30.0),
+            ];
+            let weight = random(&mut rng, &dims, 0.0, 1.0);
+            let width = dims[last];
+            let run = |f: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+                differentiate(&inputs, &weight, |x| {
+                    let z = if as_view {
+                        x[2].narrow(last, width, width)?
+                    } else {
+                        x[2].narrow(last, 0, width)?.contiguous()?
+                    };
+                    f(&x[0], &x[1], &z)
+                })
+            };
+            assert_same(
+                &format!("gated sum {dims:?} view {as_view}"),
+                &["a", "b", "z"],
+                &run(gate::fused_cpu::silu_gated_sum),
+                &run(gate::reference::silu_gated_sum),
+            );
+        }
+    }
+    let a = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = gate::silu_gated_sum(
+        &a,
+        &a,
+        &Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("z has shape [2, 3], expected the shape of a [2, 4]"),
+        "{err}"
+    );
 }

@@ -13,6 +13,7 @@ use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::{MlstmKernel, XlstmConfig};
+use super::kernels::gate;
 use super::kernels::mlstm::{self, MlstmState};
 use super::layers::{
     CausalConv1d, LayerNorm, Linear, LinearHeadwiseExpand, MultiHeadLayerNorm, get_or_init_with,
@@ -208,11 +209,11 @@ impl MlstmBlock {
 
     /// Cell output `h` `[B, NH, S, DH]` → block output `x + proj_down(...)`.
     fn output(&self, x: &Tensor, inputs: &CellInputs, h: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self
-            .outnorm
-            .forward_heads(h)?
-            .add(&inputs.x_conv.broadcast_mul(&self.learnable_skip)?)?
-            .mul(&inputs.z.silu()?)?;
+        let h = gate::silu_gated_sum(
+            &self.outnorm.forward_heads(h)?,
+            &inputs.x_conv.broadcast_mul(&self.learnable_skip)?,
+            &inputs.z,
+        )?;
         let y = self.proj_down.forward(&h)?;
         let y = if train && self.dropout > 0.0 {
             candle_nn::ops::dropout(&y, self.dropout as f32)?
