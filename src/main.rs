@@ -1,12 +1,20 @@
 use clap::Parser;
 
-// Tensor code allocates a fresh buffer per op; mimalloc keeps freed pages for reuse where
-// glibc hands large blocks back to the kernel and faults them in again (about a fifth of a
-// training step on the CPU, BENCHMARKS.md).
+// Tensor code allocates a fresh buffer per op. glibc hands large blocks back to the kernel and
+// faults them in (zeroed) again on the next op; mimalloc, told to keep freed memory for a few
+// seconds, reuses it from one training step to the next (BENCHMARKS.md: about a fifth of a CPU
+// training step).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h): milliseconds before freed memory goes back
+/// to the OS.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const PURGE_DELAY_MS: std::ffi::c_long = 5_000;
+
 fn main() -> std::process::ExitCode {
+    // SAFETY: sets a documented mimalloc option to a valid value; no memory is touched.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     let cli = xlstm_forecast::cli::Cli::parse();
     match xlstm_forecast::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

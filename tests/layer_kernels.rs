@@ -1,5 +1,5 @@
 //! The fused CPU layer kernels (LayerNorm, multi-head LayerNorm, causal conv + SiLU, head-wise
-//! linear, the SiLU-gated output sum) against their
+//! linear, the SiLU- and GeLU-gates) against their
 //! candle-ops references: outputs and the gradients of every input (x, scale, bias), on
 //! contiguous and strided inputs, plus a finite-difference check and argument errors.
 
@@ -191,7 +191,13 @@ fn fused_layer_gradients_match_finite_differences() {
         random(&mut rng, &[2, 3, 5], 0.5, 1.0),
         random(&mut rng, &[2, 3, 5], 0.0, 2.0),
     ];
-    let cases: [(&str, Vec<Tensor>, Forward); 4] = [
+    let gelu_inputs = vec![random(&mut rng, &[3, 2, 8], 0.0, 1.5)];
+    let cases: [(&str, Vec<Tensor>, Forward); 5] = [
+        (
+            "GeLU-gated",
+            gelu_inputs,
+            Box::new(|x| gate::fused_cpu::gelu_gated(&x[0])),
+        ),
         (
             "SiLU-gated sum",
             gate_inputs,
@@ -529,6 +535,52 @@ fn fused_silu_gated_sum_matches_reference() {
     .to_string();
     assert!(
         err.contains("z has shape [2, 3], expected the shape of a [2, 4]"),
+        "{err}"
+    );
+}
+
+/// Fused GeLU gate against `GeLU(g) ⊙ u` from candle ops (exact erf GeLU), with the
+/// up-projection contiguous and as a view with strided rows, and extreme values.
+#[test]
+fn fused_gelu_gated_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(34);
+    for dims in [
+        vec![1usize, 2],
+        vec![2, 9, 32],
+        vec![3, 70, 256],
+        vec![4, 6],
+    ] {
+        for as_view in [false, true] {
+            let last = dims.len() - 1;
+            let mut wide = dims.clone();
+            wide[last] *= 2;
+            let inputs = vec![random(&mut rng, &wide, 0.0, 4.0)];
+            let width = dims[last];
+            let mut out = dims.clone();
+            out[last] /= 2;
+            let weight = random(&mut rng, &out, 0.0, 1.0);
+            let run = |f: fn(&Tensor) -> Result<Tensor>| {
+                differentiate(&inputs, &weight, |x| {
+                    let up = if as_view {
+                        x[0].narrow(last, width, width)?
+                    } else {
+                        x[0].narrow(last, 0, width)?.contiguous()?
+                    };
+                    f(&up)
+                })
+            };
+            assert_same(
+                &format!("GeLU gate {dims:?} view {as_view}"),
+                &["up"],
+                &run(gate::fused_cpu::gelu_gated),
+                &run(gate::reference::gelu_gated),
+            );
+        }
+    }
+    let odd = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let err = gate::gelu_gated(&odd).unwrap_err().to_string();
+    assert!(
+        err.contains("up has shape [2, 3], expected [.., 2F]"),
         "{err}"
     );
 }

@@ -5,10 +5,10 @@
 //! with the official initialisation; backed by tensors (e.g. a state dict) it loads them by the
 //! official names (`weight`, `bias`, ...) under the builder's prefix.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::kernels::{conv, headwise, norm};
+use super::kernels::{conv, gate, headwise, norm};
 
 /// eps of every LayerNorm / GroupNorm in the stack.
 pub const NORM_EPS: f64 = 1e-5;
@@ -294,7 +294,6 @@ impl Module for Linear {
 pub struct GatedFeedForward {
     proj_up: Linear,
     proj_down: Linear,
-    ffn_dim: usize,
 }
 
 impl GatedFeedForward {
@@ -318,17 +317,14 @@ impl GatedFeedForward {
                 wang_init(embedding_dim, num_blocks),
                 vb.pp("proj_down"),
             )?,
-            ffn_dim,
         })
     }
 }
 
 impl Module for GatedFeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let up = self.proj_up.forward(x)?;
-        let gate = up.narrow(D::Minus1, 0, self.ffn_dim)?.gelu_erf()?;
-        let value = up.narrow(D::Minus1, self.ffn_dim, self.ffn_dim)?;
-        self.proj_down.forward(&(gate * value)?)
+        self.proj_down
+            .forward(&gate::gelu_gated(&self.proj_up.forward(x)?)?)
     }
 }
 

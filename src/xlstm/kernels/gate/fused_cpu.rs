@@ -1,11 +1,15 @@
-//! Fused CPU output gate: a candle custom op on (a, b, z) with a hand-written backward pass,
-//! parallel over runs of rows.
+//! Fused CPU gates: candle custom ops with hand-written backward passes, parallel over runs of
+//! rows.
 //!
-//! With σ = sigmoid(z) and s = z·σ: `y = (a + b)·s`, so `da = db = dy·s` and
-//! `dz = dy·(a + b)·σ·(1 + z·(1 − σ))`. z may be a view whose rows are strided (the z half of
-//! the up-projection): it is read in place.
+//! * Output gate on (a, b, z). With σ = sigmoid(z) and s = z·σ: `y = (a + b)·s`, so
+//!   `da = db = dy·s` and `dz = dy·(a + b)·σ·(1 + z·(1 − σ))`. z may be a view whose rows are
+//!   strided (the z half of the up-projection): it is read in place.
+//! * GeLU gate on `up = [g | u]`: `y = GeLU(g)·u` with `GeLU(g) = g·Φ(g)`, so `du = dy·GeLU(g)`
+//!   and `dg = dy·u·(Φ(g) + g·φ(g))` (Φ, φ: the standard normal CDF and density).
 
-use candle_core::{CpuStorage, CustomOp3, Device, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, Device, Error, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 const NAME: &str = "silu-gated-sum";
@@ -191,4 +195,79 @@ pub fn silu_gated_sum(a: &Tensor, b: &Tensor, z: &Tensor) -> Result<Tensor> {
     };
     a.contiguous()?
         .apply_op3(&b.contiguous()?, &z, SiluGatedSumOp)
+}
+
+/// Φ(x) and φ(x) of the standard normal distribution.
+fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp()
+        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+    (cdf, pdf)
+}
+
+struct GeluGatedOp;
+
+impl CustomOp1 for GeluGatedOp {
+    fn name(&self) -> &'static str {
+        "gelu-gated"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let up = Rows::from_layout("up", layout)?;
+        let data = storage.as_slice::<f32>()?;
+        let width = up.width / 2;
+        let mut y = vec![0f32; up.count * width];
+        y.par_chunks_mut(ROWS_PER_TASK * width)
+            .enumerate()
+            .for_each(|(task, y)| {
+                for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
+                    let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
+                    for ((y, g), u) in y_row.iter_mut().zip(g).zip(u) {
+                        *y = g * normal_cdf_pdf(*g).0 * u;
+                    }
+                }
+            });
+        let mut dims = layout.dims().to_vec();
+        *dims.last_mut().expect("checked: rank ≥ 1") = width;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, up: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        let mut grad_up = vec![0f32; up.elem_count()];
+        with_storage(up, |up_data, up_layout| {
+            with_storage(&grad, |g_data, g_layout| {
+                let rows = Rows::from_layout("up", up_layout)?;
+                let g = slice_of(g_data, g_layout)?;
+                let width = rows.width / 2;
+                grad_up
+                    .par_chunks_mut(ROWS_PER_TASK * rows.width)
+                    .enumerate()
+                    .for_each(|(task, grad_up)| {
+                        for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
+                            let row = task * ROWS_PER_TASK + r;
+                            let (gate, value) = rows.row(up_data, row).split_at(width);
+                            let dy = &g[row * width..(row + 1) * width];
+                            let (grad_gate, grad_value) = gu_row.split_at_mut(width);
+                            for j in 0..width {
+                                let (cdf, pdf) = normal_cdf_pdf(gate[j]);
+                                grad_value[j] = dy[j] * gate[j] * cdf;
+                                grad_gate[j] = dy[j] * value[j] * (cdf + gate[j] * pdf);
+                            }
+                        }
+                    });
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(grad_up, up.shape(), &Device::Cpu)?))
+    }
+}
+
+/// Fused GeLU gate; see [`super::gelu_gated`].
+pub fn gelu_gated(up: &Tensor) -> Result<Tensor> {
+    let up = match Rows::from_layout("up", up.layout()) {
+        Ok(_) => up.clone(),
+        Err(_) => up.contiguous()?,
+    };
+    up.apply_op1(GeluGatedOp)
 }

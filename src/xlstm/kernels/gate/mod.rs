@@ -1,7 +1,13 @@
-//! The mLSTM block's output gate, `y = (a + b) ⊙ SiLU(z)`: the normalised cell output plus the
-//! learnable skip of the conv branch, gated by the up-projection's z half. f32 tensors on the
-//! CPU run the fused op of [`fused_cpu`] (one pass forward, one backward, z read in place
-//! through its row stride); every other device or dtype runs [`reference`].
+//! The elementwise gates of the blocks, each one pass forward and one backward:
+//!
+//! * [`silu_gated_sum`], the mLSTM block's output gate `y = (a + b) ⊙ SiLU(z)`: the normalised
+//!   cell output plus the learnable skip of the conv branch, gated by the up-projection's z
+//!   half;
+//! * [`gelu_gated`], the gated feed-forward's `y = GeLU(g) ⊙ u` on its up-projection `[g | u]`
+//!   (the exact erf GeLU).
+//!
+//! f32 tensors on the CPU run the fused ops of [`fused_cpu`] (views read in place through
+//! their row stride); every other device or dtype runs [`reference`].
 
 pub mod fused_cpu;
 pub mod reference;
@@ -36,5 +42,22 @@ pub fn silu_gated_sum(a: &Tensor, b: &Tensor, z: &Tensor) -> Result<Tensor> {
         fused_cpu::silu_gated_sum(a, b, z)
     } else {
         reference::silu_gated_sum(a, b, z)
+    }
+}
+
+/// `up` `[.., 2F]` = `[g | u]` → `GeLU(g) ⊙ u` `[.., F]`.
+pub fn gelu_gated(up: &Tensor) -> Result<Tensor> {
+    if !matches!(up.dims().last(), Some(&w) if w > 0 && w % 2 == 0) {
+        {
+            return Err(Error::Msg(format!(
+                "gelu-gated: up has shape {:?}, expected [.., 2F] with F ≥ 1",
+                up.dims()
+            )));
+        }
+    }
+    if matches!(up.device(), Device::Cpu) && up.dtype() == DType::F32 {
+        fused_cpu::gelu_gated(up)
+    } else {
+        reference::gelu_gated(up)
     }
 }
