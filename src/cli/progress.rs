@@ -70,9 +70,13 @@ impl TrainingProgressPrinter {
                     .train_loss
                     .map_or("-".to_string(), |l| format!("{l:.4}"));
                 let clear = if self.drawn { "\r\x1b[2K" } else { "" };
+                // A check within the epoch says how far into it it came.
+                let at = record.mid_epoch_step.map_or(String::new(), |step| {
+                    format!("  step {step}/{}", progress.steps_per_epoch)
+                });
                 let _ = writeln!(
                     stderr,
-                    "{clear}epoch {}/{}  train {train}  val {:.4}  best {:.4}  ({:.1} s)",
+                    "{clear}epoch {}/{}{at}  train {train}  val {:.4}  best {:.4}  ({:.1} s)",
                     record.epoch,
                     progress.max_epochs,
                     record.val_loss,
