@@ -51,16 +51,16 @@ impl TrainingProgressPrinter {
 
     pub fn show(&mut self, progress: &TrainingProgress) -> ControlFlow<()> {
         let mut stderr = std::io::stderr().lock();
-        if !self.initial_reported {
-            if let Some(initial) = progress.history.first() {
-                // Epoch 0: the initial weights (with a linear path, exactly its forecast).
-                self.initial_reported = true;
-                let _ = writeln!(
-                    stderr,
-                    "epoch 0/{}  val {:.4}  (initial weights, {:.1} s)",
-                    progress.max_epochs, initial.val_loss, initial.seconds
-                );
-            }
+        if !self.initial_reported
+            && let Some(initial) = progress.history.first()
+        {
+            // Epoch 0: the initial weights (with a linear path, exactly its forecast).
+            self.initial_reported = true;
+            let _ = writeln!(
+                stderr,
+                "epoch 0/{}  val {:.4}  (initial weights, {:.1} s)",
+                progress.max_epochs, initial.val_loss, initial.seconds
+            );
         }
         let finished_epochs = progress.history.len().saturating_sub(1);
         if finished_epochs > self.epochs_reported {
