@@ -51,16 +51,16 @@ impl TrainingProgressPrinter {
 
     pub fn show(&mut self, progress: &TrainingProgress) -> ControlFlow<()> {
         let mut stderr = std::io::stderr().lock();
-        if !self.initial_reported {
-            if let Some(initial) = progress.history.first() {
-                // Epoch 0: the initial weights (with a linear path, exactly its forecast).
-                self.initial_reported = true;
-                let _ = writeln!(
-                    stderr,
-                    "epoch 0/{}  val {:.4}  (initial weights, {:.1} s)",
-                    progress.max_epochs, initial.val_loss, initial.seconds
-                );
-            }
+        if !self.initial_reported
+            && let Some(initial) = progress.history.first()
+        {
+            // Epoch 0: the initial weights (with a linear path, exactly its forecast).
+            self.initial_reported = true;
+            let _ = writeln!(
+                stderr,
+                "epoch 0/{}  val {:.4}  (initial weights, {:.1} s)",
+                progress.max_epochs, initial.val_loss, initial.seconds
+            );
         }
         let finished_epochs = progress.history.len().saturating_sub(1);
         if finished_epochs > self.epochs_reported {
@@ -70,9 +70,13 @@ impl TrainingProgressPrinter {
                     .train_loss
                     .map_or("-".to_string(), |l| format!("{l:.4}"));
                 let clear = if self.drawn { "\r\x1b[2K" } else { "" };
+                // A check within the epoch says how far into it it came.
+                let at = record.mid_epoch_step.map_or(String::new(), |step| {
+                    format!("  step {step}/{}", progress.steps_per_epoch)
+                });
                 let _ = writeln!(
                     stderr,
-                    "{clear}epoch {}/{}  train {train}  val {:.4}  best {:.4}  ({:.1} s)",
+                    "{clear}epoch {}/{}{at}  train {train}  val {:.4}  best {:.4}  ({:.1} s)",
                     record.epoch,
                     progress.max_epochs,
                     record.val_loss,

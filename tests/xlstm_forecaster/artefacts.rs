@@ -2,8 +2,8 @@ use candle_core::Device;
 use xlstm_forecast::forecast::Predict;
 use xlstm_forecast::forecast::xlstm::artefact::{MANIFEST_FILE, read_dir, write_dir};
 use xlstm_forecast::forecast::xlstm::{
-    DEFAULT_VALIDATION_FRACTION, ModelManifest, ParentModel, XlstmModel, finetune_on_series,
-    forecast_latest, train_on_series,
+    DEFAULT_VALIDATION_FRACTION, ModelManifest, ParentModel, QuantileCalibration, XlstmModel,
+    finetune_on_series, forecast_latest, train_on_series,
 };
 
 use super::common::{HORIZON, LOOKBACK, forecaster, quick_preset, series_data};
@@ -65,6 +65,78 @@ fn a_model_round_trips_through_its_directory_exactly() {
 }
 
 #[test]
+fn the_calibration_scales_each_horizon_bucket_and_round_trips() {
+    let model = trained();
+    let QuantileCalibration::Scale {
+        bucket_len,
+        factors,
+    } = &model.manifest.calibration
+    else {
+        panic!(
+            "a new model is calibrated by scale: {:?}",
+            model.manifest.calibration
+        );
+    };
+    let buckets = model.manifest.preset.model.calibration_buckets.min(HORIZON);
+    assert_eq!(*bucket_len, HORIZON.div_ceil(buckets));
+    assert_eq!(factors.len(), HORIZON.div_ceil(*bucket_len));
+    let levels = model.quantile_levels().len();
+    assert!(factors.iter().all(|bucket| bucket.len() == levels));
+    assert!(factors.iter().flatten().all(|factor| factor.is_finite()));
+    let text = model.manifest.to_json();
+    assert_eq!(ModelManifest::from_json(&text).unwrap(), model.manifest);
+
+    // A calibration that does not fit the horizon is refused on load.
+    let mut short = model.manifest.clone();
+    short.calibration = QuantileCalibration::Scale {
+        bucket_len: *bucket_len,
+        factors: factors[..factors.len() - 1].to_vec(),
+    };
+    let err = XlstmModel::from_parts(&model.weights_bytes().unwrap(), short, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs"), "{err}");
+}
+
+#[test]
+fn format_1_manifests_load_with_their_shifts() {
+    let model = trained();
+    let data = series_data(600, 3, 11);
+    let levels = model.quantile_levels().len();
+    let weights = model.weights_bytes().unwrap();
+    // A format 1 manifest: one shift per level in `calibration`, and neither head_rank nor
+    // calibration_buckets in the preset.
+    let load_with_shift = |shift: f32| {
+        let mut old = serde_json::to_value(&model.manifest).unwrap();
+        old["format"] = serde_json::json!(1);
+        old["calibration"] = serde_json::json!(vec![shift; levels]);
+        let preset_model = old["preset"]["model"].as_object_mut().unwrap();
+        preset_model.remove("head_rank");
+        preset_model.remove("calibration_buckets");
+        let manifest = ModelManifest::from_json(&old.to_string()).unwrap();
+        assert_eq!(
+            manifest.calibration,
+            QuantileCalibration::Shift {
+                shifts: vec![shift; levels]
+            }
+        );
+        assert_eq!(manifest.preset.model.calibration_buckets, 1);
+        XlstmModel::from_parts(&weights, manifest, &Device::Cpu).unwrap()
+    };
+    let plain = forecast_latest(&load_with_shift(0.0), &data, HORIZON).unwrap();
+    let shifted = forecast_latest(&load_with_shift(0.5), &data, HORIZON).unwrap();
+    // The shifts move every quantile up and leave the point forecast alone.
+    assert_eq!(plain.mean, shifted.mean);
+    for (plain_step, shifted_step) in plain.quantiles.iter().zip(&shifted.quantiles) {
+        for (plain_cell, shifted_cell) in plain_step.iter().zip(shifted_step) {
+            for (low, high) in plain_cell.iter().zip(shifted_cell) {
+                assert!(high > low, "{low} {high}");
+            }
+        }
+    }
+}
+
+#[test]
 fn models_of_another_shape_or_format_are_refused_with_the_reason() {
     let model = trained();
     let weights = model.weights_bytes().unwrap();
@@ -95,7 +167,7 @@ fn models_of_another_shape_or_format_are_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("model format 99") && err.contains("reads format 1"),
+        err.contains("model format 99") && err.contains("reads formats 1 to 2"),
         "{err}"
     );
 

@@ -170,6 +170,104 @@ fn progress_is_reported_and_the_callback_can_cancel() {
 }
 
 #[test]
+fn validation_checks_within_epochs_keep_the_best_check() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let mut preset = quick_preset();
+    // 64 windows in batches of 16: 4 steps per epoch, checked after steps 2 and 4.
+    preset.training.validations_per_epoch = 2;
+    preset.training.patience = 10;
+    preset.training.max_epochs = 2;
+    let training = forecaster(preset)
+        .fit(&prepared.data())
+        .unwrap()
+        .model
+        .manifest
+        .training;
+    let checks: Vec<(usize, Option<usize>)> = training
+        .history
+        .iter()
+        .map(|record| (record.epoch, record.mid_epoch_step))
+        .collect();
+    assert_eq!(
+        checks,
+        vec![(0, None), (1, Some(2)), (1, None), (2, Some(2)), (2, None)]
+    );
+    let best = training
+        .history
+        .iter()
+        .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+        .unwrap();
+    assert_eq!(training.best_val_loss, best.val_loss);
+    assert_eq!(
+        (training.best_epoch, training.best_mid_epoch_step),
+        (best.epoch, best.mid_epoch_step)
+    );
+    assert_eq!(training.epochs, 2);
+}
+
+#[test]
+fn a_low_rank_head_trains_and_stays_small() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let full = forecaster(quick_preset())
+        .fit(&prepared.data())
+        .unwrap()
+        .model;
+    let mut preset = quick_preset();
+    preset.model.head_rank = Some(2);
+    let low_rank = forecaster(preset).fit(&prepared.data()).unwrap().model;
+    // tiny: E=16, (48 − 8)/8 + 1 = 6 tokens; full head 96·12 + 12, rank 2: 96·2 + 2 + 2·12 + 12.
+    assert_eq!(
+        full.parameter_count() - low_rank.parameter_count(),
+        (96 * 12 + 12) - (96 * 2 + 2 + 2 * 12 + 12)
+    );
+    let forecast = low_rank.predict(&test_windows(&prepared, 3)).unwrap();
+    assert!(forecast.mean.iter().all(|v| v.is_finite()));
+    assert_quantiles_ascend(&forecast);
+}
+
+#[test]
+fn beyond_the_deep_horizon_the_forecast_is_the_linear_paths() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let data = prepared.data();
+    let deep = 4;
+    let mut preset = quick_preset();
+    preset.model.deep_horizon = Some(deep);
+    let model = forecaster(preset).fit(&data).unwrap().model;
+    let linear = LinearBaseline::default().fit(&data).unwrap().model;
+    let windows = test_windows(&prepared, 3);
+    let (ours, theirs) = (
+        model.predict(&windows).unwrap(),
+        linear.predict(&windows).unwrap(),
+    );
+    let channels = ours.channels;
+    let mut deep_differs = false;
+    for (cell, (a, b)) in ours.mean.iter().zip(&theirs.mean).enumerate() {
+        let step = (cell / channels) % HORIZON;
+        if step >= deep {
+            assert!(
+                (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                "step {step}: {a} vs {b}"
+            );
+        } else {
+            deep_differs |= (a - b).abs() > 1e-3 * (1.0 + b.abs());
+        }
+    }
+    // Trained weights (a kept epoch after the start) move the steps within the deep horizon.
+    if model.manifest.training.best_epoch > 0 {
+        assert!(
+            deep_differs,
+            "the deep path changed none of the first {deep} steps"
+        );
+    }
+    // A deep horizon needs the linear path for the steps beyond it.
+    let mut preset = quick_preset();
+    preset.model.deep_horizon = Some(deep);
+    preset.model.linear_path = false;
+    let err = forecaster(preset).fit(&data).unwrap_err().to_string();
+    assert!(err.contains("deep_horizon"), "{err}");
+}
+
+#[test]
 fn a_diverging_run_stops_with_a_clear_error() {
     let prepared = Prepared::new(700, 2, 0.0);
     let mut preset = quick_preset();

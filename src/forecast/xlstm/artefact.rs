@@ -16,8 +16,12 @@ use super::network::NetworkShape;
 use super::preset::Preset;
 use super::train::TrainingSummary;
 
-/// Version of the artefact layout; bumped when a change makes old files unreadable.
-pub const ARTEFACT_FORMAT: u32 = 1;
+/// Version of the artefact layout; bumped when the layout changes. Format 2 replaced the
+/// per-level `calibration` shifts of format 1 by a [`QuantileCalibration`]; format 1 files
+/// are still read (their shifts become [`QuantileCalibration::Shift`]).
+pub const ARTEFACT_FORMAT: u32 = 2;
+/// The oldest format this build reads.
+pub const OLDEST_READABLE_FORMAT: u32 = 1;
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const MANIFEST_FILE: &str = "model.json";
 
@@ -56,9 +60,9 @@ pub struct ModelManifest {
     pub kind: String,
     pub preset: Preset,
     pub shape: NetworkShape,
-    /// Additive shift of each quantile level on the windows' own scale, fitted on the
-    /// validation windows so that the levels hold empirically (conformal calibration).
-    pub calibration: Vec<f32>,
+    /// How the raw quantiles are adjusted so that the levels hold empirically on the
+    /// validation windows (conformal calibration), on the windows' own scale.
+    pub calibration: QuantileCalibration,
     pub training: TrainingSummary,
     pub data: Option<DataDescription>,
     pub parent: Option<ParentModel>,
@@ -66,18 +70,88 @@ pub struct ModelManifest {
     pub metrics: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The adjustment of the network's raw quantiles fitted on the validation windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum QuantileCalibration {
+    /// One additive shift per level over every horizon step (format 1 models).
+    Shift { shifts: Vec<f32> },
+    /// The horizon cut into buckets of `bucket_len` consecutive steps (the last may be
+    /// shorter); in each, every level's offset from the point forecast is multiplied by its
+    /// factor, `factors[bucket][level]`. Scaling keeps the band's per-window width learnt by
+    /// the quantile head and lets the band widen with the step.
+    Scale {
+        bucket_len: usize,
+        factors: Vec<Vec<f32>>,
+    },
+}
+
+impl QuantileCalibration {
+    /// Checks that the calibration fits `horizon` steps and `levels` quantile levels.
+    pub fn check(&self, horizon: usize, levels: usize) -> Result<(), ForecastError> {
+        let invalid = |message: String| Err(ForecastError::invalid("model", message));
+        match self {
+            Self::Shift { shifts } if shifts.len() != levels => invalid(format!(
+                "the manifest has {} calibration shifts for {levels} quantile levels",
+                shifts.len()
+            )),
+            Self::Scale { bucket_len: 0, .. } => {
+                invalid("the manifest's calibration buckets are 0 steps long".to_string())
+            }
+            Self::Scale {
+                bucket_len,
+                factors,
+            } if factors.len() != horizon.div_ceil(*bucket_len)
+                || factors.iter().any(|bucket| bucket.len() != levels) =>
+            {
+                invalid(format!(
+                    "the manifest's calibration has {} buckets of {bucket_len} steps with {:?}                      factors each; horizon {horizon} with {levels} quantile levels needs {}                      buckets of {levels}",
+                    factors.len(),
+                    factors.iter().map(Vec::len).collect::<Vec<_>>(),
+                    horizon.div_ceil(*bucket_len)
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Calibrates one cell's raw quantiles (ascending levels) at horizon step `step` around
+    /// its point forecast `point`, all on the windows' own scale; the result is ascending.
+    pub fn apply(&self, step: usize, point: f32, quantiles: &mut [f32]) {
+        match self {
+            Self::Shift { shifts } => {
+                for (value, shift) in quantiles.iter_mut().zip(shifts) {
+                    *value += shift;
+                }
+            }
+            Self::Scale {
+                bucket_len,
+                factors,
+            } => {
+                for (value, factor) in quantiles.iter_mut().zip(&factors[step / bucket_len]) {
+                    *value = point + factor * (*value - point);
+                }
+            }
+        }
+        // Adjustments differ per level, so restore the order the head guarantees.
+        quantiles.sort_unstable_by(f32::total_cmp);
+    }
+}
+
 impl ModelManifest {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a manifest always serialises")
     }
 
-    /// Parses a manifest, refusing other formats and kinds before looking at the rest.
+    /// Parses a manifest, refusing other formats and kinds before looking at the rest; a
+    /// format 1 manifest is upgraded (its shifts become [`QuantileCalibration::Shift`]).
     pub fn from_json(text: &str) -> Result<Self, ForecastError> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
+        let mut value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
             ForecastError::invalid("model", format!("manifest is not JSON: {err}"))
         })?;
         let format = value.get("format").and_then(serde_json::Value::as_u64);
-        if format != Some(u64::from(ARTEFACT_FORMAT)) {
+        let readable = u64::from(OLDEST_READABLE_FORMAT)..=u64::from(ARTEFACT_FORMAT);
+        if !format.is_some_and(|format| readable.contains(&format)) {
             let written_by = value
                 .get("library_version")
                 .and_then(serde_json::Value::as_str)
@@ -86,11 +160,20 @@ impl ModelManifest {
                 "model",
                 format!(
                     "model format {} (written by xlstm-forecast {written_by}) cannot be read by \
-                     this build, which reads format {ARTEFACT_FORMAT} (xlstm-forecast {})",
+                     this build, which reads formats {OLDEST_READABLE_FORMAT} to \
+                     {ARTEFACT_FORMAT} (xlstm-forecast {})",
                     format.map_or("missing".to_string(), |f| f.to_string()),
                     env!("CARGO_PKG_VERSION")
                 ),
             ));
+        }
+        if format == Some(1) {
+            let shifts = value
+                .get_mut("calibration")
+                .map(serde_json::Value::take)
+                .unwrap_or_default();
+            value["calibration"] = serde_json::json!({ "method": "shift", "shifts": shifts });
+            value["format"] = serde_json::json!(ARTEFACT_FORMAT);
         }
         let manifest: Self = serde_json::from_value(value)
             .map_err(|err| ForecastError::invalid("model", format!("manifest: {err}")))?;

@@ -10,7 +10,7 @@ use super::super::baseline::LinearBaseline;
 use super::super::error::ForecastError;
 use super::super::model::{Fit, Fitted, Forecast, Predict, TrainingData, WindowBatch};
 use super::super::revin::InstanceNorm;
-use super::artefact::{ARTEFACT_FORMAT, ModelManifest, ParentModel};
+use super::artefact::{ARTEFACT_FORMAT, ModelManifest, ParentModel, QuantileCalibration};
 use super::init::SeededVarMap;
 use super::network::{ForecastNetwork, NetworkShape};
 use super::preset::Preset;
@@ -18,7 +18,7 @@ use super::train::{self, ProgressCallback, Schedule, TensorBatch, TrainingSummar
 
 /// Windows per forward pass when forecasting.
 const PREDICT_BLOCK: usize = 256;
-/// Residuals per quantile level used to calibrate (a strided sample beyond this).
+/// Validation cells (window, step, channel) used to calibrate (a strided sample beyond this).
 const CALIBRATION_SAMPLES: usize = 200_000;
 
 /// Fits xLSTM forecasters with a preset on a device.
@@ -157,7 +157,10 @@ impl XlstmModel {
                 kind: "xlstm".to_string(),
                 shape: network.shape(),
                 preset,
-                calibration: vec![0.0; levels],
+                calibration: QuantileCalibration::Scale {
+                    bucket_len: network.shape().horizon,
+                    factors: vec![vec![1.0; levels]],
+                },
                 training,
                 data: None,
                 parent,
@@ -241,54 +244,80 @@ impl XlstmModel {
         Ok(Fitted { model, epochs })
     }
 
-    /// Per quantile level, the shift that makes the level hold on the validation windows:
-    /// the level's empirical quantile of `actual − predicted` on the windows' own scale.
-    fn calibrate(&self, data: &TrainingData<'_>) -> Result<Vec<f32>, ForecastError> {
+    /// Per horizon bucket and quantile level, the factor on the raw quantile's offset from
+    /// the point forecast that makes the level hold on the validation windows, on the
+    /// windows' own scale: the factor minimising the level's pinball loss there.
+    fn calibrate(&self, data: &TrainingData<'_>) -> Result<QuantileCalibration, ForecastError> {
         let levels = self.manifest.preset.model.quantile_levels.clone();
-        let windows = train::evenly_spaced(
-            data.validation.count,
-            self.manifest.preset.training.max_validation_windows,
-        );
-        let cells = windows.len() * data.horizon * data.series.channels;
+        let horizon = data.horizon;
+        let bucket_len =
+            horizon.div_ceil(self.manifest.preset.model.calibration_buckets.min(horizon));
+        let buckets = horizon.div_ceil(bucket_len);
+        let per_split = self.manifest.preset.training.max_validation_windows;
+        let mut splits = vec![(
+            &data.validation,
+            train::evenly_spaced(data.validation.count, per_split),
+        )];
+        if self.manifest.preset.model.calibrate_on_training_windows {
+            splits.push((
+                &data.train,
+                train::evenly_spaced(data.train.count, per_split),
+            ));
+        }
+        let cells = splits
+            .iter()
+            .map(|(_, windows)| windows.len())
+            .sum::<usize>()
+            * horizon
+            * data.series.channels;
         let stride = cells.div_ceil(CALIBRATION_SAMPLES).max(1);
-        let mut residuals: Vec<Vec<f32>> = vec![Vec::new(); levels.len()];
+        // Per bucket and level: (residual from the point, raw quantile's offset from it).
+        let mut samples: Vec<Vec<Vec<(f32, f32)>>> = vec![vec![Vec::new(); levels.len()]; buckets];
         let mut cell_counter = 0_usize;
-        for block in windows.chunks(PREDICT_BLOCK) {
-            let (inputs, targets) =
-                data.validation
-                    .extract_indices(data.series, block, data.lookback, data.horizon)?;
-            let (_, quantiles, stats) = self.forward_normalised(&inputs)?;
-            for (cell, missing) in targets.missing.iter().enumerate() {
-                cell_counter += 1;
-                if *missing || cell_counter % stride != 0 {
-                    continue;
-                }
-                let stat = (cell / (data.horizon * targets.channels)) * targets.channels
-                    + cell % targets.channels;
-                let actual = (targets.values[cell] - stats.centre[stat]) / stats.scale[stat];
-                for (level, bucket) in residuals.iter_mut().enumerate() {
-                    bucket.push(actual - quantiles[cell * levels.len() + level]);
+        for (split, windows) in &splits {
+            for block in windows.chunks(PREDICT_BLOCK) {
+                let (inputs, targets) =
+                    split.extract_indices(data.series, block, data.lookback, horizon)?;
+                let (points, quantiles, stats) = self.forward_normalised(&inputs)?;
+                for (cell, missing) in targets.missing.iter().enumerate() {
+                    cell_counter += 1;
+                    if *missing || !cell_counter.is_multiple_of(stride) {
+                        continue;
+                    }
+                    let stat = (cell / (horizon * targets.channels)) * targets.channels
+                        + cell % targets.channels;
+                    let actual = (targets.values[cell] - stats.centre[stat]) / stats.scale[stat];
+                    let step = (cell / targets.channels) % horizon;
+                    let point = points[cell];
+                    for (level, bucket) in samples[step / bucket_len].iter_mut().enumerate() {
+                        bucket.push((
+                            actual - point,
+                            quantiles[cell * levels.len() + level] - point,
+                        ));
+                    }
                 }
             }
         }
-        residuals
-            .iter_mut()
-            .zip(&levels)
-            .map(|(bucket, level)| {
-                if bucket.is_empty() {
-                    return Err(ForecastError::invalid(
-                        "validation",
-                        "no observed validation value to calibrate the quantiles on",
-                    ));
-                }
-                bucket.sort_unstable_by(f32::total_cmp);
-                let position = f64::from(*level) * (bucket.len() - 1) as f64;
-                let below = position.floor() as usize;
-                let above = (below + 1).min(bucket.len() - 1);
-                let fraction = (position - below as f64) as f32;
-                Ok(bucket[below] + (bucket[above] - bucket[below]) * fraction)
-            })
-            .collect()
+        let mut factors = Vec::with_capacity(buckets);
+        for bucket in &samples {
+            if bucket[0].is_empty() {
+                return Err(ForecastError::invalid(
+                    "validation",
+                    "no observed validation value to calibrate the quantiles on",
+                ));
+            }
+            factors.push(
+                bucket
+                    .iter()
+                    .zip(&levels)
+                    .map(|(pairs, level)| pinball_optimal_factor(pairs, *level))
+                    .collect(),
+            );
+        }
+        Ok(QuantileCalibration::Scale {
+            bucket_len,
+            factors,
+        })
     }
 
     /// Point forecasts `[B, H, C]` and raw quantiles `[B, H, C, Q]` on the windows' own
@@ -367,16 +396,10 @@ impl XlstmModel {
                 ),
             ));
         }
-        let levels = manifest.preset.model.quantile_levels.len();
-        if manifest.calibration.len() != levels {
-            return Err(ForecastError::invalid(
-                "model",
-                format!(
-                    "the manifest has {} calibration shifts for {levels} quantile levels",
-                    manifest.calibration.len()
-                ),
-            ));
-        }
+        manifest.calibration.check(
+            manifest.shape.horizon,
+            manifest.preset.model.quantile_levels.len(),
+        )?;
         Ok(Self {
             network,
             varmap,
@@ -441,12 +464,15 @@ impl Predict for XlstmModel {
                 windows.missing[first * window_cells..end * window_cells].to_vec(),
             )?;
             let (mean, mut quantiles, stats) = self.forward_normalised(&block)?;
-            for cell in quantiles.chunks_mut(levels.len()) {
-                for (value, shift) in cell.iter_mut().zip(&self.manifest.calibration) {
-                    *value += shift;
-                }
-                // Shifts differ per level, so restore the order the head guarantees.
-                cell.sort_unstable_by(f32::total_cmp);
+            for (cell, (point, cell_quantiles)) in mean
+                .iter()
+                .zip(quantiles.chunks_mut(levels.len()))
+                .enumerate()
+            {
+                let step = (cell / shape.channels) % shape.horizon;
+                self.manifest
+                    .calibration
+                    .apply(step, *point, cell_quantiles);
             }
             let mut part = Forecast {
                 batch: end - first,
@@ -462,5 +488,96 @@ impl Predict for XlstmModel {
             first = end;
         }
         Ok(forecast)
+    }
+}
+
+/// The factor `s` minimising `Σ ρ_τ(e − s·d)` over `(e, d)` pairs (residual from the point
+/// forecast, raw quantile offset from it) for level `τ`. Where `d ≠ 0` the loss is
+/// `|d|·ρ(r − s)` in `r = e/d` (level `τ` where `d > 0`, `1 − τ` where `d < 0`), so its
+/// slope in `s` rises by `|d|` at each `r`: the minimum is where the slope turns
+/// non-negative. Pairs with `d = 0` do not depend on `s`; with none left the factor is 1.
+fn pinball_optimal_factor(pairs: &[(f32, f32)], level: f32) -> f32 {
+    let level = f64::from(level);
+    let mut ratios: Vec<(f64, f64)> = pairs
+        .iter()
+        .filter(|(_, offset)| *offset != 0.0)
+        .map(|(residual, offset)| {
+            (
+                f64::from(*residual) / f64::from(*offset),
+                f64::from(offset.abs()),
+            )
+        })
+        .collect();
+    if ratios.is_empty() {
+        return 1.0;
+    }
+    ratios.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    // The slope below every ratio: −τ·Σd over d > 0 and −(1 − τ)·Σ|d| over d < 0.
+    let mut slope: f64 = pairs
+        .iter()
+        .map(|(_, offset)| {
+            let offset = f64::from(*offset);
+            if offset > 0.0 {
+                -level * offset
+            } else {
+                -(1.0 - level) * -offset
+            }
+        })
+        .sum();
+    for (ratio, weight) in &ratios {
+        slope += weight;
+        if slope >= 0.0 {
+            return *ratio as f32;
+        }
+    }
+    ratios[ratios.len() - 1].0 as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pinball(pairs: &[(f32, f32)], level: f32, factor: f32) -> f64 {
+        pairs
+            .iter()
+            .map(|(residual, offset)| {
+                let u = f64::from(residual - factor * offset);
+                u * (f64::from(level) - if u < 0.0 { 1.0 } else { 0.0 })
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_factor_makes_a_unit_offset_the_residuals_quantile() {
+        // With every offset 1 (or −1) the factor is the level's (mirrored) quantile.
+        let residuals: Vec<f32> = (0..101).map(|i| i as f32 / 10.0 - 5.0).collect();
+        let above: Vec<(f32, f32)> = residuals.iter().map(|e| (*e, 1.0)).collect();
+        assert!((pinball_optimal_factor(&above, 0.9) - 4.0).abs() < 0.11);
+        let below: Vec<(f32, f32)> = residuals.iter().map(|e| (*e, -1.0)).collect();
+        assert!((pinball_optimal_factor(&below, 0.1) - 4.0).abs() < 0.11);
+        assert_eq!(pinball_optimal_factor(&[(1.0, 0.0)], 0.9), 1.0);
+    }
+
+    #[test]
+    fn the_factor_minimises_the_pinball_loss() {
+        // Offsets of both signs and sizes: no factor on a fine grid does better.
+        let pairs: Vec<(f32, f32)> = (0..200)
+            .map(|i| {
+                let residual = ((i * 37 % 101) as f32 - 50.0) / 20.0;
+                let offset = ((i * 13 % 23) as f32 - 5.0) / 10.0;
+                (residual, offset)
+            })
+            .collect();
+        for level in [0.1_f32, 0.5, 0.8] {
+            let best = pinball_optimal_factor(&pairs, level);
+            let at_best = pinball(&pairs, level, best);
+            for step in -400..=400 {
+                let factor = step as f32 / 40.0;
+                assert!(
+                    at_best <= pinball(&pairs, level, factor) + 1e-6,
+                    "{level} {factor}"
+                );
+            }
+        }
     }
 }

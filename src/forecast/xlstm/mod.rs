@@ -9,7 +9,7 @@ pub mod preset;
 pub mod series;
 pub mod train;
 
-pub use artefact::{DataDescription, ModelManifest, ParentModel};
+pub use artefact::{DataDescription, ModelManifest, ParentModel, QuantileCalibration};
 pub use forecaster::{XlstmForecaster, XlstmModel};
 pub use network::NetworkShape;
 pub use preset::{ChannelMode, ForecasterConfig, PointLoss, Preset, TrainingConfig};

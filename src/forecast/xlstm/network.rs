@@ -1,7 +1,7 @@
 //! The forecasting network: patch embedding of instance-normalised windows (values and their
 //! missing-value mask), the residual xLSTM stack over the patch tokens, and two heads — a
-//! flatten head for the point forecast (added to an optional linear lookback→horizon path)
-//! and a pooled head for the quantiles, built as cumulative positive increments so that they
+//! flatten head for the point forecast (optionally low-rank; added to an optional linear
+//! lookback→horizon path) and a pooled head for the quantiles, built as cumulative positive increments so that they
 //! never cross. Everything here is on the windows' own (RevIN) scale.
 
 use candle_core::{D, Device, Module, Result, Tensor};
@@ -74,9 +74,43 @@ pub struct ForecastNetwork {
     embed: Linear,
     position: Tensor,
     stack: XlstmStack,
-    point_head: Linear,
+    point_head: PointHead,
     quantile_head: Linear,
     linear_path: Option<Linear>,
+}
+
+/// The point head over the flattened tokens `[S, tokens·E]`.
+#[derive(Debug, Clone)]
+enum PointHead {
+    /// One linear map to every horizon output: `tokens·E·H` weights, which grows with the
+    /// horizon (about 0.97M at E=64, 21 tokens, H=720) and overfits at long horizons.
+    Flatten(Linear),
+    /// `reduce` to `rank` features, then `expand` to the horizon: `rank·(tokens·E + H)`
+    /// weights, so the horizon adds only `rank` weights per step.
+    LowRank { reduce: Linear, expand: Linear },
+}
+
+impl PointHead {
+    fn new(inputs: usize, outputs: usize, rank: Option<usize>, vb: VarBuilder) -> Result<Self> {
+        match rank {
+            None => Ok(Self::Flatten(zero_linear(inputs, outputs, vb)?)),
+            Some(rank) => Ok(Self::LowRank {
+                // The reduction starts random so that the expansion, which starts at zero
+                // (the untrained network forecasts its linear path), gets a gradient at once.
+                reduce: candle_nn::linear(inputs, rank, vb.pp("reduce"))?,
+                expand: zero_linear(rank, outputs, vb.pp("expand"))?,
+            }),
+        }
+    }
+}
+
+impl Module for PointHead {
+    fn forward(&self, flat: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Flatten(linear) => linear.forward(flat),
+            Self::LowRank { reduce, expand } => expand.forward(&reduce.forward(flat)?),
+        }
+    }
 }
 
 /// Network outputs on the RevIN scale: `point` `[B, H, C]`, `quantiles` `[B, H, C, Q]`.
@@ -107,7 +141,12 @@ impl ForecastNetwork {
         let head_outputs = shape.horizon * out_channels;
         // Zero heads: an untrained network forecasts exactly its linear path, and the
         // quantile head starts from a fixed Gaussian band around it.
-        let point_head = zero_linear(patching.count * e, head_outputs, vb.pp("point_head"))?;
+        let point_head = PointHead::new(
+            patching.count * e,
+            deep_steps(cfg, shape.horizon) * out_channels,
+            cfg.head_rank,
+            vb.pp("point_head"),
+        )?;
         let quantile_vb = vb.pp("quantile_head");
         let quantile_weight =
             quantile_vb.get_with_hints((head_outputs * levels, e), "weight", Init::Const(0.0))?;
@@ -220,6 +259,17 @@ impl ForecastNetwork {
         };
         let flat = hidden.reshape((sequences, ()))?;
         let mut point = self.point_head.forward(&drop(flat)?)?;
+        let deep = deep_steps(&self.cfg, horizon);
+        if deep < horizon {
+            // Steps beyond the deep path's reach are the linear path's alone; in (step,
+            // channel) order they are the last outputs.
+            let rest = Tensor::zeros(
+                (sequences, (horizon - deep) * out_channels),
+                point.dtype(),
+                point.device(),
+            )?;
+            point = Tensor::cat(&[point, rest], 1)?;
+        }
         if let Some(linear) = &self.linear_path {
             // `[S, H·out]` in (step, channel) order, like the head.
             let path = match self.cfg.channel_mode {
@@ -269,6 +319,12 @@ impl ForecastNetwork {
         };
         Ok(NetworkOutput { point, quantiles })
     }
+}
+
+/// Leading horizon steps the deep path's point head forecasts (all of them unless the
+/// preset's `deep_horizon` is shorter).
+fn deep_steps(cfg: &ForecasterConfig, horizon: usize) -> usize {
+    cfg.deep_horizon.map_or(horizon, |steps| steps.min(horizon))
 }
 
 fn zero_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {

@@ -46,6 +46,27 @@ pub struct ForecasterConfig {
     pub channel_mode: ChannelMode,
     /// Dropout on the patch embeddings and before the head, training only.
     pub dropout: f64,
+    /// Rank of the point head: the flattened tokens are reduced to this many features before
+    /// the map to the horizon, so the head's size barely grows with the horizon. Absent: one
+    /// full linear map from the flattened tokens to the horizon.
+    #[serde(default)]
+    pub head_rank: Option<usize>,
+    /// Horizon steps are calibrated in this many consecutive buckets of (nearly) equal length,
+    /// each with its own width factor per quantile level: the band widens with the step as
+    /// much as the validation residuals do.
+    #[serde(default = "default_calibration_buckets")]
+    pub calibration_buckets: usize,
+    /// Also calibrate on training windows, not only on the validation windows (as many of
+    /// each, evenly spaced). At long horizons the validation split holds few independent
+    /// horizons and one season, while the training split spans more; but the training
+    /// windows are in-sample for the deep path, which narrows the band by how much it fits
+    /// them.
+    #[serde(default)]
+    pub calibrate_on_training_windows: bool,
+    /// The deep path's point head forecasts only the first `deep_horizon` steps; later steps
+    /// are the linear path's alone (requires `linear_path`). Absent: every step.
+    #[serde(default)]
+    pub deep_horizon: Option<usize>,
     /// A linear map from the lookback to the horizon beside the deep path: the closed-form
     /// ridge fit, kept fixed, so training starts from the linear baseline and the deep path
     /// learns what it misses.
@@ -56,6 +77,14 @@ pub struct ForecasterConfig {
     /// Weight of the mean pinball loss against the point loss.
     pub quantile_loss_weight: f64,
     pub xlstm: XlstmConfig,
+}
+
+fn default_validations_per_epoch() -> usize {
+    1
+}
+
+fn default_calibration_buckets() -> usize {
+    1
 }
 
 fn default_quantile_levels() -> Vec<f32> {
@@ -79,6 +108,11 @@ pub struct TrainingConfig {
     pub grad_clip: f64,
     /// Epochs without a better validation loss before stopping.
     pub patience: usize,
+    /// Validation checks per epoch, evenly spaced in its steps, the last at its end; early
+    /// stopping keeps the best check's weights and stops after `patience` epochs' worth of
+    /// checks without a better one.
+    #[serde(default = "default_validations_per_epoch")]
+    pub validations_per_epoch: usize,
     pub seed: u64,
     /// Training windows drawn per epoch (all of them when absent).
     pub max_windows_per_epoch: Option<usize>,
@@ -149,6 +183,18 @@ impl Preset {
                 format!("must be in [0, 1), got {}", model.dropout),
             );
         }
+        if model.head_rank == Some(0) {
+            return invalid("model.head_rank", "must be at least 1 when given".into());
+        }
+        if model.deep_horizon == Some(0) || (model.deep_horizon.is_some() && !model.linear_path) {
+            return invalid(
+                "model.deep_horizon",
+                "must be at least 1, and needs linear_path for the steps beyond it".into(),
+            );
+        }
+        if model.calibration_buckets == 0 {
+            return invalid("model.calibration_buckets", "must be at least 1".into());
+        }
         let levels = &model.quantile_levels;
         if levels.is_empty()
             || !levels.windows(2).all(|pair| pair[0] < pair[1])
@@ -164,6 +210,12 @@ impl Preset {
             .validate()
             .map_err(|err| ForecastError::invalid("model.xlstm", err.to_string()))?;
         let training = &self.training;
+        if training.validations_per_epoch == 0 {
+            return invalid(
+                "training.validations_per_epoch",
+                "must be at least 1".into(),
+            );
+        }
         if training.batch_size == 0 || training.max_epochs == 0 {
             return invalid(
                 "training.batch_size",

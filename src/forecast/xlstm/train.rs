@@ -1,6 +1,6 @@
 //! The training loop: AdamW with a linear warm-up and cosine decay, global gradient-norm
-//! clipping, early stopping on the validation point loss (the best epoch's weights are
-//! kept), seeded window order and dropout, a progress callback that can also stop the run,
+//! clipping, early stopping on the validation point loss checked once or more per epoch (the
+//! best check's weights are kept), seeded window order and dropout, a progress callback that can also stop the run,
 //! and a hard stop with a clear error when the loss or the gradients stop being finite.
 
 use std::ops::ControlFlow;
@@ -28,12 +28,16 @@ const FROZEN_PREFIX: &str = "linear_path.";
 /// Windows per validation forward pass.
 const VALIDATION_BLOCK: usize = 256;
 
-/// One finished epoch.
+/// One validation check: the end of an epoch, or a check within it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
-    /// Mean training loss (point + weighted pinball) over the epoch's steps; `None` for
-    /// epoch 0, the validation of the initial weights.
+    /// Optimiser steps into `epoch` when the check came before the epoch's end; `None` at
+    /// its end (and for epoch 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid_epoch_step: Option<usize>,
+    /// Mean training loss (point + weighted pinball) over the epoch's steps so far; `None`
+    /// for epoch 0, the validation of the initial weights.
     pub train_loss: Option<f64>,
     /// Validation point loss (MSE or MAE on the z-scored scale).
     pub val_loss: f64,
@@ -67,6 +71,9 @@ pub struct TrainingSummary {
     pub epochs: usize,
     /// The epoch whose weights were kept (0: the initial weights).
     pub best_epoch: usize,
+    /// Steps into `best_epoch` when the kept weights came from a check within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_mid_epoch_step: Option<usize>,
     pub best_val_loss: f64,
     pub stopped_early: bool,
     pub train_seconds: f64,
@@ -353,11 +360,20 @@ pub(super) fn train(
     )?;
     let mut history = vec![EpochRecord {
         epoch: 0,
+        mid_epoch_step: None,
         train_loss: None,
         val_loss: initial,
         seconds: initial_started.elapsed().as_secs_f64(),
     }];
-    let mut best = (0_usize, initial);
+    // Steps between validation checks; the last check of an epoch is at its end.
+    let checks_per_epoch = training
+        .validations_per_epoch
+        .clamp(1, steps_per_epoch.max(1));
+    let check_every = steps_per_epoch.div_ceil(checks_per_epoch);
+    let patience_checks = training.patience.max(1) * checks_per_epoch;
+    let mut checks_since_best = 0_usize;
+    // (epoch, mid-epoch step, validation loss) of the best check so far.
+    let mut best: (usize, Option<usize>, f64) = (0, None, initial);
     let mut best_weights = snapshot(&vars)?;
     let mut order: Vec<usize> = (0..data.train.count).collect();
     let mut global_step = 0;
@@ -375,6 +391,7 @@ pub(super) fn train(
     };
     let training_started = Instant::now();
     let mut epochs = 0;
+    let mut out_of_patience = false;
     for epoch in 1..=schedule.max_epochs {
         let epoch_started = Instant::now();
         shuffle(&mut order, &mut order_rng);
@@ -391,97 +408,115 @@ pub(super) fn train(
             )?;
             let batch = TensorBatch::new(norm, &inputs, device)?;
             let target_tensors = TargetTensors::new(&targets, device)?;
-            if target_tensors.count == 0.0 {
-                continue;
-            }
-            let output = network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
-            let (point, quantiles) = batch.denormalise(&output)?;
-            let (point_sum, pinball_sum) = loss_sums(
-                &point,
-                &quantiles,
-                &target_tensors,
-                schedule.point_loss,
-                &levels,
-            )?;
-            let loss = ((point_sum + (pinball_sum * schedule.quantile_loss_weight)?)?
-                / target_tensors.count)?;
-            let loss_value = f64::from(loss.to_scalar::<f32>()?);
-            if !loss_value.is_finite() || loss_value > EXPLODED_LOSS {
-                return Err(diverged(
-                    epoch,
-                    step,
-                    format!("the training loss is {loss_value}"),
+            // A batch without an observed target trains nothing but still counts as a step,
+            // so the checks stay where they are.
+            if target_tensors.count > 0.0 {
+                let output = network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
+                let (point, quantiles) = batch.denormalise(&output)?;
+                let (point_sum, pinball_sum) = loss_sums(
+                    &point,
+                    &quantiles,
+                    &target_tensors,
+                    schedule.point_loss,
+                    &levels,
+                )?;
+                let loss = ((point_sum + (pinball_sum * schedule.quantile_loss_weight)?)?
+                    / target_tensors.count)?;
+                let loss_value = f64::from(loss.to_scalar::<f32>()?);
+                if !loss_value.is_finite() || loss_value > EXPLODED_LOSS {
+                    return Err(diverged(
+                        epoch,
+                        step,
+                        format!("the training loss is {loss_value}"),
+                    ));
+                }
+                let mut grads = loss.backward()?;
+                let norm = clip_gradients(&vars, &mut grads, training.grad_clip)?;
+                if !norm.is_finite() {
+                    return Err(diverged(
+                        epoch,
+                        step,
+                        format!("the gradient norm is {norm}"),
+                    ));
+                }
+                optimiser.set_learning_rate(learning_rate_at(
+                    global_step,
+                    total_steps,
+                    warmup,
+                    schedule.learning_rate,
+                    training.min_lr_ratio,
                 ));
-            }
-            let mut grads = loss.backward()?;
-            let norm = clip_gradients(&vars, &mut grads, training.grad_clip)?;
-            if !norm.is_finite() {
-                return Err(diverged(
-                    epoch,
-                    step,
-                    format!("the gradient norm is {norm}"),
-                ));
-            }
-            optimiser.set_learning_rate(learning_rate_at(
-                global_step,
-                total_steps,
-                warmup,
-                schedule.learning_rate,
-                training.min_lr_ratio,
-            ));
-            optimiser.step(&grads)?;
-            global_step += 1;
-            loss_sum += loss_value;
-            loss_steps += 1;
-            if let Some(callback) = progress.as_mut() {
-                report.epoch = epoch;
-                report.step = step + 1;
-                report.train_loss = Some(loss_sum / loss_steps as f64);
-                let per_step = training_started.elapsed().as_secs_f64() / global_step as f64;
-                report.eta_seconds = Some(per_step * (total_steps - global_step) as f64);
-                if callback(&report).is_break() {
-                    return Err(ForecastError::Cancelled);
+                optimiser.step(&grads)?;
+                global_step += 1;
+                loss_sum += loss_value;
+                loss_steps += 1;
+                if let Some(callback) = progress.as_mut() {
+                    report.epoch = epoch;
+                    report.step = step + 1;
+                    report.train_loss = Some(loss_sum / loss_steps as f64);
+                    let per_step = training_started.elapsed().as_secs_f64() / global_step as f64;
+                    report.eta_seconds = Some(per_step * (total_steps - global_step) as f64);
+                    if callback(&report).is_break() {
+                        return Err(ForecastError::Cancelled);
+                    }
                 }
             }
-        }
-        let train_loss = (loss_steps > 0).then(|| loss_sum / loss_steps as f64);
-        let val_loss = validation_loss(
-            network,
-            norm,
-            data,
-            &validation_windows,
-            schedule.point_loss,
-            &levels,
-            device,
-        )?;
-        if !val_loss.is_finite() {
-            return Err(diverged(
+            let steps_done = step + 1;
+            if steps_done % check_every != 0 && steps_done != steps_per_epoch {
+                continue;
+            }
+            let at_epoch_end = steps_done == steps_per_epoch;
+            let train_loss = (loss_steps > 0).then(|| loss_sum / loss_steps as f64);
+            let val_loss = validation_loss(
+                network,
+                norm,
+                data,
+                &validation_windows,
+                schedule.point_loss,
+                &levels,
+                device,
+            )?;
+            if !val_loss.is_finite() {
+                return Err(diverged(
+                    epoch,
+                    steps_done,
+                    format!("the validation loss is {val_loss}"),
+                ));
+            }
+            let mid_epoch_step = (!at_epoch_end).then_some(steps_done);
+            history.push(EpochRecord {
                 epoch,
-                steps_per_epoch,
-                format!("the validation loss is {val_loss}"),
-            ));
-        }
-        epochs = epoch;
-        history.push(EpochRecord {
-            epoch,
-            train_loss,
-            val_loss,
-            seconds: epoch_started.elapsed().as_secs_f64(),
-        });
-        if val_loss < best.1 {
-            best = (epoch, val_loss);
-            best_weights = snapshot(&vars)?;
-        }
-        report.val_loss = Some(val_loss);
-        report.best_val_loss = Some(best.1);
-        report.history = history.clone();
-        if let Some(callback) = progress.as_mut() {
-            if callback(&report).is_break() {
+                mid_epoch_step,
+                train_loss,
+                val_loss,
+                seconds: epoch_started.elapsed().as_secs_f64(),
+            });
+            if val_loss < best.2 {
+                best = (epoch, mid_epoch_step, val_loss);
+                best_weights = snapshot(&vars)?;
+                checks_since_best = 0;
+            } else {
+                checks_since_best += 1;
+            }
+            report.val_loss = Some(val_loss);
+            report.best_val_loss = Some(best.2);
+            report.history = history.clone();
+            if let Some(callback) = progress.as_mut()
+                && callback(&report).is_break()
+            {
                 return Err(ForecastError::Cancelled);
             }
+            if checks_since_best >= patience_checks {
+                out_of_patience = true;
+                break;
+            }
         }
-        if epoch - best.0 >= training.patience.max(1) {
-            stopped_early = epoch < schedule.max_epochs;
+        epochs = epoch;
+        if out_of_patience {
+            stopped_early = epoch < schedule.max_epochs
+                || history
+                    .last()
+                    .is_some_and(|record| record.mid_epoch_step.is_some());
             break;
         }
     }
@@ -491,7 +526,8 @@ pub(super) fn train(
     Ok(TrainingSummary {
         epochs,
         best_epoch: best.0,
-        best_val_loss: best.1,
+        best_mid_epoch_step: best.1,
+        best_val_loss: best.2,
         stopped_early,
         train_seconds: started.elapsed().as_secs_f64(),
         history,
