@@ -3,6 +3,7 @@
 //! public function of each kernel dispatches by device.
 
 pub mod conv;
+mod cpu_data;
 pub mod gate;
 pub mod headwise;
 pub mod mlstm;

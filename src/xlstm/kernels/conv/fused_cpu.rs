@@ -10,11 +10,10 @@
 //! `dp = dy · σ(p)·(1 + p·(1 − σ(p)))`, `dx[t − K + 1 + s] += w_s ⊙ dp[t]`,
 //! `dw_s += x[t − K + 1 + s] ⊙ dp[t]`, `dbias += dp[t]`.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data};
 
 const NAME: &str = "causal-conv-silu";
 
@@ -114,31 +113,6 @@ fn pre_activation(
 
 struct ConvSiluOp;
 
-fn f32_data<'a>(what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
-    match storage {
-        CpuStorage::F32(data) => Ok(data),
-        other => Err(Error::Msg(format!(
-            "{NAME}: {what} has dtype {:?}, this kernel computes in f32 only",
-            other.dtype()
-        ))),
-    }
-}
-
-fn contiguous<'a>(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = f32_data(what, storage)?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{NAME}: {what} is not contiguous")))?;
-    Ok(&data[start..end])
-}
-
-fn cpu<'a>(what: &str, storage: &'a Storage) -> Result<&'a CpuStorage> {
-    match storage {
-        Storage::Cpu(cpu) => Ok(cpu),
-        _ => Err(Error::Msg(format!("{NAME}: {what} is not on the CPU"))),
-    }
-}
-
 impl ConvSiluOp {
     fn forward(
         x: &[f32],
@@ -174,21 +148,32 @@ impl ConvSiluOp {
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let (x_guard, x_layout) = x.storage_and_layout();
         let rows = Rows::from_layout(x_layout)?;
-        let x_data = f32_data("x", cpu("x", &x_guard)?)?;
+        let x_data = f32_data(NAME, "x", cpu_storage(NAME, "x", &x_guard)?)?;
         let params = params.contiguous()?;
         let (p_guard, p_layout) = params.storage_and_layout();
-        let params_data = contiguous("params", cpu("params", &p_guard)?, p_layout)?;
+        let params_data = contiguous_data(
+            NAME,
+            "params",
+            cpu_storage(NAME, "params", &p_guard)?,
+            p_layout,
+        )?;
         let state = state.map(|s| s.contiguous()).transpose()?;
         let state_guard = state.as_ref().map(|s| s.storage_and_layout());
         let state_data = match &state_guard {
-            Some((guard, layout)) => Some(contiguous("state", cpu("state", guard)?, layout)?),
+            Some((guard, layout)) => Some(contiguous_data(
+                NAME,
+                "state",
+                cpu_storage(NAME, "state", guard)?,
+                layout,
+            )?),
             None => None,
         };
         let grad_y = grad_y.contiguous()?;
         let (g_guard, g_layout) = grad_y.storage_and_layout();
-        let grad_y = contiguous(
+        let grad_y = contiguous_data(
+            NAME,
             "output gradient",
-            cpu("output gradient", &g_guard)?,
+            cpu_storage(NAME, "output gradient", &g_guard)?,
             g_layout,
         )?;
 
@@ -273,8 +258,8 @@ impl CustomOp2 for ConvSiluOp {
         params_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let rows = Rows::from_layout(x_layout)?;
-        let x = f32_data("x", x_storage)?;
-        let params = contiguous("params", params_storage, params_layout)?;
+        let x = f32_data(NAME, "x", x_storage)?;
+        let params = contiguous_data(NAME, "params", params_storage, params_layout)?;
         Ok(Self::forward(x, rows, params, None))
     }
 
@@ -305,9 +290,9 @@ impl CustomOp3 for ConvSiluOp {
         state_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let rows = Rows::from_layout(x_layout)?;
-        let x = f32_data("x", x_storage)?;
-        let params = contiguous("params", params_storage, params_layout)?;
-        let state = contiguous("state", state_storage, state_layout)?;
+        let x = f32_data(NAME, "x", x_storage)?;
+        let params = contiguous_data(NAME, "params", params_storage, params_layout)?;
+        let state = contiguous_data(NAME, "state", state_storage, state_layout)?;
         Ok(Self::forward(x, rows, params, Some(state)))
     }
 

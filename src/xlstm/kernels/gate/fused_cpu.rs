@@ -7,12 +7,13 @@
 //! * GeLU gate on `up = [g | u]`: `y = GeLU(g)·u` with `GeLU(g) = g·Φ(g)`, so `du = dy·GeLU(g)`
 //!   and `dg = dy·u·(Φ(g) + g·φ(g))` (Φ, φ: the standard normal CDF and density).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, Device, Error, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-const NAME: &str = "silu-gated-sum";
+use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, with_contiguous};
+
+const SILU_NAME: &str = "silu-gated-sum";
+const GELU_NAME: &str = "gelu-gated";
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -28,7 +29,7 @@ struct Rows {
 }
 
 impl Rows {
-    fn from_layout(what: &str, layout: &Layout) -> Result<Self> {
+    fn from_layout(op: &str, what: &str, layout: &Layout) -> Result<Self> {
         let dims = layout.dims();
         let strides = layout.stride();
         let width = *dims.last().expect("checked: rank ≥ 1");
@@ -43,7 +44,7 @@ impl Rows {
             .all(|i| dims[i] == 1 || strides[i] == strides[i + 1] * dims[i + 1]);
         if (width > 1 && strides[dims.len() - 1] != 1) || !collapses {
             return Err(Error::Msg(format!(
-                "{NAME}: {what} has layout {layout:?}, expected rows of unit stride"
+                "{op}: {what} has layout {layout:?}, expected rows of unit stride"
             )));
         }
         Ok(Self {
@@ -64,20 +65,11 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// The f32 storage of a CPU tensor and its layout.
-fn with_storage<R>(t: &Tensor, f: impl FnOnce(&[f32], &Layout) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(cpu.as_slice::<f32>()?, layout),
-        _ => Err(Error::Msg(format!("{NAME}: a tensor is not on the CPU"))),
-    }
-}
-
 struct SiluGatedSumOp;
 
 impl CustomOp3 for SiluGatedSumOp {
     fn name(&self) -> &'static str {
-        NAME
+        SILU_NAME
     }
 
     fn cpu_fwd(
@@ -89,14 +81,14 @@ impl CustomOp3 for SiluGatedSumOp {
         z_storage: &CpuStorage,
         z_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let a = slice_of(a_storage.as_slice::<f32>()?, a_layout)?;
-        let b = slice_of(b_storage.as_slice::<f32>()?, b_layout)?;
-        let z_rows = Rows::from_layout("z", z_layout)?;
-        let z = z_storage.as_slice::<f32>()?;
+        let a = contiguous_data(SILU_NAME, "a", a_storage, a_layout)?;
+        let b = contiguous_data(SILU_NAME, "b", b_storage, b_layout)?;
+        let z_rows = Rows::from_layout(SILU_NAME, "z", z_layout)?;
+        let z = f32_data(SILU_NAME, "z", z_storage)?;
         let width = z_rows.width;
         if z_rows.count * width != a.len() || b.len() != a.len() {
             return Err(Error::Msg(format!(
-                "{NAME}: a, b and z hold {}, {} and {} values, expected one size",
+                "{SILU_NAME}: a, b and z hold {}, {} and {} values, expected one size",
                 a.len(),
                 b.len(),
                 z_rows.count * width
@@ -130,43 +122,39 @@ impl CustomOp3 for SiluGatedSumOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b, grad) = (a.contiguous()?, b.contiguous()?, grad_res.contiguous()?);
         let len = a.elem_count();
         let mut grad_sum = vec![0f32; len];
         let mut grad_z = vec![0f32; len];
-        with_storage(&a, |a_data, a_layout| {
-            with_storage(&b, |b_data, b_layout| {
-                with_storage(&grad, |g_data, g_layout| {
-                    with_storage(z, |z_data, z_layout| {
-                        let a = slice_of(a_data, a_layout)?;
-                        let b = slice_of(b_data, b_layout)?;
-                        let g = slice_of(g_data, g_layout)?;
-                        let z_rows = Rows::from_layout("z", z_layout)?;
-                        let width = z_rows.width;
-                        grad_sum
-                            .par_chunks_mut(ROWS_PER_TASK * width)
-                            .zip(grad_z.par_chunks_mut(ROWS_PER_TASK * width))
-                            .enumerate()
-                            .for_each(|(task, (grad_sum, grad_z))| {
-                                for (r, (gs_row, gz_row)) in grad_sum
-                                    .chunks_exact_mut(width)
-                                    .zip(grad_z.chunks_exact_mut(width))
-                                    .enumerate()
-                                {
-                                    let row = task * ROWS_PER_TASK + r;
-                                    let span = row * width..(row + 1) * width;
-                                    let z_row = z_rows.row(z_data, row);
-                                    for j in 0..width {
-                                        let (zj, gj) = (z_row[j], g[span.start + j]);
-                                        let sig = sigmoid(zj);
-                                        let sum = a[span.start + j] + b[span.start + j];
-                                        gs_row[j] = gj * zj * sig;
-                                        gz_row[j] = gj * sum * sig * (1.0 + zj * (1.0 - sig));
-                                    }
+        let (z_guard, z_layout) = z.storage_and_layout();
+        let z_data = f32_data(SILU_NAME, "z", cpu_storage(SILU_NAME, "z", &z_guard)?)?;
+        let z_rows = Rows::from_layout(SILU_NAME, "z", z_layout)?;
+        let width = z_rows.width;
+        with_contiguous(SILU_NAME, "a", a, |a| {
+            with_contiguous(SILU_NAME, "b", b, |b| {
+                with_contiguous(SILU_NAME, "output gradient", grad_res, |g| {
+                    grad_sum
+                        .par_chunks_mut(ROWS_PER_TASK * width)
+                        .zip(grad_z.par_chunks_mut(ROWS_PER_TASK * width))
+                        .enumerate()
+                        .for_each(|(task, (grad_sum, grad_z))| {
+                            for (r, (gs_row, gz_row)) in grad_sum
+                                .chunks_exact_mut(width)
+                                .zip(grad_z.chunks_exact_mut(width))
+                                .enumerate()
+                            {
+                                let row = task * ROWS_PER_TASK + r;
+                                let start = row * width;
+                                let z_row = z_rows.row(z_data, row);
+                                for j in 0..width {
+                                    let (zj, gj) = (z_row[j], g[start + j]);
+                                    let sig = sigmoid(zj);
+                                    let sum = a[start + j] + b[start + j];
+                                    gs_row[j] = gj * zj * sig;
+                                    gz_row[j] = gj * sum * sig * (1.0 + zj * (1.0 - sig));
                                 }
-                            });
-                        Ok(())
-                    })
+                            }
+                        });
+                    Ok(())
                 })
             })
         })?;
@@ -179,17 +167,10 @@ impl CustomOp3 for SiluGatedSumOp {
     }
 }
 
-fn slice_of<'a>(data: &'a [f32], layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{NAME}: expected a contiguous tensor")))?;
-    Ok(&data[start..end])
-}
-
 /// Fused output gate; see [`super::silu_gated_sum`].
 pub fn silu_gated_sum(a: &Tensor, b: &Tensor, z: &Tensor) -> Result<Tensor> {
     // z is read through its strides unless they do not form rows.
-    let z = match Rows::from_layout("z", z.layout()) {
+    let z = match Rows::from_layout(SILU_NAME, "z", z.layout()) {
         Ok(_) => z.clone(),
         Err(_) => z.contiguous()?,
     };
@@ -209,12 +190,12 @@ struct GeluGatedOp;
 
 impl CustomOp1 for GeluGatedOp {
     fn name(&self) -> &'static str {
-        "gelu-gated"
+        GELU_NAME
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let up = Rows::from_layout("up", layout)?;
-        let data = storage.as_slice::<f32>()?;
+        let up = Rows::from_layout(GELU_NAME, "up", layout)?;
+        let data = f32_data(GELU_NAME, "up", storage)?;
         let width = up.width / 2;
         let mut y = vec![0f32; up.count * width];
         y.par_chunks_mut(ROWS_PER_TASK * width)
@@ -233,31 +214,29 @@ impl CustomOp1 for GeluGatedOp {
     }
 
     fn bwd(&self, up: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?;
         let mut grad_up = vec![0f32; up.elem_count()];
-        with_storage(up, |up_data, up_layout| {
-            with_storage(&grad, |g_data, g_layout| {
-                let rows = Rows::from_layout("up", up_layout)?;
-                let g = slice_of(g_data, g_layout)?;
-                let width = rows.width / 2;
-                grad_up
-                    .par_chunks_mut(ROWS_PER_TASK * rows.width)
-                    .enumerate()
-                    .for_each(|(task, grad_up)| {
-                        for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
-                            let row = task * ROWS_PER_TASK + r;
-                            let (gate, value) = rows.row(up_data, row).split_at(width);
-                            let dy = &g[row * width..(row + 1) * width];
-                            let (grad_gate, grad_value) = gu_row.split_at_mut(width);
-                            for j in 0..width {
-                                let (cdf, pdf) = normal_cdf_pdf(gate[j]);
-                                grad_value[j] = dy[j] * gate[j] * cdf;
-                                grad_gate[j] = dy[j] * value[j] * (cdf + gate[j] * pdf);
-                            }
+        let (up_guard, up_layout) = up.storage_and_layout();
+        let up_data = f32_data(GELU_NAME, "up", cpu_storage(GELU_NAME, "up", &up_guard)?)?;
+        let rows = Rows::from_layout(GELU_NAME, "up", up_layout)?;
+        let width = rows.width / 2;
+        with_contiguous(GELU_NAME, "output gradient", grad_res, |g| {
+            grad_up
+                .par_chunks_mut(ROWS_PER_TASK * rows.width)
+                .enumerate()
+                .for_each(|(task, grad_up)| {
+                    for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
+                        let row = task * ROWS_PER_TASK + r;
+                        let (gate, value) = rows.row(up_data, row).split_at(width);
+                        let dy = &g[row * width..(row + 1) * width];
+                        let (grad_gate, grad_value) = gu_row.split_at_mut(width);
+                        for j in 0..width {
+                            let (cdf, pdf) = normal_cdf_pdf(gate[j]);
+                            grad_value[j] = dy[j] * gate[j] * cdf;
+                            grad_gate[j] = dy[j] * value[j] * (cdf + gate[j] * pdf);
                         }
-                    });
-                Ok(())
-            })
+                    }
+                });
+            Ok(())
         })?;
         Ok(Some(Tensor::from_vec(grad_up, up.shape(), &Device::Cpu)?))
     }
@@ -265,7 +244,7 @@ impl CustomOp1 for GeluGatedOp {
 
 /// Fused GeLU gate; see [`super::gelu_gated`].
 pub fn gelu_gated(up: &Tensor) -> Result<Tensor> {
-    let up = match Rows::from_layout("up", up.layout()) {
+    let up = match Rows::from_layout(GELU_NAME, "up", up.layout()) {
         Ok(_) => up.clone(),
         Err(_) => up.contiguous()?,
     };

@@ -6,8 +6,10 @@
 //! along contiguous memory and vectorises. The weight gradient is summed per run of rows and
 //! the runs' sums are added in a fixed order, so gradients do not depend on thread timing.
 
-use candle_core::{CpuStorage, CustomOp2, Device, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::super::cpu_data::{contiguous_data, with_contiguous};
 
 const NAME: &str = "headwise-linear";
 
@@ -151,24 +153,6 @@ fn transpose_blocks(weight: &[f32], blocks: usize, r: usize, c: usize) -> Vec<f3
     out
 }
 
-fn contiguous_f32<'a>(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{NAME}: {what} is not contiguous")))?;
-    Ok(&data[start..end])
-}
-
-/// The f32 data of a contiguous CPU tensor.
-fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(contiguous_f32(what, cpu, layout)?),
-        _ => Err(Error::Msg(format!("{NAME}: {what} is not on the CPU"))),
-    }
-}
-
 struct HeadwiseOp {
     blocks: Blocks,
 }
@@ -186,8 +170,8 @@ impl CustomOp2 for HeadwiseOp {
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let b = self.blocks;
-        let x = contiguous_f32("x", x_storage, x_layout)?;
-        let weight = contiguous_f32("weight", w_storage, w_layout)?;
+        let x = contiguous_data(NAME, "x", x_storage, x_layout)?;
+        let weight = contiguous_data(NAME, "weight", w_storage, w_layout)?;
         let columns = transpose_blocks(weight, b.count, b.d_out, b.d_in);
         let rows = x.len() / b.width_in();
         let mut y = vec![0f32; rows * b.width_out()];
@@ -214,9 +198,9 @@ impl CustomOp2 for HeadwiseOp {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let b = self.blocks;
-        let (grad_x, grad_w) = with_data(x, "x", |x| {
-            with_data(weight, "weight", |weight| {
-                with_data(grad_res, "output gradient", |grad| {
+        let (grad_x, grad_w) = with_contiguous(NAME, "x", x, |x| {
+            with_contiguous(NAME, "weight", weight, |weight| {
+                with_contiguous(NAME, "output gradient", grad_res, |grad| {
                     let rows = x.len() / b.width_in();
                     let mut grad_x = vec![0f32; rows * b.width_in()];
                     // Per run of rows: dx = Wᵀ dy row by row (the weight's rows are the

@@ -20,10 +20,11 @@
 //! single chunk and no carried state.
 
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Device, Error, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
+use super::super::cpu_data::{contiguous_data, cpu_storage};
 use super::{
     DENOMINATOR_EPS, MlstmState, check_chunk_size, check_sequence_inputs, check_state,
     check_step_inputs,
@@ -1328,20 +1329,6 @@ fn chunk_rows_backward<L: Lanes>(
     }
 }
 
-/// The contiguous f32 data of a CPU tensor argument.
-fn contiguous_f32<'a>(
-    op: &str,
-    what: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{op}: {what} is not contiguous")))?;
-    Ok(&data[start..end])
-}
-
 /// A contiguous CPU tensor whose f32 data the backward pass borrows (no copy when the tensor
 /// is already contiguous).
 struct Borrowed {
@@ -1358,12 +1345,12 @@ impl Borrowed {
     /// Runs `f` on the data.
     fn read<R>(&self, op: &str, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         let (storage, layout) = self.tensor.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cpu) => f(contiguous_f32(op, what, cpu, layout)?),
-            _ => Err(Error::Msg(format!(
-                "{op}: {what} is not on the CPU; this kernel is CPU-only"
-            ))),
-        }
+        f(contiguous_data(
+            op,
+            what,
+            cpu_storage(op, what, &storage)?,
+            layout,
+        )?)
     }
 }
 
@@ -1410,8 +1397,8 @@ impl CustomOp2 for ParallelOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let g = self.geometry;
-        let qkv = contiguous_f32(op, "qkv", qkv_storage, qkv_layout)?;
-        let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
+        let qkv = contiguous_data(op, "qkv", qkv_storage, qkv_layout)?;
+        let gates = contiguous_data(op, "gates", gates_storage, gates_layout)?;
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
         let h_len = g.seq_len * g.head_dim;
         let mut rows = vec![0f32; batch * heads * g.rows_len()];
@@ -1558,9 +1545,9 @@ impl CustomOp3 for ChunkwiseOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let g = self.geometry;
-        let qkv = contiguous_f32(op, "qkv", qkv_storage, qkv_layout)?;
-        let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
-        let initial = contiguous_f32(op, "initial state", initial_storage, initial_layout)?;
+        let qkv = contiguous_data(op, "qkv", qkv_storage, qkv_layout)?;
+        let gates = contiguous_data(op, "gates", gates_storage, gates_layout)?;
+        let initial = contiguous_data(op, "initial state", initial_storage, initial_layout)?;
         let heads = qkv_layout.dims()[0] * qkv_layout.dims()[1];
         let (h_len, state_len, record_len) = (
             g.seq_len * g.head_dim,
@@ -1711,9 +1698,9 @@ impl CustomOp3 for StepOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let d = self.head_dim;
-        let qkv = contiguous_f32(op, "qkv", qkv_storage, qkv_layout)?;
-        let gates = contiguous_f32(op, "gates", gates_storage, gates_layout)?;
-        let states = contiguous_f32(op, "state", state_storage, state_layout)?;
+        let qkv = contiguous_data(op, "qkv", qkv_storage, qkv_layout)?;
+        let gates = contiguous_data(op, "gates", gates_storage, gates_layout)?;
+        let states = contiguous_data(op, "state", state_storage, state_layout)?;
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
         let state_len = state_record_len(d);
         let out_len = d + state_len;

@@ -9,11 +9,10 @@
 //! The backward pass recomputes μ and r from x (one extra pass over a row already in cache)
 //! instead of storing them. Weight gradients are summed per rayon task, then across tasks.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, with_contiguous};
 
 /// Elements one rayon task covers at least: tiny tasks cost more to schedule than to run.
 const TASK_ELEMS: usize = 16 * 1024;
@@ -75,55 +74,6 @@ fn normalise_row_backward(
         let xhat = (v - mean) * rstd;
         *dx = rstd * (dy * g - mean_g - xhat * mean_g_xhat);
     }
-}
-
-fn f32_data<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
-    match storage {
-        CpuStorage::F32(data) => Ok(data),
-        other => Err(Error::Msg(format!(
-            "{op}: {what} has dtype {:?}, this kernel computes in f32 only",
-            other.dtype()
-        ))),
-    }
-}
-
-fn contiguous_data<'a>(
-    op: &str,
-    what: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [f32]> {
-    let data = f32_data(op, what, storage)?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{op}: {what} is not contiguous")))?;
-    Ok(&data[start..end])
-}
-
-fn cpu_storage<'a>(op: &str, what: &str, storage: &'a Storage) -> Result<&'a CpuStorage> {
-    match storage {
-        Storage::Cpu(cpu) => Ok(cpu),
-        _ => Err(Error::Msg(format!(
-            "{op}: {what} is not on the CPU; this kernel is CPU-only"
-        ))),
-    }
-}
-
-/// Runs `f` on the f32 data of a contiguous copy of `t` (no copy when `t` is contiguous).
-fn with_contiguous<R>(
-    op: &str,
-    what: &str,
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> Result<R>,
-) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    f(contiguous_data(
-        op,
-        what,
-        cpu_storage(op, what, &storage)?,
-        layout,
-    )?)
 }
 
 /// Sums per-task partial gradients.

@@ -1,0 +1,60 @@
+//! Access to the f32 data of CPU tensors for the fused kernels' custom ops, with errors that
+//! name the op and the argument.
+
+use candle_core::{CpuStorage, Error, Layout, Result, Storage, Tensor};
+
+/// All f32 values of a CPU storage.
+pub(crate) fn f32_data<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(data) => Ok(data),
+        other => Err(Error::Msg(format!(
+            "{op}: {what} has dtype {:?}, this kernel computes in f32 only",
+            candle_core::backend::BackendStorage::dtype(other)
+        ))),
+    }
+}
+
+/// The f32 values of a contiguous tensor argument.
+pub(crate) fn contiguous_data<'a>(
+    op: &str,
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [f32]> {
+    let data = f32_data(op, what, storage)?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: {what} is not contiguous")))?;
+    Ok(&data[start..end])
+}
+
+/// The CPU storage of a tensor argument.
+pub(crate) fn cpu_storage<'a>(
+    op: &str,
+    what: &str,
+    storage: &'a Storage,
+) -> Result<&'a CpuStorage> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(cpu),
+        _ => Err(Error::Msg(format!(
+            "{op}: {what} is not on the CPU; this kernel is CPU-only"
+        ))),
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous copy of `t` (no copy when `t` is contiguous).
+pub(crate) fn with_contiguous<R>(
+    op: &str,
+    what: &str,
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    f(contiguous_data(
+        op,
+        what,
+        cpu_storage(op, what, &storage)?,
+        layout,
+    )?)
+}
