@@ -280,6 +280,14 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// Outputs `first..first + count` only: `x W[first..first + count]ᵀ`. Splitting a layer's
+    /// outputs this way, rather than narrowing its whole output, keeps each part contiguous and
+    /// leaves the backward pass a narrow of the small weight instead of zero-padded copies of
+    /// the large output.
+    pub fn forward_outputs(&self, x: &Tensor, first: usize, count: usize) -> Result<Tensor> {
+        matmul_transposed(x, &self.weight.narrow(0, first, count)?)
+    }
 }
 
 impl Module for Linear {

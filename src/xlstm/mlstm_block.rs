@@ -175,9 +175,9 @@ impl MlstmBlock {
     fn cell_inputs(&self, x: &Tensor, conv_state: Option<&Tensor>) -> Result<CellInputs> {
         let (b, s, _) = x.dims3()?;
         let (d, nh) = (self.inner_dim, self.num_heads);
-        let up = self.proj_up.forward(&self.norm.forward(x)?)?;
-        let x_m = up.narrow(D::Minus1, 0, d)?;
-        let z = up.narrow(D::Minus1, d, d)?;
+        let normed = self.norm.forward(x)?;
+        let x_m = self.proj_up.forward_outputs(&normed, 0, d)?;
+        let z = self.proj_up.forward_outputs(&normed, d, d)?;
         let x_conv = self.conv.forward_silu(&x_m, conv_state)?;
         let q = self.q_proj.forward(&x_conv)?;
         let k = self.k_proj.forward(&x_conv)?;
