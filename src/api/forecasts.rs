@@ -304,10 +304,8 @@ pub async fn fresh(
         horizon,
         levels: wanted,
     };
-    if !persist {
-        if let Some(body) = memo.rendering(&selection) {
-            return Ok(json_response(body));
-        }
+    if !persist && let Some(body) = memo.rendering(&selection) {
+        return Ok(json_response(body));
     }
     let mut record = forecast_record(
         series.id,

@@ -88,11 +88,11 @@ pub async fn run(args: QuickstartArgs, settings: &Settings) -> anyhow::Result<()
 
 /// The sample series, created with `rows` hourly rows up to the current hour if missing.
 async fn ensure_sample_series(store: &dyn Store, rows: usize) -> anyhow::Result<Series> {
-    if let Some(series) = store.get_series(SERIES).await? {
-        if store.observation_range(SERIES).await?.count > 0 {
-            eprintln!("series '{SERIES}' exists: keeping it");
-            return Ok(series);
-        }
+    if let Some(series) = store.get_series(SERIES).await?
+        && store.observation_range(SERIES).await?.count > 0
+    {
+        eprintln!("series '{SERIES}' exists: keeping it");
+        return Ok(series);
     }
     let hour = Utc::now().duration_trunc(TimeDelta::hours(1))?;
     let start = hour - TimeDelta::hours(rows as i64 - 1);

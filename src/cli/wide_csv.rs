@@ -74,13 +74,13 @@ pub fn read_wide_csv(path: &Path) -> anyhow::Result<WideTable> {
             parse_timestamp_micros(text.unwrap_or(""), chrono_tz::UTC).map_err(|message| {
                 anyhow::anyhow!("--csv: line {}, column '{time_name}': {message}", line(row))
             })?;
-        if let Some(previous) = ts_micros.last() {
-            if micros <= *previous {
-                bail!(
-                    "--csv: line {}, column '{time_name}': timestamps must be strictly increasing",
-                    line(row)
-                );
-            }
+        if let Some(previous) = ts_micros.last()
+            && micros <= *previous
+        {
+            bail!(
+                "--csv: line {}, column '{time_name}': timestamps must be strictly increasing",
+                line(row)
+            );
         }
         ts_micros.push(micros);
     }

@@ -164,10 +164,11 @@ impl MetricsAccumulator {
                 let (tau, difference) = (f64::from(*level), y - f64::from(*quantile));
                 self.pinball += (tau * difference).max((tau - 1.0) * difference);
             }
-            if let Some((low, high)) = band {
-                if f64::from(quantiles[low]) <= y && y <= f64::from(quantiles[high]) {
-                    self.covered += 1;
-                }
+            if let Some((low, high)) = band
+                && f64::from(quantiles[low]) <= y
+                && y <= f64::from(quantiles[high])
+            {
+                self.covered += 1;
             }
         }
         self.windows += forecast.batch;

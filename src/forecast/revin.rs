@@ -66,7 +66,7 @@ impl InstanceNorm {
                 let stat = window * channels + channel;
                 centre[stat] = match self.centre {
                     Centre::Mean => mean as f32,
-                    Centre::LastValue => observed.clone().last().unwrap_or(mean) as f32,
+                    Centre::LastValue => observed.clone().next_back().unwrap_or(mean) as f32,
                 };
                 if self.scale {
                     let variance = observed.map(|v| (v - mean).powi(2)).sum::<f64>() / count as f64;

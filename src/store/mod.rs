@@ -432,6 +432,19 @@ pub(crate) fn series_named(name: &str) -> String {
     format!("series '{name}'")
 }
 
+/// Converts epoch microseconds already checked to lie in the stored range.
+pub(crate) fn datetime_from_micros(
+    field: &'static str,
+    micros: i64,
+) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+        StoreError::invalid(
+            field,
+            format!("{micros} µs since the epoch is out of range"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_time_span;
@@ -463,17 +476,4 @@ mod tests {
         let extreme = split_time_span(super::MIN_TS_MICROS, super::MAX_TS_MICROS, 4);
         assert_eq!(extreme.len(), 4);
     }
-}
-
-/// Converts epoch microseconds already checked to lie in the stored range.
-pub(crate) fn datetime_from_micros(
-    field: &'static str,
-    micros: i64,
-) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
-        StoreError::invalid(
-            field,
-            format!("{micros} µs since the epoch is out of range"),
-        )
-    })
 }

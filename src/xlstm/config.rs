@@ -275,14 +275,14 @@ impl XlstmConfig {
                 ));
             }
             let inner = self.mlstm_inner_dim();
-            if m.num_heads == 0 || inner % m.num_heads != 0 {
+            if m.num_heads == 0 || !inner.is_multiple_of(m.num_heads) {
                 return err(format!(
                     "mlstm.num_heads = {} must be positive and divide the mLSTM inner dim {inner} \
                      (64·⌈proj_factor·embedding_dim/64⌉)",
                     m.num_heads
                 ));
             }
-            if m.qkv_proj_blocksize == 0 || inner % m.qkv_proj_blocksize != 0 {
+            if m.qkv_proj_blocksize == 0 || !inner.is_multiple_of(m.qkv_proj_blocksize) {
                 return err(format!(
                     "mlstm.qkv_proj_blocksize = {} must be positive and divide the mLSTM inner dim {inner}",
                     m.qkv_proj_blocksize
@@ -300,7 +300,7 @@ impl XlstmConfig {
         }
         if self.num_slstm_blocks() > 0 {
             let s = &self.slstm;
-            if s.num_heads == 0 || self.embedding_dim % s.num_heads != 0 {
+            if s.num_heads == 0 || !self.embedding_dim.is_multiple_of(s.num_heads) {
                 return err(format!(
                     "slstm.num_heads = {} must be positive and divide embedding_dim = {}",
                     s.num_heads, self.embedding_dim

@@ -238,7 +238,7 @@ pub struct LinearHeadwiseExpand {
 
 impl LinearHeadwiseExpand {
     pub fn new(dim: usize, num_blocks: usize, init: Init, vb: VarBuilder) -> Result<Self> {
-        if num_blocks == 0 || dim % num_blocks != 0 {
+        if num_blocks == 0 || !dim.is_multiple_of(num_blocks) {
             candle_core::bail!(
                 "linear headwise: {num_blocks} blocks do not divide the feature dim {dim} ({})",
                 vb.prefix()
