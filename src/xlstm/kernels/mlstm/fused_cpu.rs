@@ -153,7 +153,7 @@ impl<'a> Strided<'a> {
     }
 
     /// The submatrix from row `i` and column `p` on.
-    fn from(self, i: usize, p: usize) -> Self {
+    fn starting_at(self, i: usize, p: usize) -> Self {
         Self {
             data: &self.data[i * self.row + p * self.col..],
             ..self
@@ -198,7 +198,7 @@ fn causal_gemm_acc<L: Lanes>(
         match causal {
             Causal::LowerOutput => lanes.gemm_acc(
                 (rows, n.min(first + rows), k),
-                a.from(first, 0),
+                a.starting_at(first, 0),
                 b,
                 ldb,
                 c_rows,
@@ -206,7 +206,7 @@ fn causal_gemm_acc<L: Lanes>(
             ),
             Causal::LowerA => lanes.gemm_acc(
                 (rows, n, k.min(first + rows)),
-                a.from(first, 0),
+                a.starting_at(first, 0),
                 b,
                 ldb,
                 c_rows,
@@ -214,7 +214,7 @@ fn causal_gemm_acc<L: Lanes>(
             ),
             Causal::UpperA if first < k => lanes.gemm_acc(
                 (rows, n, k - first),
-                a.from(first, first),
+                a.starting_at(first, first),
                 &b[first * ldb..],
                 ldb,
                 c_rows,
