@@ -24,7 +24,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, cpu_storage};
+use super::super::cpu_data::{contiguous_data, with_contiguous};
 use super::{
     DENOMINATOR_EPS, MlstmState, check_chunk_size, check_sequence_inputs, check_state,
     check_step_inputs,
@@ -1329,31 +1329,6 @@ fn chunk_rows_backward<L: Lanes>(
     }
 }
 
-/// A contiguous CPU tensor whose f32 data the backward pass borrows (no copy when the tensor
-/// is already contiguous).
-struct Borrowed {
-    tensor: Tensor,
-}
-
-impl Borrowed {
-    fn new(t: &Tensor) -> Result<Self> {
-        Ok(Self {
-            tensor: t.contiguous()?,
-        })
-    }
-
-    /// Runs `f` on the data.
-    fn read<R>(&self, op: &str, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        let (storage, layout) = self.tensor.storage_and_layout();
-        f(contiguous_data(
-            op,
-            what,
-            cpu_storage(op, what, &storage)?,
-            layout,
-        )?)
-    }
-}
-
 /// Values the forward pass keeps for the backward pass while gradients are tracked (like
 /// torch's `save_for_backward`): per head the rows `[h | m_row | b_row]` and, for the
 /// chunkwise form, the state record before every chunk and the final one.
@@ -1437,18 +1412,13 @@ impl CustomOp2 for ParallelOp {
         let op = self.name();
         let g = self.geometry;
         let rows = recorded(op, &self.tape)?;
-        let (qkv_b, gates_b, grad_b) = (
-            Borrowed::new(qkv)?,
-            Borrowed::new(gates)?,
-            Borrowed::new(grad_res)?,
-        );
         let mut grad_qkv = vec![0f32; qkv.elem_count()];
         let mut grad_gates = vec![0f32; gates.elem_count()];
         let qkv_len = g.seq_len * g.qkv_width();
         let h_len = g.seq_len * g.head_dim;
-        qkv_b.read(op, "qkv", |qkv_data| {
-            gates_b.read(op, "gates", |gates_data| {
-                grad_b.read(op, "output gradient", |grad_h| {
+        with_contiguous(op, "qkv", qkv, |qkv_data| {
+            with_contiguous(op, "gates", gates, |gates_data| {
+                with_contiguous(op, "output gradient", grad_res, |grad_h| {
                     grad_qkv
                         .par_chunks_mut(qkv_len)
                         .zip(grad_gates.par_chunks_mut(g.seq_len * 2))
@@ -1606,12 +1576,6 @@ impl CustomOp3 for ChunkwiseOp {
         let op = self.name();
         let g = self.geometry;
         let records = recorded(op, &self.tape)?;
-        let (qkv_b, gates_b, initial_b, grad_b) = (
-            Borrowed::new(qkv)?,
-            Borrowed::new(gates)?,
-            Borrowed::new(initial)?,
-            Borrowed::new(grad_res)?,
-        );
         let mut grad_qkv = vec![0f32; qkv.elem_count()];
         let mut grad_gates = vec![0f32; gates.elem_count()];
         let mut grad_initial = vec![0f32; initial.elem_count()];
@@ -1620,10 +1584,10 @@ impl CustomOp3 for ChunkwiseOp {
         let state_len = g.state_len();
         let h_len = g.seq_len * g.head_dim;
         let heads = grad_initial.len() / state_len;
-        qkv_b.read(op, "qkv", |qkv_data| {
-            gates_b.read(op, "gates", |gates_data| {
-                initial_b.read(op, "initial state", |initial_data| {
-                    grad_b.read(op, "output gradient", |grad_out| {
+        with_contiguous(op, "qkv", qkv, |qkv_data| {
+            with_contiguous(op, "gates", gates, |gates_data| {
+                with_contiguous(op, "initial state", initial, |initial_data| {
+                    with_contiguous(op, "output gradient", grad_res, |grad_out| {
                         let (grad_h, grad_final) = grad_out.split_at(heads * h_len);
                         grad_qkv
                             .par_chunks_mut(qkv_len)
