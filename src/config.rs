@@ -9,6 +9,8 @@
 //! - `XLSTM_FORECAST_API_KEY`: the key writes must present (secret; none by default).
 //! - `XLSTM_FORECAST_CORS_ORIGINS`: comma-separated origins (`https://host[:port]`,
 //!   or `*` for any) whose pages may call the API from a browser; none by default.
+//! - `XLSTM_FORECAST_DEVICE`: where training and fine-tuning runs compute: `auto` (the
+//!   default: CUDA when the build has it and a GPU is usable), `cpu`, `cuda` or `cuda:N`.
 //!
 //! An environment variable set to the empty string counts as unset, so that
 //! `FOO=` in a container definition does not silently override the file.
@@ -21,12 +23,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::device::DeviceChoice;
+
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 pub const DEFAULT_FORECAST_MEMO_MIB: usize = 64;
 pub const ENV_DATA_DIR: &str = "XLSTM_FORECAST_DATA_DIR";
 pub const ENV_BIND: &str = "XLSTM_FORECAST_BIND";
 pub const ENV_API_KEY: &str = "XLSTM_FORECAST_API_KEY";
 pub const ENV_CORS_ORIGINS: &str = "XLSTM_FORECAST_CORS_ORIGINS";
+pub const ENV_DEVICE: &str = "XLSTM_FORECAST_DEVICE";
 
 /// The `cors_allowed_origins` entry that allows every origin.
 pub const ANY_ORIGIN: &str = "*";
@@ -41,6 +46,7 @@ const MASK: &str = "****";
 pub struct Settings {
     pub server: ServerSettings,
     pub store: StoreSettings,
+    pub compute: ComputeSettings,
     /// Where each key's effective value came from (key → source); keys absent
     /// here hold their built-in default.
     #[serde(skip)]
@@ -94,6 +100,13 @@ impl Default for StoreSettings {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeSettings {
+    /// Where training and fine-tuning runs compute: auto, cpu, cuda or cuda:N.
+    pub device: DeviceChoice,
+}
+
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingOrigin {
@@ -125,6 +138,7 @@ impl Settings {
             ENV_BIND,
             ENV_API_KEY,
             ENV_CORS_ORIGINS,
+            ENV_DEVICE,
         ]
         .into_iter()
         .filter_map(|name| {
@@ -202,6 +216,14 @@ impl Settings {
                 SettingOrigin::Env(ENV_CORS_ORIGINS),
             );
         }
+        if let Some(device) = env_value(ENV_DEVICE) {
+            settings.compute.device = device
+                .parse()
+                .map_err(|problem| anyhow::anyhow!("{ENV_DEVICE}: {problem}"))?;
+            settings
+                .origins
+                .insert("compute.device".into(), SettingOrigin::Env(ENV_DEVICE));
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -261,7 +283,7 @@ impl Settings {
 
     /// The name a user would look for when a value is wrong: the environment
     /// variable when one set it, else the TOML key.
-    fn origin_label(&self, key: &str) -> String {
+    pub fn origin_label(&self, key: &str) -> String {
         match self.origins.get(key) {
             Some(SettingOrigin::Env(var)) => (*var).to_string(),
             Some(SettingOrigin::File(path)) => format!("{key} (in {path})"),

@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod forecast;
 pub mod jobs;
 pub mod store;

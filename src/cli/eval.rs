@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
-use super::progress::{DeviceArg, TrainingProgressPrinter};
+use super::progress::TrainingProgressPrinter;
 use super::wide_csv::read_wide_csv;
 use crate::data::infer_frequency;
+use crate::device::DeviceChoice;
 use crate::forecast::{
     EvalOptions, EvalReport, ModelChoice, SplitSpec, evaluate_with_progress, seasonal_period_for,
 };
@@ -73,8 +74,10 @@ pub struct EvalArgs {
     /// baselines are deterministic).
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
+    /// auto, cpu, cuda or cuda:N for the xLSTM model (auto: CUDA when this build has it and a
+    /// GPU is usable); the baselines run on the CPU.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
     /// Season length for seasonal naive and the MASE scale (default: from the frequency:
     /// hourly 24, 15 min 96, 10 min 144, daily 7, otherwise 1).
     #[arg(long, value_name = "STEPS")]
@@ -97,7 +100,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 model.name()
             );
         }
-        if args.device != DeviceArg::Cpu {
+        if matches!(args.device, DeviceChoice::Cuda(_)) {
             bail!(
                 "--device: the {} baseline runs on the CPU only",
                 model.name()
@@ -135,7 +138,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         preset: args.preset.clone(),
         max_epochs: args.max_epochs,
         seed: args.seed,
-        device: args.device.open()?,
+        device: match model {
+            ModelChoice::Xlstm => args.device.open().context("--device")?,
+            _ => candle_core::Device::Cpu,
+        },
         ..EvalOptions::new(args.lookback, args.horizon, split, model, seasonal_period)
     };
     let mut progress = TrainingProgressPrinter::new();

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
-use candle_core::Device;
+use anyhow::{Context, bail};
 
 use crate::config::Settings;
+use crate::device::DeviceChoice;
 use crate::forecast::Predict;
 use crate::forecast::xlstm::artefact::read_dir;
 use crate::forecast::xlstm::{SeriesForecast, XlstmModel, forecast_latest};
@@ -29,11 +29,15 @@ pub struct ForecastArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// auto, cpu, cuda or cuda:N (auto: CUDA when this build has it and a GPU is usable).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 pub async fn run(args: ForecastArgs, settings: &Settings) -> anyhow::Result<()> {
     let (weights, manifest) = read_dir(&args.model)?;
-    let model = XlstmModel::from_parts(&weights, manifest, &Device::Cpu)?;
+    let device = args.device.open().context("--device")?;
+    let model = XlstmModel::from_parts(&weights, manifest, &device)?;
     let data = args.source.load(settings).await?;
     let horizon = args.horizon.unwrap_or(model.horizon());
     let forecast = forecast_latest(&model, &data, horizon)?;

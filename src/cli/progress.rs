@@ -1,31 +1,10 @@
-//! What the training commands share: the device flag and a progress display for training
-//! runs on stderr (a bar redrawn in place on a terminal, one line per epoch otherwise).
+//! What the training commands share: a progress display for training runs on stderr (a bar redrawn in place on a terminal, one line per epoch otherwise).
 
 use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use candle_core::Device;
-
 use crate::forecast::xlstm::TrainingProgress;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    #[value(name = "cpu")]
-    Cpu,
-    #[value(name = "cuda")]
-    Cuda,
-}
-
-impl DeviceArg {
-    pub fn open(self) -> anyhow::Result<Device> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda => Device::new_cuda(0).context("--device cuda: no CUDA device is usable"),
-        }
-    }
-}
 
 const REDRAW_EVERY: Duration = Duration::from_millis(200);
 const BAR_WIDTH: usize = 24;

@@ -143,7 +143,7 @@ async fn ensure_champion(
     eprintln!("training preset '{preset}' (run {})", run.id);
     let workers = WorkerPool::start(
         store.clone(),
-        standard_executors(store.clone()),
+        standard_executors(store.clone(), candle_core::Device::Cpu),
         WorkerConfig {
             poll_interval: Duration::from_millis(50),
             ..WorkerConfig::default()

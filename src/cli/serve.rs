@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::api::{ApiConfig, Application};
 use crate::config::{Settings, mask_database_url};
 use crate::jobs::{SchedulerHandle, WorkerConfig, WorkerPool, standard_executors};
@@ -53,7 +55,11 @@ struct Jobs {
 }
 
 impl Jobs {
-    async fn start(store: Arc<dyn Store>, args: &ServeArgs) -> anyhow::Result<Self> {
+    async fn start(
+        store: Arc<dyn Store>,
+        args: &ServeArgs,
+        settings: &Settings,
+    ) -> anyhow::Result<Self> {
         if !(args.lease_seconds.is_finite() && (0.5..=86_400.0).contains(&args.lease_seconds)) {
             anyhow::bail!("--lease-seconds must lie between 0.5 and 86400");
         }
@@ -70,7 +76,12 @@ impl Jobs {
             Duration::from_secs(args.schedule_reload_seconds.max(1)),
         )
         .await?;
-        let workers = WorkerPool::start(store.clone(), standard_executors(store), config);
+        let device = settings
+            .compute
+            .device
+            .open()
+            .with_context(|| settings.origin_label("compute.device"))?;
+        let workers = WorkerPool::start(store.clone(), standard_executors(store, device), config);
         Ok(Self { scheduler, workers })
     }
 
@@ -87,7 +98,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     let backend = store::Backend::from_url(&url)?.as_str();
     let jobs = match args.role {
         Role::Api => None,
-        Role::All | Role::Worker => Some(Jobs::start(store.clone(), &args).await?),
+        Role::All | Role::Worker => Some(Jobs::start(store.clone(), &args, settings).await?),
     };
     match args.role {
         Role::Api | Role::All => {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::config::Settings;
 use crate::forecast::DEFAULT_PRESET;
@@ -13,8 +13,9 @@ use crate::forecast::xlstm::{
     finetune_on_series, train_on_series,
 };
 
-use super::progress::{DeviceArg, TrainingProgressPrinter};
+use super::progress::TrainingProgressPrinter;
 use super::series_source::SeriesSourceArgs;
+use crate::device::DeviceChoice;
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -45,8 +46,9 @@ pub struct TrainArgs {
     /// Share of the most recent rows held out for validation.
     #[arg(long, value_name = "F", default_value_t = DEFAULT_VALIDATION_FRACTION)]
     pub validation_fraction: f64,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
+    /// auto, cpu, cuda or cuda:N (auto: CUDA when this build has it and a GPU is usable).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
     /// Print the manifest's summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -62,7 +64,7 @@ pub async fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     if args.max_epochs == Some(0) {
         bail!("--max-epochs: must be at least 1");
     }
-    let device = args.device.open()?;
+    let device = args.device.open().context("--device")?;
     let data = args.source.load(settings).await?;
     let mut progress = TrainingProgressPrinter::new();
     let mut show = |p: &_| progress.show(p);

@@ -38,15 +38,12 @@ pub use worker::{WorkerConfig, WorkerPool};
 
 use crate::store::{RunKind, Store};
 
-/// The executors this build has: pulls, and training and fine-tuning on the CPU behind the
+/// The executors this build has: pulls, and training and fine-tuning on `device` behind the
 /// retraining policy (pull before a scheduled run, skip a fine-tune with nothing new).
-pub fn standard_executors(store: Arc<dyn Store>) -> Executors {
+pub fn standard_executors(store: Arc<dyn Store>, device: candle_core::Device) -> Executors {
     let training: Arc<dyn RunExecutor> = Arc::new(RetrainingPolicy::new(
         store.clone(),
-        Arc::new(TrainingExecutor::new(
-            store.clone(),
-            candle_core::Device::Cpu,
-        )),
+        Arc::new(TrainingExecutor::new(store.clone(), device)),
     ));
     Executors::new()
         .with(RunKind::Pull, Arc::new(PullExecutor::new(store)))

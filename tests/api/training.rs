@@ -81,7 +81,7 @@ fn workers(app: &TestApp) -> WorkerPool {
     };
     WorkerPool::start(
         app.store.clone(),
-        standard_executors(app.store.clone()),
+        standard_executors(app.store.clone(), candle_core::Device::Cpu),
         config,
     )
 }

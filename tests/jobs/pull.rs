@@ -141,7 +141,7 @@ store_tests! {
         bind(&store, &series, "postgres://reader:hunter2@127.0.0.1:1/nowhere", QUERY).await;
         let doomed = enqueue_pull(store.as_ref(), &series).await.unwrap();
         let config = WorkerConfig { poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };
-        let pool = WorkerPool::start(store.clone(), standard_executors(store.clone()), config);
+        let pool = WorkerPool::start(store.clone(), standard_executors(store.clone(), candle_core::Device::Cpu), config);
         wait_until(Duration::from_secs(20), "the failing pull", || {
             let store = store.clone();
             async move { run_of(&store, doomed.id).await.status.is_final() }

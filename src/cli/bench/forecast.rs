@@ -201,7 +201,7 @@ async fn measure(
     .await?;
     let workers = WorkerPool::start(
         store.clone(),
-        standard_executors(store.clone()),
+        standard_executors(store.clone(), candle_core::Device::Cpu),
         WorkerConfig::default(),
     );
     let trained = loop {
