@@ -18,6 +18,8 @@ pub enum KindArg {
     Hourly,
     #[value(name = "15min")]
     FifteenMinutes,
+    #[value(name = "10min")]
+    TenMinutes,
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +48,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let kind = match args.kind {
         KindArg::Hourly => SyntheticKind::Hourly,
         KindArg::FifteenMinutes => SyntheticKind::FifteenMinutes,
+        KindArg::TenMinutes => SyntheticKind::TenMinutes,
     };
     let spec = SyntheticSpec {
         missing_fraction: args.missing,

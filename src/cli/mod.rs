@@ -3,6 +3,7 @@
 
 mod bench;
 mod config_cmd;
+mod device_check;
 mod eval;
 mod export;
 mod forecast;
@@ -59,6 +60,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write a realistic synthetic multivariate series as CSV.
     Generate(generate::GenerateArgs),
+    /// Check the kernels on a device (a GPU) against the fused CPU kernels: outputs and
+    /// gradients, one line per case; fails when a case exceeds its tolerance.
+    DeviceCheck(device_check::DeviceCheckArgs),
     /// Benchmarks that print figures (JSON lines with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -78,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forecast(args) => block_on(forecast::run(args, &settings)),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::DeviceCheck(args) => device_check::run(args),
         Command::Bench(cmd) => bench::run(cmd, &settings),
     }
 }

@@ -44,6 +44,7 @@ pub const DEFAULT_START_MICROS: i64 = 1_467_331_200_000_000;
 pub enum SyntheticKind {
     Hourly,
     FifteenMinutes,
+    TenMinutes,
 }
 
 impl SyntheticKind {
@@ -51,6 +52,7 @@ impl SyntheticKind {
         match self {
             Self::Hourly => MICROS_PER_HOUR,
             Self::FifteenMinutes => MICROS_PER_HOUR / 4,
+            Self::TenMinutes => MICROS_PER_HOUR / 6,
         }
     }
 

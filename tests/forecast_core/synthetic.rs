@@ -103,6 +103,26 @@ fn fifteen_minute_series_repeat_daily_every_96_rows() {
 }
 
 #[test]
+fn ten_minute_series_repeat_daily_every_144_rows() {
+    let series = generate(&SyntheticSpec::new(
+        SyntheticKind::TenMinutes,
+        144 * 7 * 16,
+        2,
+        4,
+    ))
+    .unwrap();
+    assert_eq!(series.step_micros, 600_000_000);
+    let values = channel(&series.matrix, 0);
+    // A 150-step cycle drifts by an hour a day; over sixteen weeks it mixes every hour.
+    assert!(
+        profile_range(&values, 144) > 2.0 * profile_range(&values, 150),
+        "daily range {} vs 150-step range {}",
+        profile_range(&values, 144),
+        profile_range(&values, 150)
+    );
+}
+
+#[test]
 fn a_missing_fraction_leaves_about_that_share_of_cells_missing() {
     let spec = SyntheticSpec {
         missing_fraction: 0.05,

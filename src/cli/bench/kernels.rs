@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde_json::{Value, json};
 
+use crate::device::DeviceChoice;
 use crate::xlstm::kernels::{mlstm, slstm};
 use crate::xlstm::{StackState, XlstmConfig, XlstmStack};
 
@@ -58,6 +59,16 @@ pub struct KernelBenchArgs {
     /// Internal: measure one memory case (`<kernel>:<seq_len>:<head_dim>:<batch>`) in this process.
     #[arg(long, hide = true)]
     pub probe_memory: Option<String>,
+    /// Where the stack cases run: cpu (default), cuda or cuda:N. The kernel and memory cases
+    /// compare CPU kernels and run on the CPU only.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Batch size of the stack cases (default 32; the GPU benchmark uses 256).
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Contexts of the stack cases, comma-separated (default 96,336).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub contexts: Vec<usize>,
 }
 
 /// Batch, heads and embedding of the benchmarked configuration (the forecasting default).
@@ -111,9 +122,28 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let sizes = Sizes::new(args.quick);
+    let mut sizes = Sizes::new(args.quick);
+    if let Some(batch) = args.batch {
+        if batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        sizes.batch = batch;
+    }
+    if !args.contexts.is_empty() {
+        if args.contexts.contains(&0) {
+            bail!("--contexts: every context must be at least 1");
+        }
+        sizes.contexts = args.contexts.clone();
+    }
     let iters = if args.quick { 1 } else { args.iters };
     let wants = |g: CaseGroup| args.only.is_empty() || args.only.contains(&g);
+    let device = args.device.open().context("--device")?;
+    if !device.is_cpu() && (wants(CaseGroup::Kernels) || wants(CaseGroup::Memory)) {
+        bail!(
+            "--device {}: only the stack cases run on a device; add --only stack",
+            args.device
+        );
+    }
     let report = Reporter { json: args.json };
     if wants(CaseGroup::Kernels) {
         let kernels = if args.kernels.is_empty() {
@@ -130,7 +160,7 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
         memory_cases(&sizes, &report)?;
     }
     if wants(CaseGroup::Stack) {
-        let ours = stack_cases(&sizes, iters, &report)?;
+        let ours = stack_cases(&sizes, &device, iters, &report)?;
         if let Some(python) = &args.peer {
             peer_cases(python, &args.peer_script, &sizes, iters, &ours, &report)?;
         }
@@ -460,26 +490,35 @@ const VARIANTS: [(&str, usize, usize); 3] = [
 /// Our median ms per (variant, context, mode) for the peer comparison.
 type StackTimings = Vec<(String, usize, &'static str, f64)>;
 
-fn stack_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<StackTimings> {
-    let dev = Device::Cpu;
+fn stack_cases(
+    sizes: &Sizes,
+    dev: &Device,
+    iters: usize,
+    report: &Reporter,
+) -> anyhow::Result<StackTimings> {
+    let device_name = match dev {
+        Device::Cpu => "cpu".to_string(),
+        other => format!("{other:?}"),
+    };
     let mut timings = Vec::new();
     for &context in &sizes.contexts {
         for (variant, mlstm_parts, slstm_parts) in VARIANTS {
             let cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
             let varmap = VarMap::new();
-            let stack = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+            let stack = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
             let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
             let head_dim = if cfg.num_slstm_blocks() == cfg.num_blocks {
                 cfg.slstm_head_dim()
             } else {
                 cfg.mlstm_head_dim()
             };
-            let x = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), &dev)?;
-            let target = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), dev)?;
+            let target = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), dev)?;
             let base = json!({
                 "case": "stack", "variant": variant, "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
                 "num_blocks": 4, "params": params, "iters": iters, "threads": rayon::current_num_threads(),
+                "device": device_name,
             });
 
             let (forward, _) = time_ms(iters, || {
@@ -503,6 +542,8 @@ fn stack_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
             let (train, _) = time_ms(iters, || {
                 let loss = (stack.forward_t(&x, true)? - &target)?.sqr()?.mean_all()?;
                 opt.backward_step(&loss)?;
+                // A GPU queues the step; the time is the step's, not its launch's.
+                dev.synchronize()?;
                 Ok(())
             })?;
             let mut case = base.clone();
@@ -513,7 +554,7 @@ fn stack_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
 
             // The recurrent step is the same for every context; measure it once per variant.
             if context == sizes.contexts[0] {
-                let mut state = StackState::new(&cfg, sizes.batch, &dev)?;
+                let mut state = StackState::new(&cfg, sizes.batch, dev)?;
                 let state_bytes = state_bytes(&state);
                 let token = x.narrow(1, 0, 1)?;
                 let mut per_step = Vec::with_capacity(sizes.step_tokens);

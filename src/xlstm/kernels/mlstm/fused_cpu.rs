@@ -27,15 +27,11 @@ use rayon::prelude::*;
 use super::super::cpu_data::{contiguous_data, with_contiguous};
 use super::{
     DENOMINATOR_EPS, MlstmState, check_chunk_size, check_sequence_inputs, check_state,
-    check_step_inputs,
+    check_step_inputs, pack_gates, pack_qkv, pack_state, state_record_len, unpack_state,
 };
 
 /// Values stored after h in every output row: the row stabiliser and the signed normaliser.
 const ROW_STATS: usize = 2;
-
-fn state_record_len(head_dim: usize) -> usize {
-    head_dim * head_dim + head_dim + 1
-}
 
 fn log_sigmoid(x: f32) -> f32 {
     x.min(0.0) - (-x.abs()).exp().ln_1p()
@@ -1709,30 +1705,6 @@ impl CustomOp3 for StepOp {
     }
 }
 
-/// Packs a state into contiguous records `[B, NH, DH·DH + DH + 1]`.
-fn pack_state(state: &MlstmState) -> Result<Tensor> {
-    Tensor::cat(
-        &[
-            state.c.flatten_from(2)?,
-            state.n.clone(),
-            state.m.unsqueeze(2)?,
-        ],
-        2,
-    )?
-    .contiguous()
-}
-
-/// Splits records `[B, NH, DH·DH + DH + 1]` into a state.
-fn unpack_state(records: &Tensor, head_dim: usize) -> Result<MlstmState> {
-    let (batch, heads, _) = records.dims3()?;
-    let d = head_dim;
-    Ok(MlstmState {
-        c: records.narrow(2, 0, d * d)?.reshape((batch, heads, d, d))?,
-        n: records.narrow(2, d * d, d)?.contiguous()?,
-        m: records.narrow(2, d * d + d, 1)?.squeeze(2)?.contiguous()?,
-    })
-}
-
 /// Fused stabilised parallel form; see [`super::parallel`].
 pub fn parallel(
     q: &Tensor,
@@ -1743,16 +1715,6 @@ pub fn parallel(
 ) -> Result<Tensor> {
     check_sequence_inputs("mlstm parallel", q, k, v, igate, fgate)?;
     parallel_packed(&pack_qkv(q, k, v)?, &pack_gates(igate, fgate)?)
-}
-
-/// q, k, v side by side `[B, NH, S, 3·DH]`: the kernels' input layout.
-pub(super) fn pack_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    Tensor::cat(&[q, k, v], 3)?.contiguous()
-}
-
-/// igate, fgate interleaved `[B, NH, S, 2]`.
-pub(super) fn pack_gates(igate: &Tensor, fgate: &Tensor) -> Result<Tensor> {
-    Tensor::stack(&[igate, fgate], 3)?.contiguous()
 }
 
 /// The parallel form on packed inputs (checked by the caller): qkv `[B, NH, S, 3·DH]`,

@@ -10,9 +10,10 @@
 //! State convention (xlstm's): `C` and `n` are built from `k / sqrt(DH)`, `m` is the
 //! per-head stabiliser, all in stabilised coordinates.
 //!
-//! All inputs must be f32 (other dtypes are rejected, not converted). On the CPU the
-//! fused kernels of [`fused_cpu`] run; every other device uses [`reference`] until
-//! a device kernel is added as one more match arm per function.
+//! Inputs must be f32; on a CUDA device they may be bf16 instead (the kernels compute and
+//! keep states in f32 and return h in bf16). Other dtypes are rejected, not converted. States
+//! are always f32. On the CPU the fused kernels of [`fused_cpu`] run, on a CUDA device
+//! (feature `cuda`) those of `fused_cuda`; any other device uses [`reference`].
 //!
 //! Gradients: the stabiliser `m` is treated as a constant (stop-gradient) everywhere,
 //! which is exact for losses on `h` because `h` does not depend on `m`. The final
@@ -20,6 +21,8 @@
 //! convention; the initial state receives gradients for `C`, `n` and `m`.
 
 pub mod fused_cpu;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 pub mod reference;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
@@ -65,6 +68,11 @@ pub fn parallel(
 ) -> Result<Tensor> {
     match q.device() {
         Device::Cpu => fused_cpu::parallel(q, k, v, igate, fgate),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            check_sequence_inputs("mlstm parallel", q, k, v, igate, fgate)?;
+            fused_cuda::parallel_packed(&pack_qkv(q, k, v)?, &pack_gates(igate, fgate)?)
+        }
         _ => reference::parallel(q, k, v, igate, fgate),
     }
 }
@@ -83,6 +91,13 @@ pub fn chunkwise(
 ) -> Result<(Tensor, MlstmState)> {
     match q.device() {
         Device::Cpu => fused_cpu::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => chunkwise_packed(
+            &pack_qkv(q, k, v)?,
+            &pack_gates(igate, fgate)?,
+            chunk_size,
+            initial,
+        ),
         _ => reference::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
     }
 }
@@ -95,6 +110,8 @@ pub fn parallel_packed(qkv: &Tensor, gates: &Tensor) -> Result<Tensor> {
     check_sequence_inputs("mlstm parallel", &q, &k, &v, &igate, &fgate)?;
     match q.device() {
         Device::Cpu => fused_cpu::parallel_packed(qkv, gates),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => fused_cuda::parallel_packed(qkv, gates),
         _ => reference::parallel(&q, &k, &v, &igate, &fgate),
     }
 }
@@ -115,8 +132,49 @@ pub fn chunkwise_packed(
     }
     match q.device() {
         Device::Cpu => fused_cpu::chunkwise_packed(qkv, gates, chunk_size, initial),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => fused_cuda::chunkwise_packed(qkv, gates, chunk_size, initial),
         _ => reference::chunkwise(&q, &k, &v, &igate, &fgate, chunk_size, initial),
     }
+}
+
+/// Length of a state record `[C (DH·DH) | n (DH) | m]`.
+pub(crate) fn state_record_len(head_dim: usize) -> usize {
+    head_dim * head_dim + head_dim + 1
+}
+
+/// q, k, v side by side `[B, NH, S, 3·DH]`: the kernels' input layout.
+pub(crate) fn pack_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[q, k, v], 3)?.contiguous()
+}
+
+/// igate, fgate interleaved `[B, NH, S, 2]`.
+pub(crate) fn pack_gates(igate: &Tensor, fgate: &Tensor) -> Result<Tensor> {
+    Tensor::stack(&[igate, fgate], 3)?.contiguous()
+}
+
+/// Packs a state into contiguous records `[B, NH, DH·DH + DH + 1]`.
+pub(crate) fn pack_state(state: &MlstmState) -> Result<Tensor> {
+    Tensor::cat(
+        &[
+            state.c.flatten_from(2)?,
+            state.n.clone(),
+            state.m.unsqueeze(2)?,
+        ],
+        2,
+    )?
+    .contiguous()
+}
+
+/// Splits records `[B, NH, DH·DH + DH + 1]` into a state.
+pub(crate) fn unpack_state(records: &Tensor, head_dim: usize) -> Result<MlstmState> {
+    let (batch, heads, _) = records.dims3()?;
+    let d = head_dim;
+    Ok(MlstmState {
+        c: records.narrow(2, 0, d * d)?.reshape((batch, heads, d, d))?,
+        n: records.narrow(2, d * d, d)?.contiguous()?,
+        m: records.narrow(2, d * d + d, 1)?.squeeze(2)?.contiguous()?,
+    })
 }
 
 /// Views q, k, v, igate, fgate of packed inputs.
@@ -157,6 +215,11 @@ pub fn step(
 ) -> Result<(Tensor, MlstmState)> {
     match q.device() {
         Device::Cpu => fused_cpu::step(q, k, v, igate, fgate, state),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            check_step_inputs("mlstm step", q, k, v, igate, fgate, state)?;
+            fused_cuda::step(q, k, v, igate, fgate, state)
+        }
         _ => reference::step(q, k, v, igate, fgate, state),
     }
 }
@@ -179,9 +242,32 @@ pub(crate) struct StepDims {
 }
 
 fn expect_f32_on(op: &str, name: &str, t: &Tensor, device: &Device) -> Result<()> {
-    if t.dtype() != DType::F32 {
+    expect_dtype_on(op, name, t, DType::F32, "", device)
+}
+
+/// The dtype of q: f32, or bf16 on a CUDA device (whose kernels compute in f32 and return h
+/// in bf16); every other input must have it too.
+fn expect_input_dtype(op: &str, q: &Tensor) -> Result<DType> {
+    match q.dtype() {
+        DType::F32 => Ok(DType::F32),
+        DType::BF16 if q.device().is_cuda() => Ok(DType::BF16),
+        other => Err(Error::Msg(format!(
+            "{op}: q has dtype {other:?}, expected F32 (or BF16 on a CUDA device)"
+        ))),
+    }
+}
+
+fn expect_dtype_on(
+    op: &str,
+    name: &str,
+    t: &Tensor,
+    dtype: DType,
+    why: &str,
+    device: &Device,
+) -> Result<()> {
+    if t.dtype() != dtype {
         return Err(Error::Msg(format!(
-            "{op}: {name} has dtype {:?}, expected F32",
+            "{op}: {name} has dtype {:?}, expected {dtype:?}{why}",
             t.dtype()
         )));
     }
@@ -227,14 +313,14 @@ pub(crate) fn check_sequence_inputs(
         )));
     }
     let device = q.device();
-    expect_f32_on(op, "q", q, device)?;
+    let dtype = expect_input_dtype(op, q)?;
     let qkv_shape = [batch, heads, seq_len, head_dim];
     for (name, t) in [("k", k), ("v", v)] {
-        expect_f32_on(op, name, t, device)?;
+        expect_dtype_on(op, name, t, dtype, " (the dtype of q)", device)?;
         expect_shape(op, name, t, &qkv_shape, "[B, NH, S, DH] (the shape of q)")?;
     }
     for (name, t) in [("igate", igate), ("fgate", fgate)] {
-        expect_f32_on(op, name, t, device)?;
+        expect_dtype_on(op, name, t, dtype, " (the dtype of q)", device)?;
         expect_shape(op, name, t, &qkv_shape[..3], "[B, NH, S]")?;
     }
     Ok(SequenceDims {
@@ -306,14 +392,14 @@ pub(crate) fn check_step_inputs(
         )));
     }
     let device = q.device();
-    expect_f32_on(op, "q", q, device)?;
+    let dtype = expect_input_dtype(op, q)?;
     let qkv_shape = [batch, heads, head_dim];
     for (name, t) in [("k", k), ("v", v)] {
-        expect_f32_on(op, name, t, device)?;
+        expect_dtype_on(op, name, t, dtype, " (the dtype of q)", device)?;
         expect_shape(op, name, t, &qkv_shape, "[B, NH, DH] (the shape of q)")?;
     }
     for (name, t) in [("igate", igate), ("fgate", fgate)] {
-        expect_f32_on(op, name, t, device)?;
+        expect_dtype_on(op, name, t, dtype, " (the dtype of q)", device)?;
         expect_shape(op, name, t, &qkv_shape[..2], "[B, NH]")?;
     }
     check_state(op, state, batch, heads, head_dim, device)?;

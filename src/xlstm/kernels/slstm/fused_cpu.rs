@@ -15,14 +15,11 @@
 //! Gradients reaching the final m are ignored; the final h, c, n pass theirs on.
 
 use super::simd::{BackwardStep, Kernels, UnitState};
-use super::{NUM_GATES, ScanDims, SlstmState};
+use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
-
-/// Rows of the packed output per (batch, head) after the S rows of h: final h, c, n, m.
-const STATE_ROWS: usize = 4;
 
 /// Per step and unit the tape holds these values (index into a `[TAPE_VALUES, DH]` block).
 pub(super) const TAPE_C: usize = 0;
@@ -49,32 +46,13 @@ pub(super) fn scan(
             x.dtype()
         )));
     }
-    let ScanDims {
-        batch,
-        seq_len,
-        heads,
-        head_dim,
-    } = dims;
-    let x = x.contiguous()?;
-    // The bias becomes an extra input row of the recurrent weights (for a constant input 1),
-    // so the op needs only three inputs; autodiff through `cat` routes its gradient back.
-    let r_aug = Tensor::cat(&[r, &bias.unsqueeze(1)?], 1)?.contiguous()?;
-    let init = match initial {
-        Some(state) => state.stacked()?.contiguous()?,
-        None => Tensor::zeros((4, batch, dims.hidden()), DType::F32, x.device())?,
-    };
+    let ScanInputs { x, r_aug, init } = ScanInputs::new(dims, x, r, bias, initial)?;
     let needs_tape = x.track_op() || r_aug.track_op() || init.track_op();
     let op = ScanForward {
         dims,
         tape: needs_tape.then(OnceLock::new),
     };
-    let packed = x.apply_op3(&r_aug, &init, op)?; // [B, NH, S + 4, DH]
-    let h = packed.narrow(2, 0, seq_len)?;
-    let final_state = packed
-        .narrow(2, seq_len, STATE_ROWS)?
-        .permute((2, 0, 1, 3))?
-        .reshape((STATE_ROWS, batch, heads * head_dim))?;
-    Ok((h, SlstmState::from_stacked(&final_state)?))
+    dims.unpack_output(&x.apply_op3(&r_aug, &init, op)?)
 }
 
 /// The f32 contents of a contiguous CPU tensor argument.

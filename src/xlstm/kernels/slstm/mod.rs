@@ -15,10 +15,13 @@
 //! (`n_t ≥ 1` after the first step).
 //!
 //! [`scan`] dispatches by device: CPU runs the fused custom op (`fused_cpu`, f32 only, hand-written
-//! backward that treats the stabiliser m as a constant, which is exact for losses on h); every
-//! other device runs [`reference::scan`] until a device kernel exists.
+//! backward that treats the stabiliser m as a constant, which is exact for losses on h), a CUDA
+//! device (feature `cuda`) the same scan as one kernel launch per direction (`fused_cuda`); any
+//! other device runs [`reference::scan`].
 
 mod fused_cpu;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 pub mod reference;
 mod simd;
 
@@ -26,6 +29,10 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 
 /// Number of gates (i, f, z, o).
 pub const NUM_GATES: usize = 4;
+
+/// Rows of a fused scan's packed output per (batch, head) after the S rows of h: the final
+/// h, c, n, m.
+const STATE_ROWS: usize = 4;
 
 /// Recurrent state of the sLSTM cell; each tensor is `[B, H]` with H = NH·DH (head-major).
 #[derive(Debug, Clone)]
@@ -73,7 +80,8 @@ impl SlstmState {
 ///
 /// `x` `[B, S, 4H]` gate pre-activations (i, f, z, o, gate-major), `r` `[NH, DH, 4, DH]`,
 /// `bias` `[NH, 4, DH]`, `initial` `None` for the all-zero state. Returns h for every step
-/// `[B, NH, S, DH]` and the final state. All inputs must be f32 on the CPU path.
+/// `[B, NH, S, DH]` and the final state. Inputs must be f32 on the CPU; on a CUDA device x, r
+/// and bias may be bf16 (computed in f32, h returned in bf16) with f32 states.
 pub fn scan(
     x: &Tensor,
     r: &Tensor,
@@ -82,6 +90,8 @@ pub fn scan(
 ) -> Result<(Tensor, SlstmState)> {
     match x.device() {
         Device::Cpu => fused_cpu::scan(x, r, bias, initial),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => fused_cuda::scan(x, r, bias, initial),
         _ => reference::scan(x, r, bias, initial),
     }
 }
@@ -98,6 +108,16 @@ pub(crate) struct ScanDims {
 impl ScanDims {
     pub fn hidden(&self) -> usize {
         self.heads * self.head_dim
+    }
+
+    /// h `[B, NH, S, DH]` and the final state from a fused scan's output `[B, NH, S + 4, DH]`.
+    fn unpack_output(&self, packed: &Tensor) -> Result<(Tensor, SlstmState)> {
+        let h = packed.narrow(2, 0, self.seq_len)?;
+        let final_state = packed
+            .narrow(2, self.seq_len, STATE_ROWS)?
+            .permute((2, 0, 1, 3))?
+            .reshape((STATE_ROWS, self.batch, self.hidden()))?;
+        Ok((h, SlstmState::from_stacked(&final_state)?))
     }
 
     /// Checks shapes, dtypes and devices of the scan arguments (`what` names the caller in errors).
@@ -152,12 +172,21 @@ impl ScanDims {
                 named.push((name, t));
             }
         }
+        // bf16 inputs (on a CUDA device) come with f32 states: the kernels keep states in f32.
+        let state_dtype = match x.dtype() {
+            DType::BF16 => DType::F32,
+            dtype => dtype,
+        };
         for (name, t) in named {
-            if t.dtype() != x.dtype() {
+            let (expected, why) = if name.starts_with("initial.") {
+                (state_dtype, "the state dtype for x's dtype")
+            } else {
+                (x.dtype(), "the dtype of x")
+            };
+            if t.dtype() != expected {
                 return Err(Error::Msg(format!(
-                    "{what}: {name} has dtype {:?}, expected {:?} (the dtype of x)",
+                    "{what}: {name} has dtype {:?}, expected {expected:?} ({why})",
                     t.dtype(),
-                    x.dtype()
                 )));
             }
             if !t.device().same_device(x.device()) {
@@ -173,6 +202,35 @@ impl ScanDims {
             seq_len,
             heads,
             head_dim,
+        })
+    }
+}
+
+/// The fused scans' inputs: x contiguous, the bias as an extra input row of the recurrent
+/// weights `r_aug` `[NH, DH + 1, 4, DH]` (for a constant input 1, so that the ops need only
+/// three inputs; autodiff through `cat` routes its gradient back), the initial state stacked
+/// `[4, B, H]`.
+struct ScanInputs {
+    x: Tensor,
+    r_aug: Tensor,
+    init: Tensor,
+}
+
+impl ScanInputs {
+    fn new(
+        dims: ScanDims,
+        x: &Tensor,
+        r: &Tensor,
+        bias: &Tensor,
+        initial: Option<&SlstmState>,
+    ) -> Result<Self> {
+        Ok(Self {
+            x: x.contiguous()?,
+            r_aug: Tensor::cat(&[r, &bias.unsqueeze(1)?], 1)?.contiguous()?,
+            init: match initial {
+                Some(state) => state.stacked()?.contiguous()?,
+                None => Tensor::zeros((4, dims.batch, dims.hidden()), x.dtype(), x.device())?,
+            },
         })
     }
 }
