@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# The GPU device check (issue: CUDA kernels). Two halves:
+# The GPU device check. Two halves:
 #
-#   bash scripts/gpu-check.sh prepare     here, on the build machine (no GPU needed): builds the
-#                                         CUDA binary (cargo build --features cuda, with the
-#                                         toolchain of ../shared/gpu) and fills gpu-carry/ (git-ignored) with
-#                                         everything the GPU machine needs: the stripped binary,
-#                                         ../shared/gpu/run-on-gpu.sh, the peer benchmark and its
-#                                         wheels.
-#   bash scripts/gpu-check.sh run [OUT]   there, in the carried checkout: parity of the CUDA
-#                                         kernels against the fused CPU kernels, the stack
-#                                         benchmark at batch 256 beside the official xLSTM, and
-#                                         (with FORECASTER=1) the `base` preset's training time.
-#                                         JSON lines go to OUT (default $OUT, else gpu-out/).
+#   bash scripts/gpu-check.sh prepare
+#       Here, on the build machine (no GPU needed): builds the CUDA binary (cargo build
+#       --features cuda, with the toolchain of ../shared/gpu) and fills gpu-carry/ (ignored by
+#       git) with what the GPU machine needs: the stripped binary, xz-compressed to fit a carried
+#       checkout, ../shared/gpu/run-on-gpu.sh, the peer benchmark and its wheels.
+#   bash scripts/gpu-check.sh run [OUT]
+#       There, in the carried checkout: parity of the CUDA kernels against the fused CPU
+#       kernels, the stack benchmark at batch 256 beside the official xLSTM, and (with
+#       FORECASTER=1) the `base` preset's training time. JSON lines go to OUT (default $OUT,
+#       else gpu-out/).
 #
-# `run` stays under 5 minutes: each step has a time limit, and a failed step does not stop the
-# later ones; the exit status is that of the parity check.
+# `run` takes at most 5 minutes without FORECASTER (each step has a time limit; a failed step
+# does not stop the later ones); its exit status is that of the parity check.
 set -u
 here="$(cd "$(dirname "$0")/.." && pwd)"
 carry="$here/gpu-carry"
@@ -28,7 +27,10 @@ prepare() {
     # release code generation in it (Cargo.toml); the GPU does the heavy lifting.
     (cd "$here" && cargo build --features cuda --bin xlstm-forecast)
     mkdir -p "$carry"
+    # Stripped it is ~100 MB (candle's CUDA kernels included); xz brings it under the 64 MiB a
+    # carried checkout may hold.
     strip -o "$carry/xlstm-forecast" "$here/target/debug/xlstm-forecast"
+    xz -T0 -6 -f "$carry/xlstm-forecast"
     cp "$shared/gpu/run-on-gpu.sh" "$carry/"
     rm -rf "$carry/peer-bench" && cp -r "$shared/gpu/peer-bench" "$carry/peer-bench"
     [ -d "$carry/wheels" ] || bash "$shared/gpu/peer-bench/fetch-wheels.sh" "$carry/wheels"
@@ -36,24 +38,39 @@ prepare() {
     echo "carry gpu-carry (ignored by git) and run: bash scripts/gpu-check.sh run"
 }
 
+# Keeps the JSON lines of FILE in it and appends the rest (run-on-gpu.sh's host banner) to LOG.
+json_only() {
+    grep -v '^{' "$1" >> "$2" || true
+    grep '^{' "$1" > "$1.json" || true
+    mv "$1.json" "$1"
+}
+
 run() {
     local out="${1:-${OUT:-$here/gpu-out}}"
     mkdir -p "$out"
+    if [ ! -x "$carry/xlstm-forecast" ]; then
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+            "$carry/xlstm-forecast.xz" "$carry/xlstm-forecast"
+        chmod +x "$carry/xlstm-forecast"
+    fi
     local bin=(bash "$carry/run-on-gpu.sh" "$carry/xlstm-forecast")
     echo "== parity: CUDA kernels against the fused CPU kernels"
-    timeout 100 "${bin[@]}" device-check --device cuda --json > "$out/parity.jsonl" 2> "$out/parity.log"
+    timeout 60 "${bin[@]}" device-check --device cuda --json > "$out/parity.jsonl" 2> "$out/parity.log"
     local parity=$?
+    json_only "$out/parity.jsonl" "$out/parity.log"
     tail -n 3 "$out/parity.log"
     grep -c '"pass":true' "$out/parity.jsonl" | sed 's/^/passed cases: /'
     grep '"pass":false' "$out/parity.jsonl" || true
 
     echo "== stack benchmark: batch 256, contexts 96/336/720, forward and AdamW training step"
-    timeout 120 "${bin[@]}" bench kernels --only stack --device cuda --batch 256 \
+    timeout 90 "${bin[@]}" bench kernels --only stack --device cuda --batch 256 \
         --contexts 96,336,720 --iters 10 --json > "$out/stack.jsonl" 2> "$out/stack.log"
-    echo "rc $?: $(wc -l < "$out/stack.jsonl") cases"
+    echo "rc $?"
+    json_only "$out/stack.jsonl" "$out/stack.log"
+    echo "$(wc -l < "$out/stack.jsonl") cases"
 
     echo "== peer: the official xLSTM on the same GPU"
-    timeout 230 bash "$carry/peer-bench/run.sh" "$carry/wheels" --budget-s 190 \
+    timeout 150 bash "$carry/peer-bench/run.sh" "$carry/wheels" --budget-s 120 \
         > "$out/peer.jsonl" 2> "$out/peer.log"
     echo "rc $?: $(wc -l < "$out/peer.jsonl") lines"
     python3 - "$out" <<'EOF' || true
@@ -87,7 +104,9 @@ EOF
         timeout 240 "${bin[@]}" eval --csv "$out/weather.csv" --lookback 336 --horizon 96 \
             --split 0.7,0.1,0.2 --model xlstm --preset base --device cuda --json \
             > "$out/forecaster.json" 2> "$out/forecaster.log"
-        echo "rc $?: $(cat "$out/forecaster.json")"
+        echo "rc $?"
+        json_only "$out/forecaster.json" "$out/forecaster.log"
+        cat "$out/forecaster.json"
     fi
     return "$parity"
 }
