@@ -293,6 +293,8 @@ fn mlstm_chunkwise_kernels_match_the_fused_cpu_kernel() {
         (1, 2, 40, 16, 16),
         (2, 1, 7, 4, 64),
         (1, 1, 9, 64, 64),
+        // The stack's shape: DH 32 in chunks of 32, the largest tiles the kernels carve.
+        (1, 2, 70, 32, 32),
     ] {
         check_mlstm_chunkwise(batch, heads, seq_len, d, chunk);
     }
@@ -529,6 +531,8 @@ fn slstm_scan_kernels_match_the_fused_cpu_scan() {
         (2, 6, 2, 8, true),
         (1, 1, 1, 4, false),
         (2, 1, 2, 4, false),
+        // DH 32: two rows per block, so the second block holds a row past the batch.
+        (3, 4, 1, 32, false),
     ] {
         check_slstm(batch, seq_len, heads, dh, global);
     }
