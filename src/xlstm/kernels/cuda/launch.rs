@@ -2,9 +2,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Error, Layout, Result};
+use candle_core::{CpuStorage, CudaStorage, DType, Error, Layout, Result, Shape, Tensor};
 
 use super::plan::{Arg, DEFAULT_SHARED_BYTES, Launch, MAX_SHARED_BYTES};
 
@@ -95,6 +97,46 @@ pub(crate) fn by_index<const N: usize>(entries: [(usize, u64); N]) -> [u64; N] {
         );
     }
     addresses.map(|address| address.expect("every buffer given"))
+}
+
+/// What a forward op keeps on the device for its backward pass (torch's `save_for_backward`),
+/// only while gradients are tracked.
+pub(crate) struct DeviceTape(Option<OnceLock<CudaSlice<f32>>>);
+
+impl DeviceTape {
+    /// Records when any of the op's inputs is tracked.
+    pub fn for_inputs(inputs: &[&Tensor]) -> Self {
+        Self(inputs.iter().any(|t| t.track_op()).then(OnceLock::new))
+    }
+
+    pub fn recording(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub fn keep(&self, op: &str, tape: CudaSlice<f32>) -> Result<()> {
+        match &self.0 {
+            Some(slot) => slot
+                .set(tape)
+                .map_err(|_| Error::Msg(format!("{op}: forward pass ran twice on one tape"))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn recorded(&self, op: &str) -> Result<&CudaSlice<f32>> {
+        self.0.as_ref().and_then(OnceLock::get).ok_or_else(|| {
+            Error::Msg(format!(
+                "{op}: backward pass without a recorded forward pass (inputs were not tracked)"
+            ))
+        })
+    }
+}
+
+/// The CPU half of a CUDA-only custom op: the kernels' device dispatch sends CPU tensors to the
+/// fused CPU kernels, so this answers only a caller that bypassed it.
+pub(crate) fn cpu_tensors_rejected(op: &str) -> Result<(CpuStorage, Shape)> {
+    Err(Error::Msg(format!(
+        "{op}: runs on CUDA devices; CPU tensors go to the fused CPU kernels"
+    )))
 }
 
 /// The f32 elements of a contiguous custom-op argument.

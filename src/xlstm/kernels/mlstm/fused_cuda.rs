@@ -7,15 +7,13 @@
 //! before every chunk and the per-row stabiliser and normaliser) for the backward pass.
 //! bf16 inputs are converted to f32 for the kernels and h back to bf16; states stay f32.
 
-use std::sync::OnceLock;
-
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::super::cuda::launch::{MLSTM, by_index, f32_view, run};
+use super::super::cuda::launch::{
+    DeviceTape, MLSTM, by_index, cpu_tensors_rejected, f32_view, run,
+};
 use super::super::cuda::plan::{
     MlstmChunkwise, mlstm_backward, mlstm_forward, mlstm_step, mlstm_step_buffers,
 };
@@ -26,7 +24,7 @@ use super::{MlstmState, pack_state, state_record_len, unpack_state};
 struct ChunkwiseOp {
     plan: MlstmChunkwise,
     /// `Some` while gradients are tracked: states, then rows (see `mlstm.cu`).
-    tape: Option<OnceLock<CudaSlice<f32>>>,
+    tape: DeviceTape,
 }
 
 impl CustomOp3 for ChunkwiseOp {
@@ -43,10 +41,7 @@ impl CustomOp3 for ChunkwiseOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(Error::Msg(format!(
-            "{}: CPU tensors go to the fused CPU kernel",
-            self.name()
-        )))
+        cpu_tensors_rejected(self.name())
     }
 
     fn cuda_fwd(
@@ -65,7 +60,7 @@ impl CustomOp3 for ChunkwiseOp {
         let initial = f32_view(op, "initial state", initial_storage, initial_layout)?;
         let device = qkv_storage.device().clone();
         let stream = device.cuda_stream();
-        let recording = self.tape.is_some();
+        let recording = self.tape.recording();
         // SAFETY: the kernels write every element the tape and output hold: the state before
         // every chunk and the last, h (and rows when recording) of every row, every final state.
         let mut tape = unsafe { device.alloc::<f32>(plan.tape_len(recording))? };
@@ -89,10 +84,7 @@ impl CustomOp3 for ChunkwiseOp {
                 ]),
             )?;
         }
-        if let Some(slot) = &self.tape {
-            slot.set(tape)
-                .map_err(|_| Error::Msg(format!("{op}: forward pass ran twice on one tape")))?;
-        }
+        self.tape.keep(op, tape)?;
         let len = plan.out_len();
         Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(len)))
     }
@@ -105,12 +97,7 @@ impl CustomOp3 for ChunkwiseOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let tape = self.tape.as_ref().and_then(OnceLock::get).ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: backward pass without a recorded forward pass (inputs were not tracked)",
-                self.name()
-            ))
-        })?;
+        let tape = self.tape.recorded(self.name())?;
         let grads = grad_res.contiguous()?.apply_op3_no_bwd(
             &qkv.contiguous()?,
             &gates.contiguous()?,
@@ -157,10 +144,7 @@ impl CustomOp3 for ChunkwiseBackwardOp<'_> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(Error::Msg(format!(
-            "{}: runs on the device of its forward pass",
-            self.name()
-        )))
+        cpu_tensors_rejected(self.name())
     }
 
     fn cuda_fwd(
@@ -228,10 +212,7 @@ impl CustomOp3 for StepOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(Error::Msg(format!(
-            "{}: CPU tensors go to the fused CPU kernel",
-            self.name()
-        )))
+        cpu_tensors_rejected(self.name())
     }
 
     fn cuda_fwd(
@@ -277,10 +258,6 @@ impl CustomOp3 for StepOp {
     }
 }
 
-fn tape_for(inputs: &[&Tensor]) -> Option<OnceLock<CudaSlice<f32>>> {
-    inputs.iter().any(|t| t.track_op()).then(OnceLock::new)
-}
-
 /// Runs the chunkwise op on packed, checked inputs (f32 or bf16, computed in f32); returns h
 /// `[B, NH, S, DH]` in the inputs' dtype and the final state records `[B, NH, SL]` in f32.
 fn run_chunkwise(
@@ -293,7 +270,7 @@ fn run_chunkwise(
     let plan = MlstmChunkwise::new(batch * heads, seq_len, width / 3, chunk_size);
     let dtype = qkv.dtype();
     let (qkv, gates) = (qkv.to_dtype(DType::F32)?, gates.to_dtype(DType::F32)?);
-    let tape = tape_for(&[&qkv, &gates, initial]);
+    let tape = DeviceTape::for_inputs(&[&qkv, &gates, initial]);
     let out =
         qkv.contiguous()?
             .apply_op3(&gates.contiguous()?, initial, ChunkwiseOp { plan, tape })?;

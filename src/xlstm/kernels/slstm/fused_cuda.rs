@@ -3,15 +3,15 @@
 //! are laid out as for the fused CPU scan (`fused_cpu.rs`); the tape stays on the device.
 //! bf16 inputs are converted to f32 for the kernels and h back to bf16; states stay f32.
 
-use std::sync::OnceLock;
-
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor,
 };
 
-use super::super::cuda::launch::{SLSTM, by_index, f32_view, run};
+use super::super::cuda::launch::{
+    DeviceTape, SLSTM, by_index, cpu_tensors_rejected, f32_view, run,
+};
 use super::super::cuda::plan::{SlstmScan, slstm_backward, slstm_forward};
 use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 
@@ -19,7 +19,7 @@ use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 /// output `[B, NH, S + 4, DH]` (h of every step, then the final h, c, n, m).
 struct ScanForward {
     plan: SlstmScan,
-    tape: Option<OnceLock<CudaSlice<f32>>>,
+    tape: DeviceTape,
 }
 
 impl CustomOp3 for ScanForward {
@@ -36,10 +36,7 @@ impl CustomOp3 for ScanForward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(Error::Msg(format!(
-            "{}: CPU tensors go to the fused CPU scan",
-            self.name()
-        )))
+        cpu_tensors_rejected(self.name())
     }
 
     fn cuda_fwd(
@@ -58,7 +55,7 @@ impl CustomOp3 for ScanForward {
         let device = x_storage.device().clone();
         let stream = device.cuda_stream();
         let plan = self.plan;
-        let recording = self.tape.is_some();
+        let recording = self.tape.recording();
         // SAFETY: the kernel writes every row of h and the final state of every pair, and
         // (when recording) every tape slot of every step.
         let mut out = unsafe { device.alloc::<f32>(plan.out_len())? };
@@ -83,10 +80,7 @@ impl CustomOp3 for ScanForward {
                 ]),
             )?;
         }
-        if let Some(slot) = &self.tape {
-            slot.set(tape)
-                .map_err(|_| Error::Msg(format!("{op}: forward pass ran twice on one tape")))?;
-        }
+        self.tape.keep(op, tape)?;
         let shape = Shape::from((
             plan.batch,
             plan.heads,
@@ -104,13 +98,7 @@ impl CustomOp3 for ScanForward {
         _packed: &Tensor,
         grad_packed: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let tape = self.tape.as_ref().and_then(OnceLock::get).ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: backward pass requested for a forward pass that ran without gradient \
-                 tracking",
-                self.name()
-            ))
-        })?;
+        let tape = self.tape.recorded(self.name())?;
         let SlstmScan {
             batch,
             seq_len,
@@ -166,10 +154,7 @@ impl CustomOp3 for ScanBackward<'_> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(Error::Msg(format!(
-            "{}: runs on the device of its forward pass",
-            self.name()
-        )))
+        cpu_tensors_rejected(self.name())
     }
 
     fn cuda_fwd(
@@ -232,10 +217,9 @@ pub(super) fn scan(
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let ScanInputs { x, r_aug, init } =
         ScanInputs::new(dims, &f32(x)?, &f32(r)?, &f32(bias)?, initial)?;
-    let needs_tape = x.track_op() || r_aug.track_op() || init.track_op();
     let op = ScanForward {
         plan: SlstmScan::new(OP, dims.batch, dims.seq_len, dims.heads, dims.head_dim)?,
-        tape: needs_tape.then(OnceLock::new),
+        tape: DeviceTape::for_inputs(&[&x, &r_aug, &init]),
     };
     let (h, last) = dims.unpack_output(&x.apply_op3(&r_aug, &init, op)?)?;
     Ok((h.to_dtype(dtype)?, last))
