@@ -189,15 +189,7 @@ impl CustomOp3 for ScanForward {
                     .into(),
             )
         })?;
-        let ScanDims {
-            batch,
-            seq_len,
-            heads,
-            head_dim,
-        } = self.dims;
-        let hidden = self.dims.hidden();
-        let grad_packed = grad_packed.contiguous()?;
-        let grads = grad_packed.apply_op3_no_bwd(
+        let grads = grad_packed.contiguous()?.apply_op3_no_bwd(
             r_aug,
             init,
             &ScanBackward {
@@ -205,17 +197,7 @@ impl CustomOp3 for ScanForward {
                 tape,
             },
         )?;
-        let dx_len = batch * seq_len * NUM_GATES * hidden;
-        let dinit_len = 4 * batch * hidden;
-        let dr_len = heads * (head_dim + 1) * NUM_GATES * head_dim;
-        let dx = grads.narrow(0, 0, dx_len)?.reshape(x.shape())?;
-        let dinit = grads
-            .narrow(0, dx_len, dinit_len)?
-            .reshape((batch, 4, hidden))?
-            .transpose(0, 1)?;
-        let dr = grads
-            .narrow(0, dx_len + dinit_len, dr_len)?
-            .reshape(r_aug.shape())?;
+        let (dx, dr, dinit) = self.dims.unpack_grads(&grads, x, r_aug, 1)?;
         Ok((Some(dx), Some(dr), Some(dinit)))
     }
 }

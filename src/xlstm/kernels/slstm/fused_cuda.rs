@@ -13,11 +13,12 @@ use super::super::cuda::launch::{
     DeviceTape, SLSTM, by_index, cpu_tensors_rejected, f32_view, run,
 };
 use super::super::cuda::plan::{SlstmScan, slstm_backward, slstm_forward};
-use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
+use super::{STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 
 /// Forward op: x `[B, S, 4H]`, r_aug `[NH, DH + 1, 4, DH]`, initial state `[4, B, H]`;
 /// output `[B, NH, S + 4, DH]` (h of every step, then the final h, c, n, m).
 struct ScanForward {
+    dims: ScanDims,
     plan: SlstmScan,
     tape: DeviceTape,
 }
@@ -99,14 +100,6 @@ impl CustomOp3 for ScanForward {
         grad_packed: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let tape = self.tape.recorded(self.name())?;
-        let SlstmScan {
-            batch,
-            seq_len,
-            heads,
-            head_dim,
-            ..
-        } = self.plan;
-        let hidden = heads * head_dim;
         let grads = grad_packed.contiguous()?.apply_op3_no_bwd(
             r_aug,
             init,
@@ -115,20 +108,8 @@ impl CustomOp3 for ScanForward {
                 tape,
             },
         )?;
-        let dx_len = batch * seq_len * NUM_GATES * hidden;
-        let dinit_len = 4 * batch * hidden;
-        let r_len = heads * (head_dim + 1) * NUM_GATES * head_dim;
-        let dx = grads.narrow(0, 0, dx_len)?.reshape(x.shape())?;
-        let dinit = grads
-            .narrow(0, dx_len, dinit_len)?
-            .reshape((batch, 4, hidden))?
-            .transpose(0, 1)?;
-        // Per batch row weight gradients, summed here in a fixed order.
-        let dr = grads
-            .narrow(0, dx_len + dinit_len, batch * r_len)?
-            .reshape((batch, r_len))?
-            .sum(0)?
-            .reshape(r_aug.shape())?;
+        // One weight gradient per batch row, summed in a fixed order.
+        let (dx, dr, dinit) = self.dims.unpack_grads(&grads, x, r_aug, self.dims.batch)?;
         Ok((Some(dx), Some(dr), Some(dinit)))
     }
 }
@@ -218,6 +199,7 @@ pub(super) fn scan(
     let ScanInputs { x, r_aug, init } =
         ScanInputs::new(dims, &f32(x)?, &f32(r)?, &f32(bias)?, initial)?;
     let op = ScanForward {
+        dims,
         plan: SlstmScan::new(OP, dims.batch, dims.seq_len, dims.heads, dims.head_dim)?,
         tape: DeviceTape::for_inputs(&[&x, &r_aug, &init]),
     };

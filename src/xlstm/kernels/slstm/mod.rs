@@ -110,6 +110,33 @@ impl ScanDims {
         self.heads * self.head_dim
     }
 
+    /// (dx, d r_aug, d initial state) from a fused backward pass's flat output
+    /// `[dx (B·S·4H) | d initial state as [B, 4, H] | d r_aug × weight_rows]`; several copies of
+    /// the weight gradient (one per batch row) are summed here, in a fixed order.
+    fn unpack_grads(
+        &self,
+        grads: &Tensor,
+        x: &Tensor,
+        r_aug: &Tensor,
+        weight_rows: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hidden = self.hidden();
+        let dx_len = self.batch * self.seq_len * NUM_GATES * hidden;
+        let dinit_len = 4 * self.batch * hidden;
+        let dx = grads.narrow(0, 0, dx_len)?.reshape(x.shape())?;
+        let dinit = grads
+            .narrow(0, dx_len, dinit_len)?
+            .reshape((self.batch, 4, hidden))?
+            .transpose(0, 1)?;
+        let r_len = r_aug.elem_count();
+        let dr = grads
+            .narrow(0, dx_len + dinit_len, weight_rows * r_len)?
+            .reshape((weight_rows, r_len))?
+            .sum(0)?
+            .reshape(r_aug.shape())?;
+        Ok((dx, dr, dinit))
+    }
+
     /// h `[B, NH, S, DH]` and the final state from a fused scan's output `[B, NH, S + 4, DH]`.
     fn unpack_output(&self, packed: &Tensor) -> Result<(Tensor, SlstmState)> {
         let h = packed.narrow(2, 0, self.seq_len)?;
