@@ -2,8 +2,8 @@ use candle_core::Device;
 use xlstm_forecast::forecast::Predict;
 use xlstm_forecast::forecast::xlstm::artefact::{MANIFEST_FILE, read_dir, write_dir};
 use xlstm_forecast::forecast::xlstm::{
-    DEFAULT_VALIDATION_FRACTION, ModelManifest, ParentModel, QuantileCalibration, XlstmModel,
-    finetune_on_series, forecast_latest, train_on_series,
+    CalibrationMethod, DEFAULT_VALIDATION_FRACTION, ModelManifest, ParentModel,
+    QuantileCalibration, XlstmModel, finetune_on_series, forecast_latest, train_on_series,
 };
 
 use super::common::{HORIZON, LOOKBACK, forecaster, quick_preset, series_data};
@@ -99,6 +99,65 @@ fn the_calibration_scales_each_horizon_bucket_and_round_trips() {
 }
 
 #[test]
+fn the_residual_calibration_bands_each_step_by_its_residual_quantiles() {
+    let mut preset = quick_preset();
+    preset.model.calibration = CalibrationMethod::Residual;
+    let data = series_data(600, 3, 11);
+    let model = train_on_series(
+        &forecaster(preset),
+        &data,
+        LOOKBACK,
+        HORIZON,
+        DEFAULT_VALIDATION_FRACTION,
+        None,
+    )
+    .unwrap();
+    let QuantileCalibration::Residual { offsets } = &model.manifest.calibration else {
+        panic!(
+            "the preset asks for residual calibration: {:?}",
+            model.manifest.calibration
+        );
+    };
+    let levels = model.quantile_levels().len();
+    assert_eq!(offsets.len(), HORIZON);
+    for step in offsets {
+        assert_eq!(step.len(), levels);
+        assert!(step.iter().all(|offset| offset.is_finite()), "{step:?}");
+        assert!(step.windows(2).all(|pair| pair[0] <= pair[1]), "{step:?}");
+        assert!(step[0] < 0.0 && step[levels - 1] > 0.0, "{step:?}");
+    }
+    // Each cell's band is its step's offsets on the window's own scale: the same proportions
+    // around the point forecast in every channel, whatever the quantile head says.
+    let forecast = forecast_latest(&model, &data, HORIZON).unwrap();
+    for (step, cells) in forecast.quantiles.iter().enumerate() {
+        let expected_width = offsets[step][levels - 1] - offsets[step][0];
+        for (channel, cell) in cells.iter().enumerate() {
+            let width = cell[levels - 1] - cell[0];
+            for (level, value) in cell.iter().enumerate() {
+                let share = (value - forecast.mean[step][channel]) / width;
+                let expected = offsets[step][level] / expected_width;
+                assert!(
+                    (share - expected).abs() < 1e-3,
+                    "step {step} channel {channel} level {level}: {share} vs {expected}"
+                );
+            }
+        }
+    }
+    let text = model.manifest.to_json();
+    assert_eq!(ModelManifest::from_json(&text).unwrap(), model.manifest);
+
+    // Offsets for fewer steps than the horizon are refused on load.
+    let mut short = model.manifest.clone();
+    short.calibration = QuantileCalibration::Residual {
+        offsets: offsets[..HORIZON - 1].to_vec(),
+    };
+    let err = XlstmModel::from_parts(&model.weights_bytes().unwrap(), short, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs"), "{err}");
+}
+
+#[test]
 fn format_1_manifests_load_with_their_shifts() {
     let model = trained();
     let data = series_data(600, 3, 11);
@@ -167,7 +226,7 @@ fn models_of_another_shape_or_format_are_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("model format 99") && err.contains("reads formats 1 to 2"),
+        err.contains("model format 99") && err.contains("reads formats 1 to 3"),
         "{err}"
     );
 

@@ -75,7 +75,7 @@ fn residual_quantile_offsets(
 
 /// The quantile of a sorted sample by linear interpolation between order statistics
 /// (Hyndman–Fan type 7, NumPy's default); non-decreasing in `level`.
-fn empirical_quantile(sorted: &[f32], level: f32) -> f32 {
+pub(crate) fn empirical_quantile(sorted: &[f32], level: f32) -> f32 {
     let position = f64::from(level) * (sorted.len() - 1) as f64;
     let below = position.floor() as usize;
     let above = (below + 1).min(sorted.len() - 1);

@@ -18,8 +18,9 @@ use super::train::TrainingSummary;
 
 /// Version of the artefact layout; bumped when the layout changes. Format 2 replaced the
 /// per-level `calibration` shifts of format 1 by a [`QuantileCalibration`]; format 1 files
-/// are still read (their shifts become [`QuantileCalibration::Shift`]).
-pub const ARTEFACT_FORMAT: u32 = 2;
+/// are still read (their shifts become [`QuantileCalibration::Shift`]). Format 3 added
+/// [`QuantileCalibration::Residual`].
+pub const ARTEFACT_FORMAT: u32 = 3;
 /// The oldest format this build reads.
 pub const OLDEST_READABLE_FORMAT: u32 = 1;
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -84,6 +85,10 @@ pub enum QuantileCalibration {
         bucket_len: usize,
         factors: Vec<Vec<f32>>,
     },
+    /// Per horizon step, every level's offset from the point forecast,
+    /// `offsets[step][level]`: the empirical quantiles of the calibration residuals. The
+    /// quantile head's band is not used.
+    Residual { offsets: Vec<Vec<f32>> },
 }
 
 impl QuantileCalibration {
@@ -111,6 +116,15 @@ impl QuantileCalibration {
                     horizon.div_ceil(*bucket_len)
                 ))
             }
+            Self::Residual { offsets }
+                if offsets.len() != horizon || offsets.iter().any(|step| step.len() != levels) =>
+            {
+                invalid(format!(
+                    "the manifest's residual calibration has {} steps; horizon {horizon} with \
+                     {levels} quantile levels needs {horizon} steps of {levels} offsets",
+                    offsets.len()
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -130,6 +144,11 @@ impl QuantileCalibration {
             } => {
                 for (value, factor) in quantiles.iter_mut().zip(&factors[step / bucket_len]) {
                     *value = point + factor * (*value - point);
+                }
+            }
+            Self::Residual { offsets } => {
+                for (value, offset) in quantiles.iter_mut().zip(&offsets[step]) {
+                    *value = point + offset;
                 }
             }
         }

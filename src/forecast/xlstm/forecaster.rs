@@ -6,14 +6,14 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 
-use super::super::baseline::LinearBaseline;
+use super::super::baseline::{LinearBaseline, empirical_quantile};
 use super::super::error::ForecastError;
 use super::super::model::{Fit, Fitted, Forecast, Predict, TrainingData, WindowBatch};
 use super::super::revin::InstanceNorm;
 use super::artefact::{ARTEFACT_FORMAT, ModelManifest, ParentModel, QuantileCalibration};
 use super::init::SeededVarMap;
 use super::network::{ForecastNetwork, NetworkShape};
-use super::preset::Preset;
+use super::preset::{CalibrationMethod, Preset};
 use super::train::{self, ProgressCallback, Schedule, TensorBatch, TrainingSummary};
 
 /// Windows per forward pass when forecasting.
@@ -271,8 +271,11 @@ impl XlstmModel {
             * horizon
             * data.series.channels;
         let stride = cells.div_ceil(CALIBRATION_SAMPLES).max(1);
+        let method = self.manifest.preset.model.calibration;
         // Per bucket and level: (residual from the point, raw quantile's offset from it).
         let mut samples: Vec<Vec<Vec<(f32, f32)>>> = vec![vec![Vec::new(); levels.len()]; buckets];
+        // Per step: residuals from the point (residual calibration only).
+        let mut step_residuals: Vec<Vec<f32>> = vec![Vec::new(); horizon];
         let mut cell_counter = 0_usize;
         for (split, windows) in &splits {
             for block in windows.chunks(PREDICT_BLOCK) {
@@ -281,7 +284,11 @@ impl XlstmModel {
                 let (points, quantiles, stats) = self.forward_normalised(&inputs)?;
                 for (cell, missing) in targets.missing.iter().enumerate() {
                     cell_counter += 1;
-                    if *missing || !cell_counter.is_multiple_of(stride) {
+                    // Residual offsets are per step, so they use every cell; the scale
+                    // factors, pooled over a bucket, a strided sample.
+                    let sampled = method == CalibrationMethod::Residual
+                        || cell_counter.is_multiple_of(stride);
+                    if *missing || !sampled {
                         continue;
                     }
                     let stat = (cell / (horizon * targets.channels)) * targets.channels
@@ -289,6 +296,10 @@ impl XlstmModel {
                     let actual = (targets.values[cell] - stats.centre[stat]) / stats.scale[stat];
                     let step = (cell / targets.channels) % horizon;
                     let point = points[cell];
+                    if method == CalibrationMethod::Residual {
+                        step_residuals[step].push(actual - point);
+                        continue;
+                    }
                     for (level, bucket) in samples[step / bucket_len].iter_mut().enumerate() {
                         bucket.push((
                             actual - point,
@@ -297,6 +308,26 @@ impl XlstmModel {
                     }
                 }
             }
+        }
+        if method == CalibrationMethod::Residual {
+            let mut offsets = Vec::with_capacity(horizon);
+            for residuals in &mut step_residuals {
+                if residuals.is_empty() {
+                    return Err(ForecastError::invalid(
+                        "validation",
+                        "no observed validation value at some horizon step to calibrate the \
+                         quantiles on",
+                    ));
+                }
+                residuals.sort_unstable_by(f32::total_cmp);
+                offsets.push(
+                    levels
+                        .iter()
+                        .map(|level| empirical_quantile(residuals, *level))
+                        .collect(),
+                );
+            }
+            return Ok(QuantileCalibration::Residual { offsets });
         }
         let mut factors = Vec::with_capacity(buckets);
         for bucket in &samples {

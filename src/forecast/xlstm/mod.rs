@@ -12,7 +12,9 @@ pub mod train;
 pub use artefact::{DataDescription, ModelManifest, ParentModel, QuantileCalibration};
 pub use forecaster::{XlstmForecaster, XlstmModel};
 pub use network::NetworkShape;
-pub use preset::{ChannelMode, ForecasterConfig, PointLoss, Preset, TrainingConfig};
+pub use preset::{
+    CalibrationMethod, ChannelMode, ForecasterConfig, PointLoss, Preset, TrainingConfig,
+};
 pub use series::{
     DEFAULT_VALIDATION_FRACTION, SeriesData, SeriesForecast, finetune_on_series, forecast_latest,
     recent_validation_mse, train_on_series,

@@ -56,6 +56,11 @@ pub struct ForecasterConfig {
     /// much as the validation residuals do.
     #[serde(default = "default_calibration_buckets")]
     pub calibration_buckets: usize,
+    /// How the band is calibrated: `scale` keeps the quantile head's per-window band and
+    /// scales it per bucket; `residual` replaces it by the empirical quantiles of the point
+    /// forecast's residuals per horizon step (the baselines' band), on the windows' own scale.
+    #[serde(default)]
+    pub calibration: CalibrationMethod,
     /// Also calibrate on training windows, not only on the validation windows (as many of
     /// each, evenly spaced). At long horizons the validation split holds few independent
     /// horizons and one season, while the training split spans more; but the training
@@ -81,6 +86,17 @@ pub struct ForecasterConfig {
 
 fn default_validations_per_epoch() -> usize {
     1
+}
+
+/// How the forecast band is calibrated on the calibration windows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationMethod {
+    /// Per horizon bucket and level, a factor on the quantile head's offset from the point.
+    #[default]
+    Scale,
+    /// Per horizon step and level, the empirical quantile of the point forecast's residuals.
+    Residual,
 }
 
 fn default_calibration_buckets() -> usize {
