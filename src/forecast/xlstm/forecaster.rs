@@ -244,9 +244,11 @@ impl XlstmModel {
         Ok(Fitted { model, epochs })
     }
 
-    /// Per horizon bucket and quantile level, the factor on the raw quantile's offset from
-    /// the point forecast that makes the level hold on the validation windows, on the
-    /// windows' own scale: the factor minimising the level's pinball loss there.
+    /// The band's calibration on the validation (and, if the preset says so, training)
+    /// windows, on the windows' own scale. `scale`: per horizon bucket and quantile level,
+    /// the factor on the raw quantile's offset from the point forecast that minimises the
+    /// level's pinball loss there. `residual`: per horizon step and level, the empirical
+    /// quantile of the point forecast's residuals.
     fn calibrate(&self, data: &TrainingData<'_>) -> Result<QuantileCalibration, ForecastError> {
         let levels = self.manifest.preset.model.quantile_levels.clone();
         let horizon = data.horizon;
@@ -311,12 +313,14 @@ impl XlstmModel {
         }
         if method == CalibrationMethod::Residual {
             let mut offsets = Vec::with_capacity(horizon);
-            for residuals in &mut step_residuals {
+            for (step, residuals) in step_residuals.iter_mut().enumerate() {
                 if residuals.is_empty() {
                     return Err(ForecastError::invalid(
                         "validation",
-                        "no observed validation value at some horizon step to calibrate the \
-                         quantiles on",
+                        format!(
+                            "no observed validation value at horizon step {step} to calibrate \
+                             the quantiles on"
+                        ),
                     ));
                 }
                 residuals.sort_unstable_by(f32::total_cmp);
