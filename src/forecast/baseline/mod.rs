@@ -53,7 +53,16 @@ fn residual_quantile_offsets(
             Ok(())
         },
     )?;
-    let mut offsets = Vec::with_capacity(horizon * levels.len());
+    Ok(step_quantile_offsets(&mut residuals, levels)?.concat())
+}
+
+/// Per horizon step, the empirical quantiles at `levels` of that step's residuals:
+/// `[step][level]`. Every step needs at least one residual.
+pub(crate) fn step_quantile_offsets(
+    residuals: &mut [Vec<f32>],
+    levels: &[f32],
+) -> Result<Vec<Vec<f32>>, ForecastError> {
+    let mut offsets = Vec::with_capacity(residuals.len());
     for (step, step_residuals) in residuals.iter_mut().enumerate() {
         if step_residuals.is_empty() {
             return Err(ForecastError::invalid(
@@ -64,10 +73,11 @@ fn residual_quantile_offsets(
             ));
         }
         step_residuals.sort_unstable_by(f32::total_cmp);
-        offsets.extend(
+        offsets.push(
             levels
                 .iter()
-                .map(|level| empirical_quantile(step_residuals, *level)),
+                .map(|level| empirical_quantile(step_residuals, *level))
+                .collect(),
         );
     }
     Ok(offsets)
@@ -75,7 +85,7 @@ fn residual_quantile_offsets(
 
 /// The quantile of a sorted sample by linear interpolation between order statistics
 /// (Hyndman–Fan type 7, NumPy's default); non-decreasing in `level`.
-pub(crate) fn empirical_quantile(sorted: &[f32], level: f32) -> f32 {
+fn empirical_quantile(sorted: &[f32], level: f32) -> f32 {
     let position = f64::from(level) * (sorted.len() - 1) as f64;
     let below = position.floor() as usize;
     let above = (below + 1).min(sorted.len() - 1);

@@ -6,7 +6,7 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 
-use super::super::baseline::{LinearBaseline, empirical_quantile};
+use super::super::baseline::{LinearBaseline, step_quantile_offsets};
 use super::super::error::ForecastError;
 use super::super::model::{Fit, Fitted, Forecast, Predict, TrainingData, WindowBatch};
 use super::super::revin::InstanceNorm;
@@ -312,26 +312,9 @@ impl XlstmModel {
             }
         }
         if method == CalibrationMethod::Residual {
-            let mut offsets = Vec::with_capacity(horizon);
-            for (step, residuals) in step_residuals.iter_mut().enumerate() {
-                if residuals.is_empty() {
-                    return Err(ForecastError::invalid(
-                        "validation",
-                        format!(
-                            "no observed validation value at horizon step {step} to calibrate \
-                             the quantiles on"
-                        ),
-                    ));
-                }
-                residuals.sort_unstable_by(f32::total_cmp);
-                offsets.push(
-                    levels
-                        .iter()
-                        .map(|level| empirical_quantile(residuals, *level))
-                        .collect(),
-                );
-            }
-            return Ok(QuantileCalibration::Residual { offsets });
+            return Ok(QuantileCalibration::Residual {
+                offsets: step_quantile_offsets(&mut step_residuals, &levels)?,
+            });
         }
         let mut factors = Vec::with_capacity(buckets);
         for bucket in &samples {
