@@ -4,6 +4,7 @@ pub mod config;
 pub mod kernels;
 pub mod layers;
 pub mod mlstm_block;
+pub mod shards;
 pub mod slstm_block;
 pub mod stack;
 

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::device::DeviceChoice;
 use crate::xlstm::kernels::{mlstm, slstm};
+use crate::xlstm::shards::{backward_sharded, forward_sharded, shard_count, split_rows};
 use crate::xlstm::{StackState, XlstmConfig, XlstmStack};
 
 /// Which groups of cases to run.
@@ -69,6 +70,11 @@ pub struct KernelBenchArgs {
     /// Contexts of the stack cases, comma-separated (default 96,336).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub contexts: Vec<usize>,
+    /// Batch shards of the stack's forward and training step, each run on its own thread
+    /// (src/xlstm/shards.rs). Default: what training uses, one per thread on the CPU; 1 runs
+    /// the whole batch as one.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
 }
 
 /// Batch, heads and embedding of the benchmarked configuration (the forecasting default).
@@ -89,6 +95,7 @@ struct Sizes {
     memory_seq_lens: Vec<usize>,
     contexts: Vec<usize>,
     step_tokens: usize,
+    shards: Option<usize>,
 }
 
 impl Sizes {
@@ -101,6 +108,7 @@ impl Sizes {
                 memory_seq_lens: vec![64],
                 contexts: vec![16],
                 step_tokens: 4,
+                shards: None,
             }
         } else {
             Sizes {
@@ -110,6 +118,7 @@ impl Sizes {
                 memory_seq_lens: vec![256, 512, 1024, 2048],
                 contexts: vec![96, 336],
                 step_tokens: 32,
+                shards: None,
             }
         }
     }
@@ -134,6 +143,12 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
             bail!("--contexts: every context must be at least 1");
         }
         sizes.contexts = args.contexts.clone();
+    }
+    if let Some(shards) = args.shards {
+        if shards == 0 {
+            bail!("--shards must be at least 1");
+        }
+        sizes.shards = Some(shards);
     }
     let iters = if args.quick { 1 } else { args.iters };
     let wants = |g: CaseGroup| args.only.is_empty() || args.only.contains(&g);
@@ -501,6 +516,12 @@ fn stack_cases(
         other => format!("{other:?}"),
     };
     let mut timings = Vec::new();
+    let shards = split_rows(
+        sizes.batch,
+        sizes
+            .shards
+            .unwrap_or_else(|| shard_count(dev, sizes.batch)),
+    );
     for &context in &sizes.contexts {
         for (variant, mlstm_parts, slstm_parts) in VARIANTS {
             let cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
@@ -518,11 +539,15 @@ fn stack_cases(
                 "case": "stack", "variant": variant, "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
                 "num_blocks": 4, "params": params, "iters": iters, "threads": rayon::current_num_threads(),
-                "device": device_name,
+                "shards": shards.len(), "device": device_name,
             });
 
             let (forward, _) = time_ms(iters, || {
-                stack.forward(&x)?.sum_all()?.to_scalar::<f32>()?;
+                forward_sharded(&shards, |rows| {
+                    stack.forward(&x.narrow(0, rows.start, rows.len())?)
+                })?
+                .sum_all()?
+                .to_scalar::<f32>()?;
                 Ok(())
             })?;
             let mut case = base.clone();
@@ -540,8 +565,13 @@ fn stack_cases(
                 },
             )?;
             let (train, _) = time_ms(iters, || {
-                let loss = (stack.forward_t(&x, true)? - &target)?.sqr()?.mean_all()?;
-                opt.backward_step(&loss)?;
+                let cells = target.elem_count() as f64;
+                let (_, grads) = backward_sharded(&shards, |_, rows| {
+                    let x = x.narrow(0, rows.start, rows.len())?;
+                    let target = target.narrow(0, rows.start, rows.len())?;
+                    (stack.forward_t(&x, true)? - target)?.sqr()?.sum_all()? / cells
+                })?;
+                opt.step(&grads)?;
                 // A GPU queues the step; the time is the step's, not its launch's.
                 dev.synchronize()?;
                 Ok(())

@@ -345,7 +345,9 @@ impl XlstmModel {
         windows: &WindowBatch,
     ) -> Result<(Vec<f32>, Vec<f32>, super::super::revin::InstanceStats), ForecastError> {
         let batch = TensorBatch::new(&self.norm, windows, &self.device)?;
-        let output = self.network.forward(&batch.values, &batch.observed, None)?;
+        let output = self
+            .network
+            .forward_inference(&batch.values, &batch.observed)?;
         Ok((
             output.point.flatten_all()?.to_vec1::<f32>()?,
             output.quantiles.flatten_all()?.to_vec1::<f32>()?,

@@ -9,6 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::xlstm::XlstmStack;
 use crate::xlstm::layers::get_or_init_with;
+use crate::xlstm::shards::{map_shards, shard_ranges};
 
 use super::preset::{ChannelMode, ForecasterConfig};
 
@@ -192,6 +193,25 @@ impl ForecastNetwork {
         self.linear_path
             .as_ref()
             .map(|linear| (linear.weight(), linear.bias().expect("built with a bias")))
+    }
+
+    /// [`Self::forward`] without dropout, the batch cut into one shard per core
+    /// (`crate::xlstm::shards`): the forecasts are the same, computed side by side.
+    pub fn forward_inference(&self, values: &Tensor, observed: &Tensor) -> Result<NetworkOutput> {
+        let shards = shard_ranges(values.device(), values.dim(0)?);
+        let mut outputs = map_shards(&shards, |_, rows| {
+            let rows_of = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+            self.forward(&rows_of(values)?, &rows_of(observed)?, None)
+        })?;
+        if outputs.len() == 1 {
+            return Ok(outputs.remove(0));
+        }
+        let points: Vec<&Tensor> = outputs.iter().map(|o| &o.point).collect();
+        let quantiles: Vec<&Tensor> = outputs.iter().map(|o| &o.quantiles).collect();
+        Ok(NetworkOutput {
+            point: Tensor::cat(&points, 0)?,
+            quantiles: Tensor::cat(&quantiles, 0)?,
+        })
     }
 
     /// `values` and `observed` `[B, L, C]` (RevIN-normalised values, 0 where missing; 1.0 where
@@ -383,6 +403,38 @@ mod tests {
         assert!(standard_normal_quantile(0.5).abs() < 1e-6);
         assert!((standard_normal_quantile(0.9) - 1.281_551_6).abs() < 1e-5);
         assert!((standard_normal_quantile(0.1) + 1.281_551_6).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_sharded_inference_forward_equals_the_whole_batch_forward() -> Result<()> {
+        let preset = super::super::preset::Preset::load("tiny").expect("built-in preset");
+        let shape = NetworkShape {
+            lookback: 48,
+            horizon: 12,
+            channels: 3,
+        };
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = super::super::init::SeededVarMap::builder(&varmap, 7, &dev);
+        let network = ForecastNetwork::new(&preset.model, shape, vb)?;
+        let values = Tensor::randn(0f32, 1.0, (7, 48, 3), &dev)?;
+        let observed = Tensor::ones((7, 48, 3), candle_core::DType::F32, &dev)?;
+        let whole = network.forward(&values, &observed, None)?;
+        // Three threads: shards of 3, 2 and 2 windows.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a thread pool");
+        let sharded = pool.install(|| network.forward_inference(&values, &observed))?;
+        for (a, b) in [
+            (&whole.point, &sharded.point),
+            (&whole.quantiles, &sharded.quantiles),
+        ] {
+            assert_eq!(a.dims(), b.dims());
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "the shards' forecasts differ by {diff}");
+        }
+        Ok(())
     }
 
     #[test]

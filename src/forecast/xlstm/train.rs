@@ -1,9 +1,12 @@
 //! The training loop: AdamW with a linear warm-up and cosine decay, global gradient-norm
 //! clipping, early stopping on the validation point loss checked once or more per epoch (the
-//! best check's weights are kept), seeded window order and dropout, a progress callback that can also stop the run,
-//! and a hard stop with a clear error when the loss or the gradients stop being finite.
+//! best check's weights are kept), seeded window order and dropout, a progress callback that
+//! can also stop the run, and a hard stop with a clear error when the loss or the gradients
+//! stop being finite. Each batch is cut into one shard per core (`crate::xlstm::shards`), so
+//! runs with one seed are identical for one thread count.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -15,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use super::super::error::ForecastError;
 use super::super::model::{Targets, TrainingData, WindowBatch};
 use super::super::revin::{InstanceNorm, InstanceStats};
+use super::super::window::WindowSet;
 use super::network::{DropoutMasks, ForecastNetwork, NetworkOutput};
 use super::preset::{PointLoss, TrainingConfig};
+use crate::xlstm::shards::{backward_sharded, shard_ranges};
 
 /// A loss above this (on the z-scored scale, where a useless forecast scores about 1) means
 /// the run exploded.
@@ -271,7 +276,7 @@ pub(super) fn validation_loss(
                 .extract_indices(data.series, block, data.lookback, data.horizon)?;
         let batch = TensorBatch::new(norm, &inputs, device)?;
         let targets = TargetTensors::new(&targets, device)?;
-        let output = network.forward(&batch.values, &batch.observed, None)?;
+        let output = network.forward_inference(&batch.values, &batch.observed)?;
         let (point, quantiles) = batch.denormalise(&output)?;
         let (point_sum, _) = loss_sums(&point, &quantiles, &targets, point_loss, levels)?;
         sum += f64::from(point_sum.to_scalar::<f32>()?);
@@ -284,6 +289,32 @@ pub(super) fn validation_loss(
         ));
     }
     Ok(sum / count)
+}
+
+/// The input and target tensors of each shard of `windows` (indices into `split`).
+fn shard_batches(
+    split: &WindowSet,
+    data: &TrainingData<'_>,
+    norm: &InstanceNorm,
+    windows: &[usize],
+    shards: &[Range<usize>],
+    device: &Device,
+) -> Result<Vec<(TensorBatch, TargetTensors)>, ForecastError> {
+    shards
+        .iter()
+        .map(|rows| {
+            let (inputs, targets) = split.extract_indices(
+                data.series,
+                &windows[rows.clone()],
+                data.lookback,
+                data.horizon,
+            )?;
+            Ok((
+                TensorBatch::new(norm, &inputs, device)?,
+                TargetTensors::new(&targets, device)?,
+            ))
+        })
+        .collect()
 }
 
 /// `count` indices spread evenly over `0..total` (all of them when `count >= total`).
@@ -343,10 +374,10 @@ pub(super) fn train(
     let total_steps = steps_per_epoch * schedule.max_epochs;
     let warmup = ((total_steps as f64 * training.warmup_fraction).ceil() as usize).max(1);
     let mut order_rng = StdRng::seed_from_u64(training.seed);
-    let mut dropout = SeededDropout {
-        rng: StdRng::seed_from_u64(training.seed.wrapping_add(1)),
-        rate: network.config().dropout,
-    };
+    // Each step's shards draw their dropout masks from their own generators, seeded from this
+    // one in shard order.
+    let mut dropout_seeds = StdRng::seed_from_u64(training.seed.wrapping_add(1));
+    let dropout_rate = network.config().dropout;
 
     let initial_started = Instant::now();
     let initial = validation_loss(
@@ -400,29 +431,38 @@ pub(super) fn train(
             .chunks(training.batch_size)
             .enumerate()
         {
-            let (inputs, targets) = data.train.extract_indices(
-                data.series,
-                batch_windows,
-                data.lookback,
-                data.horizon,
-            )?;
-            let batch = TensorBatch::new(norm, &inputs, device)?;
-            let target_tensors = TargetTensors::new(&targets, device)?;
+            let shards = shard_ranges(device, batch_windows.len());
+            let shard_data =
+                shard_batches(&data.train, data, norm, batch_windows, &shards, device)?;
+            let target_count: f64 = shard_data.iter().map(|(_, t)| t.count).sum();
             // A batch without an observed target trains nothing but still counts as a step,
             // so the checks stay where they are.
-            if target_tensors.count > 0.0 {
-                let output = network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
-                let (point, quantiles) = batch.denormalise(&output)?;
-                let (point_sum, pinball_sum) = loss_sums(
-                    &point,
-                    &quantiles,
-                    &target_tensors,
-                    schedule.point_loss,
-                    &levels,
-                )?;
-                let loss = ((point_sum + (pinball_sum * schedule.quantile_loss_weight)?)?
-                    / target_tensors.count)?;
-                let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            if target_count > 0.0 {
+                let dropouts: Vec<Mutex<SeededDropout>> = shards
+                    .iter()
+                    .map(|_| {
+                        Mutex::new(SeededDropout {
+                            rng: StdRng::seed_from_u64(dropout_seeds.random()),
+                            rate: dropout_rate,
+                        })
+                    })
+                    .collect();
+                // Each shard's loss is its share of the batch mean, so the shards' gradients
+                // add up to the batch's.
+                let (shard_losses, mut grads) = backward_sharded(&shards, |i, _| {
+                    let (batch, targets) = &shard_data[i];
+                    let mut dropout = dropouts[i].lock().expect("one shard per mask generator");
+                    let output =
+                        network.forward(&batch.values, &batch.observed, Some(&mut *dropout))?;
+                    let (point, quantiles) = batch.denormalise(&output)?;
+                    let (point_sum, pinball_sum) =
+                        loss_sums(&point, &quantiles, targets, schedule.point_loss, &levels)?;
+                    (point_sum + (pinball_sum * schedule.quantile_loss_weight)?)? / target_count
+                })?;
+                let mut loss_value = 0.0;
+                for loss in &shard_losses {
+                    loss_value += f64::from(loss.to_scalar::<f32>()?);
+                }
                 if !loss_value.is_finite() || loss_value > EXPLODED_LOSS {
                     return Err(diverged(
                         epoch,
@@ -430,7 +470,6 @@ pub(super) fn train(
                         format!("the training loss is {loss_value}"),
                     ));
                 }
-                let mut grads = loss.backward()?;
                 let norm = clip_gradients(&vars, &mut grads, training.grad_clip)?;
                 if !norm.is_finite() {
                     return Err(diverged(
