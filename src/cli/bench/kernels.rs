@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::device::DeviceChoice;
 use crate::xlstm::kernels::{mlstm, slstm};
 use crate::xlstm::shards::{backward_sharded, forward_sharded, shard_count, split_rows};
-use crate::xlstm::{StackState, XlstmConfig, XlstmStack};
+use crate::xlstm::{MlstmKernel, StackState, XlstmConfig, XlstmStack};
 
 /// Which groups of cases to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +75,16 @@ pub struct KernelBenchArgs {
     /// the whole batch as one.
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// The mLSTM blocks' whole-sequence kernel in the stack cases: chunkwise (chunks of 64,
+    /// the library default) or parallel (the quadratic form the official mLSTM layer runs).
+    #[arg(long, value_enum, default_value = "chunkwise")]
+    pub mlstm_kernel: StackMlstmKernel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StackMlstmKernel {
+    Chunkwise,
+    Parallel,
 }
 
 /// Batch, heads and embedding of the benchmarked configuration (the forecasting default).
@@ -96,6 +106,7 @@ struct Sizes {
     contexts: Vec<usize>,
     step_tokens: usize,
     shards: Option<usize>,
+    mlstm_kernel: MlstmKernel,
 }
 
 impl Sizes {
@@ -109,6 +120,7 @@ impl Sizes {
                 contexts: vec![16],
                 step_tokens: 4,
                 shards: None,
+                mlstm_kernel: MlstmKernel::default(),
             }
         } else {
             Sizes {
@@ -119,6 +131,7 @@ impl Sizes {
                 contexts: vec![96, 336],
                 step_tokens: 32,
                 shards: None,
+                mlstm_kernel: MlstmKernel::default(),
             }
         }
     }
@@ -143,6 +156,9 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
             bail!("--contexts: every context must be at least 1");
         }
         sizes.contexts = args.contexts.clone();
+    }
+    if args.mlstm_kernel == StackMlstmKernel::Parallel {
+        sizes.mlstm_kernel = MlstmKernel::Parallel;
     }
     if let Some(shards) = args.shards {
         if shards == 0 {
@@ -524,7 +540,8 @@ fn stack_cases(
     );
     for &context in &sizes.contexts {
         for (variant, mlstm_parts, slstm_parts) in VARIANTS {
-            let cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
+            let mut cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
+            cfg.mlstm.kernel = sizes.mlstm_kernel;
             let varmap = VarMap::new();
             let stack = XlstmStack::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
             let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
