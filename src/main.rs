@@ -16,7 +16,7 @@ const PURGE_DELAY_MS: std::ffi::c_long = 5_000;
 /// between ops and which takes one caller at a time. Our models cut each batch into one shard
 /// per core instead (src/xlstm/shards.rs), so two shards' ops would queue for that pool and its
 /// spinning workers would take the cores the shards run on (BENCHMARKS.md: a training step
-/// 1.8× slower). One thread means no pool: each op runs on the thread that calls it.
+/// 1.8–2.1× slower). One thread means no pool: each op runs on the thread that calls it.
 /// An operator's own `CANDLE_NUM_THREADS` is kept.
 fn keep_candle_ops_on_their_callers_thread() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
