@@ -6,7 +6,6 @@
 //! runs with one seed are identical for one thread count.
 
 use std::ops::{ControlFlow, Range};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -18,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use super::super::error::ForecastError;
 use super::super::model::{Targets, TrainingData, WindowBatch};
 use super::super::revin::{InstanceNorm, InstanceStats};
-use super::super::window::WindowSet;
 use super::network::{DropoutMasks, ForecastNetwork, NetworkOutput};
 use super::preset::{PointLoss, TrainingConfig};
 use crate::xlstm::shards::{backward_sharded, shard_ranges};
@@ -291,9 +289,8 @@ pub(super) fn validation_loss(
     Ok(sum / count)
 }
 
-/// The input and target tensors of each shard of `windows` (indices into `split`).
-fn shard_batches(
-    split: &WindowSet,
+/// The input and target tensors of each shard of `windows` (training window indices).
+fn training_shards(
     data: &TrainingData<'_>,
     norm: &InstanceNorm,
     windows: &[usize],
@@ -303,7 +300,7 @@ fn shard_batches(
     shards
         .iter()
         .map(|rows| {
-            let (inputs, targets) = split.extract_indices(
+            let (inputs, targets) = data.train.extract_indices(
                 data.series,
                 &windows[rows.clone()],
                 data.lookback,
@@ -432,28 +429,22 @@ pub(super) fn train(
             .enumerate()
         {
             let shards = shard_ranges(device, batch_windows.len());
-            let shard_data =
-                shard_batches(&data.train, data, norm, batch_windows, &shards, device)?;
+            let shard_data = training_shards(data, norm, batch_windows, &shards, device)?;
             let target_count: f64 = shard_data.iter().map(|(_, t)| t.count).sum();
             // A batch without an observed target trains nothing but still counts as a step,
             // so the checks stay where they are.
             if target_count > 0.0 {
-                let dropouts: Vec<Mutex<SeededDropout>> = shards
-                    .iter()
-                    .map(|_| {
-                        Mutex::new(SeededDropout {
-                            rng: StdRng::seed_from_u64(dropout_seeds.random()),
-                            rate: dropout_rate,
-                        })
-                    })
-                    .collect();
+                let shard_seeds: Vec<u64> = shards.iter().map(|_| dropout_seeds.random()).collect();
                 // Each shard's loss is its share of the batch mean, so the shards' gradients
                 // add up to the batch's.
                 let (shard_losses, mut grads) = backward_sharded(&shards, |i, _| {
                     let (batch, targets) = &shard_data[i];
-                    let mut dropout = dropouts[i].lock().expect("one shard per mask generator");
+                    let mut dropout = SeededDropout {
+                        rng: StdRng::seed_from_u64(shard_seeds[i]),
+                        rate: dropout_rate,
+                    };
                     let output =
-                        network.forward(&batch.values, &batch.observed, Some(&mut *dropout))?;
+                        network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
                     let (point, quantiles) = batch.denormalise(&output)?;
                     let (point_sum, pinball_sum) =
                         loss_sums(&point, &quantiles, targets, schedule.point_loss, &levels)?;
