@@ -1,5 +1,5 @@
 //! The fused CPU layer kernels (LayerNorm, multi-head LayerNorm, causal conv + SiLU, head-wise
-//! linear, the SiLU- and GeLU-gates) against their
+//! linear, the SiLU- and GeLU-gates, the feature scale, the head-major packing) against their
 //! candle-ops references: outputs and the gradients of every input (x, scale, bias), on
 //! contiguous and strided inputs, plus a finite-difference check and argument errors.
 
@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use xlstm_forecast::xlstm::kernels::norm::{self, fused_cpu, reference};
-use xlstm_forecast::xlstm::kernels::{conv, gate, headwise};
+use xlstm_forecast::xlstm::kernels::{conv, gate, headwise, pack};
 
 const EPS: f64 = 1e-5;
 const FORWARD_TOL: (f32, f32) = (1e-5, 1e-4);
@@ -192,7 +192,16 @@ fn fused_layer_gradients_match_finite_differences() {
         random(&mut rng, &[2, 3, 5], 0.0, 2.0),
     ];
     let gelu_inputs = vec![random(&mut rng, &[3, 2, 8], 0.0, 1.5)];
-    let cases: [(&str, Vec<Tensor>, Forward); 5] = [
+    let scale_inputs = vec![
+        random(&mut rng, &[2, 3, 5], 0.0, 1.0),
+        random(&mut rng, &[5], 1.0, 0.5),
+    ];
+    let cases: [(&str, Vec<Tensor>, Forward); 6] = [
+        (
+            "feature scale",
+            scale_inputs,
+            Box::new(|x| gate::fused_cpu::scale_features(&x[0], &x[1])),
+        ),
         (
             "GeLU-gated",
             gelu_inputs,
@@ -581,6 +590,94 @@ fn fused_gelu_gated_matches_reference() {
     let err = gate::gelu_gated(&odd).unwrap_err().to_string();
     assert!(
         err.contains("up has shape [2, 3], expected [.., 2F]"),
+        "{err}"
+    );
+}
+
+/// Fused feature scale against `x ⊙ w` from candle ops: shapes with rows that do not fill a
+/// rayon task and with many tasks (the weight gradient is summed over both), and a view.
+#[test]
+fn fused_feature_scale_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(35);
+    for dims in [
+        vec![1usize, 1],
+        vec![2, 9, 16],
+        vec![3, 700, 128],
+        vec![5, 12],
+    ] {
+        let width = *dims.last().unwrap();
+        let inputs = vec![
+            random(&mut rng, &dims, 0.0, 1.0),
+            random(&mut rng, &[width], 1.0, 0.5),
+        ];
+        let weight = random(&mut rng, &dims, 0.0, 1.0);
+        let run = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+            differentiate(&inputs, &weight, |x| f(&x[0], &x[1]))
+        };
+        assert_same(
+            &format!("feature scale {dims:?}"),
+            &["x", "scale"],
+            &run(gate::fused_cpu::scale_features),
+            &run(gate::reference::scale_features),
+        );
+    }
+    // A transposed view is read as the values it shows.
+    let x = random(&mut rng, &[6, 4], 0.0, 1.0);
+    let scale = random(&mut rng, &[6], 1.0, 0.5);
+    assert_close(
+        "feature scale of a view",
+        &gate::scale_features(&x.t().unwrap(), &scale).unwrap(),
+        &gate::reference::scale_features(&x.t().unwrap(), &scale).unwrap(),
+        FORWARD_TOL,
+    );
+    let err = gate::scale_features(&x, &scale).unwrap_err().to_string();
+    assert!(
+        err.contains("scale has shape [6], expected [4] (the last dim of x [6, 4])"),
+        "{err}"
+    );
+}
+
+/// The fused head-major packing equals the concatenation and permuted copy of candle ops
+/// exactly, forward and backward (both are copies), including S = 1 and one head.
+#[test]
+fn fused_pack_heads_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(37);
+    for (dims, heads) in [
+        ([1usize, 1, 4], 1usize),
+        ([2, 5, 12], 3),
+        ([3, 96, 128], 4),
+        ([2, 7, 16], 16),
+    ] {
+        let inputs: Vec<Tensor> = (0..3).map(|_| random(&mut rng, &dims, 0.0, 1.0)).collect();
+        let packed_dims = [dims[0], heads, dims[1], 3 * dims[2] / heads];
+        let weight = random(&mut rng, &packed_dims, 0.0, 1.0);
+        let run = |f: fn(&Tensor, &Tensor, &Tensor, usize) -> Result<Tensor>| {
+            differentiate(&inputs, &weight, |x| f(&x[0], &x[1], &x[2], heads))
+        };
+        let (fused, reference) = (
+            run(pack::fused_cpu::pack_heads),
+            run(pack::reference::pack_heads),
+        );
+        assert_close(
+            &format!("packed {dims:?} / {heads}"),
+            &fused.0,
+            &reference.0,
+            (0.0, 0.0),
+        );
+        for (name, (f, r)) in ["q", "k", "v"].iter().zip(fused.1.iter().zip(&reference.1)) {
+            assert_close(&format!("grad {name} {dims:?} / {heads}"), f, r, (0.0, 0.0));
+        }
+    }
+    let q = Tensor::zeros((2, 3, 8), DType::F32, &Device::Cpu).unwrap();
+    let err = pack::pack_heads(&q, &q, &q, 3).unwrap_err().to_string();
+    assert!(
+        err.contains("3 heads do not divide the feature dim 8"),
+        "{err}"
+    );
+    let k = Tensor::zeros((2, 4, 8), DType::F32, &Device::Cpu).unwrap();
+    let err = pack::pack_heads(&q, &k, &q, 2).unwrap_err().to_string();
+    assert!(
+        err.contains("k has shape [2, 4, 8], expected the shape of q [2, 3, 8]"),
         "{err}"
     );
 }

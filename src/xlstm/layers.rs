@@ -257,11 +257,21 @@ impl Module for LinearHeadwiseExpand {
     }
 }
 
-/// `x W^T` for `x` `[.., in]` and `W` `[out, in]` as one GEMM over all leading dims. A view
-/// (e.g. a narrow of the up-projection) is copied first: candle would otherwise broadcast W
-/// into a `[B, out, in]` copy and sum its gradient over B in the backward pass.
-fn matmul_transposed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.broadcast_matmul(&weight.t()?)
+/// `x W^T` for `x` `[.., in]` and `W` `[out, in]` as one GEMM over all leading dims: `x` is
+/// flattened to `[rows, in]`. A batched product would broadcast W to `[B, in, out]`, and its
+/// backward pass would compute B weight gradients and then sum them over B.
+pub(crate) fn matmul_transposed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (in_dim, out_dim) = (weight.dim(1)?, weight.dim(0)?);
+    let mut out_shape = x.dims().to_vec();
+    let Some(last) = out_shape.last_mut() else {
+        candle_core::bail!("linear: x is a scalar, expected [.., {in_dim}]");
+    };
+    *last = out_dim;
+    let rows = x.elem_count() / in_dim.max(1);
+    x.contiguous()?
+        .reshape((rows, in_dim))?
+        .matmul(&weight.t()?)?
+        .reshape(out_shape)
 }
 
 /// `y = x Wᵀ` without bias, `W` `[out, in]` (PyTorch `nn.Linear(bias=False)`).

@@ -9,15 +9,15 @@
 //! out = x + proj_down(h)
 //! ```
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::{MlstmKernel, XlstmConfig};
-use super::kernels::gate;
 use super::kernels::mlstm::{self, MlstmState};
+use super::kernels::{gate, pack};
 use super::layers::{
     CausalConv1d, LayerNorm, Linear, LinearHeadwiseExpand, MultiHeadLayerNorm, get_or_init_with,
-    linspace, small_init, wang_init,
+    linspace, matmul_transposed, small_init, wang_init,
 };
 
 /// Chunk size of `forward_with_state` when the configured kernel is the parallel form.
@@ -182,22 +182,19 @@ impl MlstmBlock {
         let q = self.q_proj.forward(&x_conv)?;
         let k = self.k_proj.forward(&x_conv)?;
         let v = self.v_proj.forward(&x_m)?;
-        // q | k | v side by side [B, S, 3D]: the gates' input, and the cell's input after one
-        // head-major copy. Both gates in one GEMM: [B, S, 3D] × [3D, 2NH].
-        let qkv = Tensor::cat(&[&q, &k, &v], D::Minus1)?;
+        // Both gates read concat(q, k, v) [B, S, 3D]: one GEMM per part against its columns
+        // of the gate weights [2NH, 3D], so that the concatenation is never built.
         let gate_w = Tensor::cat(&[&self.igate_weight, &self.fgate_weight], 0)?;
         let gate_b = Tensor::cat(&[&self.igate_bias, &self.fgate_bias], 0)?;
-        let gates = qkv
-            .broadcast_matmul(&gate_w.t()?)?
+        let part_gates = |part: &Tensor, i: usize| {
+            matmul_transposed(part, &gate_w.narrow(1, i * d, d)?.contiguous()?)
+        };
+        let gates = ((part_gates(&q, 0)? + part_gates(&k, 1)?)? + part_gates(&v, 2)?)?
             .broadcast_add(&gate_b)?
             .reshape((b, s, 2, nh))?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        let qkv = qkv
-            .reshape((b, s, 3, nh, d / nh))?
-            .permute((0, 3, 1, 2, 4))?
-            .contiguous()?
-            .reshape((b, nh, s, 3 * (d / nh)))?;
+        let qkv = pack::pack_heads(&q, &k, &v, nh)?;
         Ok(CellInputs {
             qkv,
             gates,
@@ -211,7 +208,7 @@ impl MlstmBlock {
     fn output(&self, x: &Tensor, inputs: &CellInputs, h: &Tensor, train: bool) -> Result<Tensor> {
         let h = gate::silu_gated_sum(
             &self.outnorm.forward_heads(h)?,
-            &inputs.x_conv.broadcast_mul(&self.learnable_skip)?,
+            &gate::scale_features(&inputs.x_conv, &self.learnable_skip)?,
             &inputs.z,
         )?;
         let y = self.proj_down.forward(&h)?;

@@ -79,6 +79,39 @@ pub struct KernelBenchArgs {
     /// the library default) or parallel (the quadratic form the official mLSTM layer runs).
     #[arg(long, value_enum, default_value = "chunkwise")]
     pub mlstm_kernel: StackMlstmKernel,
+    /// Stack variants to run (repeatable; all by default), also for the peer.
+    #[arg(long = "variant", value_enum)]
+    pub variants: Vec<StackVariant>,
+}
+
+/// The benchmarked stack variants (`VARIANTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StackVariant {
+    /// xLSTM[3:1]: sLSTM at block 1 of 4.
+    #[value(name = "xlstm-3-1")]
+    Xlstm31,
+    #[value(name = "mlstm-only")]
+    MlstmOnly,
+    #[value(name = "slstm-only")]
+    SlstmOnly,
+}
+
+impl StackVariant {
+    const ALL: [StackVariant; 3] = [Self::Xlstm31, Self::MlstmOnly, Self::SlstmOnly];
+
+    /// The name in our JSON lines and in `VARIANTS`.
+    fn name(self) -> &'static str {
+        VARIANTS[self as usize].0
+    }
+
+    /// The peer script's name of the variant.
+    fn peer_name(self) -> &'static str {
+        match self {
+            Self::Xlstm31 => "xLSTM[3:1]",
+            Self::MlstmOnly => "mLSTM-only[1:0]",
+            Self::SlstmOnly => "sLSTM-only[0:1]",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -107,6 +140,8 @@ struct Sizes {
     step_tokens: usize,
     shards: Option<usize>,
     mlstm_kernel: MlstmKernel,
+    /// The stack variants to run.
+    variants: Vec<StackVariant>,
 }
 
 impl Sizes {
@@ -121,6 +156,7 @@ impl Sizes {
                 step_tokens: 4,
                 shards: None,
                 mlstm_kernel: MlstmKernel::default(),
+                variants: StackVariant::ALL.to_vec(),
             }
         } else {
             Sizes {
@@ -132,6 +168,7 @@ impl Sizes {
                 step_tokens: 32,
                 shards: None,
                 mlstm_kernel: MlstmKernel::default(),
+                variants: StackVariant::ALL.to_vec(),
             }
         }
     }
@@ -159,6 +196,12 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     }
     if args.mlstm_kernel == StackMlstmKernel::Parallel {
         sizes.mlstm_kernel = MlstmKernel::Parallel;
+    }
+    if !args.variants.is_empty() {
+        sizes.variants = StackVariant::ALL
+            .into_iter()
+            .filter(|v| args.variants.contains(v))
+            .collect();
     }
     if let Some(shards) = args.shards {
         if shards == 0 {
@@ -540,6 +583,9 @@ fn stack_cases(
     );
     for &context in &sizes.contexts {
         for (variant, mlstm_parts, slstm_parts) in VARIANTS {
+            if !sizes.variants.iter().any(|v| v.name() == variant) {
+                continue;
+            }
             let mut cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
             cfg.mlstm.kernel = sizes.mlstm_kernel;
             let varmap = VarMap::new();
@@ -658,6 +704,7 @@ fn peer_cases(
     report: &Reporter,
 ) -> anyhow::Result<()> {
     let contexts: Vec<String> = sizes.contexts.iter().map(|c| c.to_string()).collect();
+    let peer_variants: Vec<&str> = sizes.variants.iter().map(|v| v.peer_name()).collect();
     let out = Command::new(python)
         .arg(script)
         .args([
@@ -667,6 +714,7 @@ fn peer_cases(
             &sizes.batch.to_string(),
         ])
         .args(["--ctx", &contexts.join(",")])
+        .args(["--variants", &peer_variants.join(",")])
         .args(["--threads", &rayon::current_num_threads().to_string()])
         .output()
         .with_context(|| {

@@ -6,14 +6,19 @@
 //!   strided (the z half of the up-projection): it is read in place.
 //! * GeLU gate on `up = [g | u]`: `y = GeLU(g)·u` with `GeLU(g) = g·Φ(g)`, so `du = dy·GeLU(g)`
 //!   and `dg = dy·u·(Φ(g) + g·φ(g))` (Φ, φ: the standard normal CDF and density).
+//! * Feature scale on (x, w): `y = x·w` per feature, so `dx = dy·w` and `dw = Σ_rows dy·x`,
+//!   summed per run of rows and then over the runs in order (no dependence on thread timing).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, with_contiguous};
 
 const SILU_NAME: &str = "silu-gated-sum";
 const GELU_NAME: &str = "gelu-gated";
+const SCALE_NAME: &str = "feature-scale";
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -249,4 +254,94 @@ pub fn gelu_gated(up: &Tensor) -> Result<Tensor> {
         Err(_) => up.contiguous()?,
     };
     up.apply_op1(GeluGatedOp)
+}
+
+struct ScaleFeaturesOp;
+
+impl CustomOp2 for ScaleFeaturesOp {
+    fn name(&self) -> &'static str {
+        SCALE_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        scale_storage: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_data(SCALE_NAME, "x", x_storage, x_layout)?;
+        let scale = contiguous_data(SCALE_NAME, "scale", scale_storage, scale_layout)?;
+        let width = scale.len();
+        if width == 0 || x.len() % width != 0 {
+            return Err(Error::Msg(format!(
+                "{SCALE_NAME}: x holds {} values, expected rows of {width}",
+                x.len()
+            )));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ROWS_PER_TASK * width)
+            .zip(x.par_chunks(ROWS_PER_TASK * width))
+            .for_each(|(y, x)| {
+                for (y_row, x_row) in y.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+                    for ((y, x), w) in y_row.iter_mut().zip(x_row).zip(scale) {
+                        *y = x * w;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = scale.elem_count();
+        let mut grad_x = vec![0f32; x.elem_count()];
+        let grad_scale = with_contiguous(SCALE_NAME, "x", x, |x| {
+            with_contiguous(SCALE_NAME, "scale", scale, |scale| {
+                with_contiguous(SCALE_NAME, "output gradient", grad_res, |g| {
+                    let partial_sums: Vec<Vec<f32>> = grad_x
+                        .par_chunks_mut(ROWS_PER_TASK * width)
+                        .zip(x.par_chunks(ROWS_PER_TASK * width))
+                        .zip(g.par_chunks(ROWS_PER_TASK * width))
+                        .map(|((grad_x, x), g)| {
+                            let mut sum = vec![0f32; width];
+                            for ((gx_row, x_row), g_row) in grad_x
+                                .chunks_exact_mut(width)
+                                .zip(x.chunks_exact(width))
+                                .zip(g.chunks_exact(width))
+                            {
+                                for j in 0..width {
+                                    gx_row[j] = g_row[j] * scale[j];
+                                    sum[j] += g_row[j] * x_row[j];
+                                }
+                            }
+                            sum
+                        })
+                        .collect();
+                    let mut total = vec![0f32; width];
+                    for sum in partial_sums {
+                        for (t, s) in total.iter_mut().zip(sum) {
+                            *t += s;
+                        }
+                    }
+                    Ok(total)
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(grad_x, x.shape(), &Device::Cpu)?),
+            Some(Tensor::from_vec(grad_scale, scale.shape(), &Device::Cpu)?),
+        ))
+    }
+}
+
+/// Fused feature scale; see [`super::scale_features`].
+pub fn scale_features(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&scale.contiguous()?, ScaleFeaturesOp)
 }

@@ -4,7 +4,10 @@
 //!   cell output plus the learnable skip of the conv branch, gated by the up-projection's z
 //!   half;
 //! * [`gelu_gated`], the gated feed-forward's `y = GeLU(g) ⊙ u` on its up-projection `[g | u]`
-//!   (the exact erf GeLU).
+//!   (the exact erf GeLU);
+//! * [`scale_features`], `y = x ⊙ w` with one learned factor per feature (the mLSTM block's
+//!   learnable skip). As candle ops its backward pass sums `dy ⊙ x` over the leading dims
+//!   with a strided reduction that cost more than the rest of the op.
 //!
 //! f32 tensors on the CPU run the fused ops of [`fused_cpu`] (views read in place through
 //! their row stride); every other device or dtype runs [`reference`].
@@ -59,5 +62,35 @@ pub fn gelu_gated(up: &Tensor) -> Result<Tensor> {
         fused_cpu::gelu_gated(up)
     } else {
         reference::gelu_gated(up)
+    }
+}
+
+/// `x` `[.., D]`, `scale` `[D]` → `x ⊙ scale` (each feature times its factor).
+pub fn scale_features(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    const OP: &str = "feature scale";
+    let width = match x.dims().last() {
+        Some(&w) => w,
+        None => return Err(Error::Msg(format!("{OP}: x is a scalar, expected [.., D]"))),
+    };
+    if scale.dims() != [width] {
+        return Err(Error::Msg(format!(
+            "{OP}: scale has shape {:?}, expected [{width}] (the last dim of x {:?})",
+            scale.dims(),
+            x.dims()
+        )));
+    }
+    if scale.dtype() != x.dtype() || !scale.device().same_device(x.device()) {
+        return Err(Error::Msg(format!(
+            "{OP}: scale is {:?} on {:?}, expected {:?} on {:?} like x",
+            scale.dtype(),
+            scale.device(),
+            x.dtype(),
+            x.device()
+        )));
+    }
+    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
+        fused_cpu::scale_features(x, scale)
+    } else {
+        reference::scale_features(x, scale)
     }
 }

@@ -13,3 +13,8 @@ pub fn gelu_gated(up: &Tensor) -> Result<Tensor> {
     let width = up.dim(D::Minus1)? / 2;
     up.narrow(D::Minus1, 0, width)?.gelu_erf()? * up.narrow(D::Minus1, width, width)?
 }
+
+/// See [`super::scale_features`].
+pub fn scale_features(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(scale)
+}
