@@ -51,7 +51,8 @@ pub struct KernelBenchArgs {
     #[arg(long = "kernel", value_name = "NAME")]
     pub kernels: Vec<String>,
     /// Python of a virtual environment with the official xLSTM (see
-    /// ../shared/bench/setup-peer.sh): also time it on the stack cases and print ours/peer.
+    /// ../shared/bench/setup-peer.sh): also time it on each stack case, right after ours, and
+    /// print ours/peer.
     #[arg(long, value_name = "PYTHON")]
     pub peer: Option<PathBuf>,
     /// The peer benchmark script.
@@ -234,10 +235,11 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
         memory_cases(&sizes, &report)?;
     }
     if wants(CaseGroup::Stack) {
-        let ours = stack_cases(&sizes, &device, iters, &report)?;
-        if let Some(python) = &args.peer {
-            peer_cases(python, &args.peer_script, &sizes, iters, &ours, &report)?;
-        }
+        let peer = args.peer.as_ref().map(|python| Peer {
+            python,
+            script: &args.peer_script,
+        });
+        stack_cases(&sizes, &device, iters, peer.as_ref(), &report)?;
     }
     Ok(())
 }
@@ -561,20 +563,17 @@ const VARIANTS: [(&str, usize, usize); 3] = [
     ("sLSTM-only", 0, 1),
 ];
 
-/// Our median ms per (variant, context, mode) for the peer comparison.
-type StackTimings = Vec<(String, usize, &'static str, f64)>;
-
 fn stack_cases(
     sizes: &Sizes,
     dev: &Device,
     iters: usize,
+    peer: Option<&Peer>,
     report: &Reporter,
-) -> anyhow::Result<StackTimings> {
+) -> anyhow::Result<()> {
     let device_name = match dev {
         Device::Cpu => "cpu".to_string(),
         other => format!("{other:?}"),
     };
-    let mut timings = Vec::new();
     let shards = split_rows(
         sizes.batch,
         sizes
@@ -617,7 +616,6 @@ fn stack_cases(
             case["mode"] = json!("forward");
             case["median_ms"] = json!(round2(forward));
             report.emit(&case);
-            timings.push((variant.to_string(), context, "forward", forward));
 
             let mut opt = AdamW::new(
                 varmap.all_vars(),
@@ -643,7 +641,11 @@ fn stack_cases(
             case["mode"] = json!("train_step");
             case["median_ms"] = json!(round2(train));
             report.emit(&case);
-            timings.push((variant.to_string(), context, "train_step", train));
+            // The peer runs this case right after ours: the machine's speed drifts by tens of
+            // percent over minutes, and a ratio is only fair between neighbouring measurements.
+            if let Some(peer) = peer {
+                peer.compare(sizes, iters, variant, context, [forward, train], report)?;
+            }
 
             // The recurrent step is the same for every context; measure it once per variant.
             if context == sizes.contexts[0] {
@@ -671,7 +673,7 @@ fn stack_cases(
             }
         }
     }
-    Ok(timings)
+    Ok(())
 }
 
 /// Bytes of every tensor the recurrent state holds (constant in the number of steps taken).
@@ -694,68 +696,61 @@ fn state_bytes(state: &StackState) -> usize {
         .sum()
 }
 
-/// Runs the official implementation on the same stack cases and prints ours/peer per case.
-fn peer_cases(
-    python: &PathBuf,
-    script: &PathBuf,
-    sizes: &Sizes,
-    iters: usize,
-    ours: &StackTimings,
-    report: &Reporter,
-) -> anyhow::Result<()> {
-    let contexts: Vec<String> = sizes.contexts.iter().map(|c| c.to_string()).collect();
-    let peer_variants: Vec<&str> = sizes.variants.iter().map(|v| v.peer_name()).collect();
-    let out = Command::new(python)
-        .arg(script)
-        .args([
-            "--iters",
-            &iters.to_string(),
-            "--batch",
-            &sizes.batch.to_string(),
-        ])
-        .args(["--ctx", &contexts.join(",")])
-        .args(["--variants", &peer_variants.join(",")])
-        .args(["--threads", &rayon::current_num_threads().to_string()])
-        .output()
-        .with_context(|| {
-            format!(
-                "running the peer benchmark {} {}",
-                python.display(),
-                script.display()
-            )
-        })?;
-    if !out.status.success() {
-        bail!(
-            "peer benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+/// The official implementation (`../shared/bench/setup-peer.sh`) run by its benchmark script.
+struct Peer<'a> {
+    python: &'a PathBuf,
+    script: &'a PathBuf,
+}
+
+impl Peer<'_> {
+    /// Runs one stack case (`variant` as in `VARIANTS`) on the peer and prints ours/peer for
+    /// the forward and the training step (`ours_ms`, in that order).
+    fn compare(
+        &self,
+        sizes: &Sizes,
+        iters: usize,
+        variant: &str,
+        context: usize,
+        ours_ms: [f64; 2],
+        report: &Reporter,
+    ) -> anyhow::Result<()> {
+        let peer_variant = StackVariant::ALL
+            .into_iter()
+            .find(|v| v.name() == variant)
+            .with_context(|| format!("unknown stack variant {variant:?}"))?
+            .peer_name();
+        let out = Command::new(self.python)
+            .arg(self.script)
+            .args(["--one", peer_variant, &context.to_string()])
+            .args(["--iters", &iters.to_string()])
+            .args(["--batch", &sizes.batch.to_string()])
+            .args(["--threads", &rayon::current_num_threads().to_string()])
+            .output()
+            .with_context(|| {
+                format!(
+                    "running the peer benchmark {} {}",
+                    self.python.display(),
+                    self.script.display()
+                )
+            })?;
+        if !out.status.success() {
+            bail!(
+                "peer benchmark failed on {peer_variant} at context {context}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().context("the peer printed nothing")?;
         let peer: Value =
             serde_json::from_str(line).with_context(|| format!("peer printed {line:?}"))?;
-        if let Some(err) = peer.get("error") {
-            bail!("peer case {} failed: {err}", peer["variant"]);
-        }
-        // The peer names variants with their ratio appended ("mLSTM-only[1:0]").
-        let peer_variant = peer["variant"].as_str().unwrap_or_default();
-        let variant = VARIANTS
-            .iter()
-            .map(|v| v.0)
-            .find(|v| peer_variant.starts_with(v))
-            .with_context(|| format!("unknown peer variant {peer_variant:?}"))?;
-        let context = peer["context"]
-            .as_u64()
-            .context("peer line without context")? as usize;
-        for (mode, peer_key) in [("forward", "forward_nograd"), ("train_step", "train_step")] {
+        for ((mode, peer_key), ours_ms) in
+            [("forward", "forward_nograd"), ("train_step", "train_step")]
+                .into_iter()
+                .zip(ours_ms)
+        {
             let peer_ms = peer[peer_key]["median_ms"]
                 .as_f64()
-                .context("peer line without median_ms")?;
-            let Some(&(_, _, _, ours_ms)) = ours
-                .iter()
-                .find(|t| t.0 == variant && t.1 == context && t.2 == mode)
-            else {
-                continue;
-            };
+                .with_context(|| format!("peer line without {peer_key}.median_ms: {line}"))?;
             report.emit(&json!({
                 "case": "stack_vs_peer", "variant": variant, "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "mode": mode, "median_ms": round2(ours_ms), "peer_median_ms": peer_ms,
@@ -763,6 +758,6 @@ fn peer_cases(
                 "peer_params": peer["params"], "peer_torch": peer["torch"],
             }));
         }
+        Ok(())
     }
-    Ok(())
 }
