@@ -261,13 +261,16 @@ impl Module for LinearHeadwiseExpand {
 /// flattened to `[rows, in]`. A batched product would broadcast W to `[B, in, out]`, and its
 /// backward pass would compute B weight gradients and then sum them over B.
 pub(crate) fn matmul_transposed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (in_dim, out_dim) = (weight.dim(1)?, weight.dim(0)?);
+    let (out_dim, in_dim) = weight.dims2()?;
     let mut out_shape = x.dims().to_vec();
-    let Some(last) = out_shape.last_mut() else {
-        candle_core::bail!("linear: x is a scalar, expected [.., {in_dim}]");
-    };
-    *last = out_dim;
-    let rows = x.elem_count() / in_dim.max(1);
+    match out_shape.last_mut() {
+        Some(last) if *last == in_dim && in_dim > 0 => *last = out_dim,
+        _ => candle_core::bail!(
+            "linear: x has shape {:?}, expected [.., {in_dim}]",
+            x.dims()
+        ),
+    }
+    let rows = x.elem_count() / in_dim;
     x.contiguous()?
         .reshape((rows, in_dim))?
         .matmul(&weight.t()?)?
