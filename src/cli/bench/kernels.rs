@@ -85,7 +85,7 @@ pub struct KernelBenchArgs {
     pub variants: Vec<StackVariant>,
 }
 
-/// The benchmarked stack variants (`VARIANTS`).
+/// The benchmarked stack variants, of E = 64 and 4 blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StackVariant {
     /// xLSTM[3:1]: sLSTM at block 1 of 4.
@@ -100,9 +100,22 @@ pub enum StackVariant {
 impl StackVariant {
     const ALL: [StackVariant; 3] = [Self::Xlstm31, Self::MlstmOnly, Self::SlstmOnly];
 
-    /// The name in our JSON lines and in `VARIANTS`.
+    /// The name in our JSON lines.
     fn name(self) -> &'static str {
-        VARIANTS[self as usize].0
+        match self {
+            Self::Xlstm31 => "xLSTM[3:1]",
+            Self::MlstmOnly => "mLSTM-only",
+            Self::SlstmOnly => "sLSTM-only",
+        }
+    }
+
+    /// (mLSTM parts, sLSTM parts) of the block ratio.
+    fn ratio(self) -> (usize, usize) {
+        match self {
+            Self::Xlstm31 => (3, 1),
+            Self::MlstmOnly => (1, 0),
+            Self::SlstmOnly => (0, 1),
+        }
     }
 
     /// The peer script's name of the variant.
@@ -556,13 +569,6 @@ fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {field} in /proc/self/status"))
 }
 
-/// The benchmarked stack variants: (name, mLSTM parts, sLSTM parts) of E = 64, 4 blocks.
-const VARIANTS: [(&str, usize, usize); 3] = [
-    ("xLSTM[3:1]", 3, 1),
-    ("mLSTM-only", 1, 0),
-    ("sLSTM-only", 0, 1),
-];
-
 fn stack_cases(
     sizes: &Sizes,
     dev: &Device,
@@ -581,10 +587,8 @@ fn stack_cases(
             .unwrap_or_else(|| shard_count(dev, sizes.batch)),
     );
     for &context in &sizes.contexts {
-        for (variant, mlstm_parts, slstm_parts) in VARIANTS {
-            if !sizes.variants.iter().any(|v| v.name() == variant) {
-                continue;
-            }
+        for &variant in &sizes.variants {
+            let (mlstm_parts, slstm_parts) = variant.ratio();
             let mut cfg = XlstmConfig::with_ratio(EMBEDDING, 4, mlstm_parts, slstm_parts)?;
             cfg.mlstm.kernel = sizes.mlstm_kernel;
             let varmap = VarMap::new();
@@ -598,7 +602,7 @@ fn stack_cases(
             let x = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), dev)?;
             let target = Tensor::randn(0f32, 1.0, (sizes.batch, context, EMBEDDING), dev)?;
             let base = json!({
-                "case": "stack", "variant": variant, "seq_len": context, "batch": sizes.batch,
+                "case": "stack", "variant": variant.name(), "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
                 "num_blocks": 4, "params": params, "iters": iters, "threads": rayon::current_num_threads(),
                 "shards": shards.len(), "device": device_name,
@@ -703,22 +707,18 @@ struct Peer<'a> {
 }
 
 impl Peer<'_> {
-    /// Runs one stack case (`variant` as in `VARIANTS`) on the peer and prints ours/peer for
+    /// Runs one stack case on the peer and prints ours/peer for
     /// the forward and the training step (`ours_ms`, in that order).
     fn compare(
         &self,
         sizes: &Sizes,
         iters: usize,
-        variant: &str,
+        variant: StackVariant,
         context: usize,
         ours_ms: [f64; 2],
         report: &Reporter,
     ) -> anyhow::Result<()> {
-        let peer_variant = StackVariant::ALL
-            .into_iter()
-            .find(|v| v.name() == variant)
-            .with_context(|| format!("unknown stack variant {variant:?}"))?
-            .peer_name();
+        let peer_variant = variant.peer_name();
         let out = Command::new(self.python)
             .arg(self.script)
             .args(["--one", peer_variant, &context.to_string()])
@@ -752,7 +752,7 @@ impl Peer<'_> {
                 .as_f64()
                 .with_context(|| format!("peer line without {peer_key}.median_ms: {line}"))?;
             report.emit(&json!({
-                "case": "stack_vs_peer", "variant": variant, "seq_len": context, "batch": sizes.batch,
+                "case": "stack_vs_peer", "variant": variant.name(), "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "mode": mode, "median_ms": round2(ours_ms), "peer_median_ms": peer_ms,
                 "ratio_ours_over_peer": (ours_ms / peer_ms * 1000.0).round() / 1000.0,
                 "peer_params": peer["params"], "peer_torch": peer["torch"],
