@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use candle_core::backprop::GradStore;
+use candle_core::backprop::{GradStore, with_grad_enabled};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -51,28 +51,44 @@ pub fn shard_ranges(device: &Device, batch: usize) -> Vec<Range<usize>> {
     split_rows(batch, shard_count(device, batch))
 }
 
-/// Runs `f` on every shard concurrently and returns the results in shard order.
-pub fn map_shards<T, F>(shards: &[Range<usize>], f: F) -> Result<Vec<T>>
+/// Runs `f` on every shard concurrently and returns the results in shard order. `record_ops`
+/// says whether candle records the shard's ops for backpropagation. It is set inside each
+/// shard's task because the switch is per thread, and a pool thread that waits inside one
+/// task may run another one (say, a training shard while it serves a forecast).
+fn map_shards<T, F>(shards: &[Range<usize>], record_ops: bool, f: F) -> Result<Vec<T>>
 where
     T: Send,
     F: Fn(usize, Range<usize>) -> Result<T> + Sync,
 {
+    let run = |i: usize, range: &Range<usize>| with_grad_enabled(record_ops, || f(i, range.clone()));
     if shards.len() == 1 {
-        return Ok(vec![f(0, shards[0].clone())?]);
+        return Ok(vec![run(0, &shards[0])?]);
     }
     shards
         .par_iter()
         .enumerate()
-        .map(|(i, range)| f(i, range.clone()))
+        .map(|(i, range)| run(i, range))
         .collect()
 }
 
-/// Runs a forward pass shard by shard and concatenates the outputs along the batch (dim 0).
+/// Runs an inference pass on every shard concurrently and returns the outputs in shard order.
+/// No op is recorded for backpropagation: the weights are variables (so that a model can be
+/// fine-tuned), and recording would keep every intermediate tensor alive and make the fused
+/// kernels save their backward tapes.
+pub fn infer_sharded<T, F>(shards: &[Range<usize>], f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(Range<usize>) -> Result<T> + Sync,
+{
+    map_shards(shards, false, |_, range| f(range))
+}
+
+/// [`infer_sharded`] for a pass with one output, concatenated along the batch (dim 0).
 pub fn forward_sharded<F>(shards: &[Range<usize>], f: F) -> Result<Tensor>
 where
     F: Fn(Range<usize>) -> Result<Tensor> + Sync,
 {
-    let outputs = map_shards(shards, |_, range| f(range))?;
+    let outputs = infer_sharded(shards, f)?;
     if outputs.len() == 1 {
         return Ok(outputs.into_iter().next().expect("one shard"));
     }
@@ -87,7 +103,7 @@ pub fn backward_sharded<F>(shards: &[Range<usize>], f: F) -> Result<(Vec<Tensor>
 where
     F: Fn(usize, Range<usize>) -> Result<Tensor> + Sync,
 {
-    let per_shard = map_shards(shards, |i, range| {
+    let per_shard = map_shards(shards, true, |i, range| {
         let loss = f(i, range)?;
         let grads = loss.backward()?;
         Ok((loss.detach(), grads))
@@ -148,8 +164,15 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "gradient differs by {diff}");
-        let out = forward_sharded(&shards, |rows| x.narrow(0, rows.start, rows.len())?.tanh())?;
-        assert_eq!(out.to_vec2::<f32>()?, x.tanh()?.to_vec2::<f32>()?);
+        let out = forward_sharded(&shards, |rows| {
+            x.narrow(0, rows.start, rows.len())?
+                .matmul(w.as_tensor())?
+                .tanh()
+        })?;
+        let whole_out = x.matmul(w.as_tensor())?.tanh()?;
+        assert_eq!(out.to_vec2::<f32>()?, whole_out.to_vec2::<f32>()?);
+        assert!(whole_out.track_op(), "outside a shard the ops on w are recorded");
+        assert!(!out.track_op(), "an inference pass records no op");
         Ok(())
     }
 }

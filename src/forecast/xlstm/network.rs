@@ -9,7 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::xlstm::XlstmStack;
 use crate::xlstm::layers::get_or_init_with;
-use crate::xlstm::shards::{map_shards, shard_ranges};
+use crate::xlstm::shards::{infer_sharded, shard_ranges};
 
 use super::preset::{ChannelMode, ForecasterConfig};
 
@@ -195,11 +195,12 @@ impl ForecastNetwork {
             .map(|linear| (linear.weight(), linear.bias().expect("built with a bias")))
     }
 
-    /// [`Self::forward`] without dropout, the batch cut into one shard per core
-    /// (`crate::xlstm::shards`): the forecasts are the same, computed side by side.
+    /// [`Self::forward`] without dropout and without recording ops for backpropagation, the
+    /// batch cut into one shard per core (`crate::xlstm::shards`): the forecasts are the same,
+    /// computed side by side.
     pub fn forward_inference(&self, values: &Tensor, observed: &Tensor) -> Result<NetworkOutput> {
         let shards = shard_ranges(values.device(), values.dim(0)?);
-        let mut outputs = map_shards(&shards, |_, rows| {
+        let mut outputs = infer_sharded(&shards, |rows| {
             let rows_of = |t: &Tensor| t.narrow(0, rows.start, rows.len());
             self.forward(&rows_of(values)?, &rows_of(observed)?, None)
         })?;

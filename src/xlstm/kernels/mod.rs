@@ -12,6 +12,7 @@ pub mod mlstm;
 pub mod norm;
 pub mod pack;
 pub mod slstm;
+mod vmath;
 
 #[cfg(test)]
 mod tests {

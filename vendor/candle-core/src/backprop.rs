@@ -664,6 +664,33 @@ impl Tensor {
     }
 }
 
+thread_local! {
+    static GRAD_ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether ops run on this thread are recorded for backpropagation (see [`with_grad_enabled`]).
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|enabled| enabled.get())
+}
+
+/// Runs `f` with the recording of ops for backpropagation switched on or off on this thread,
+/// and restores the previous setting afterwards (also when `f` panics), like torch's
+/// `set_grad_enabled`. With it off, ops on variables build no graph: inference keeps no
+/// intermediate tensors alive and custom ops can skip saving what their backward pass needs.
+///
+/// The setting is per thread. Work that `f` hands to other threads (a rayon pool) runs with
+/// those threads' own setting, so code that spreads a pass over threads sets it in each task.
+pub fn with_grad_enabled<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|current| current.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|current| current.replace(enabled)));
+    f()
+}
+
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);

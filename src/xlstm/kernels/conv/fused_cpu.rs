@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Resul
 use rayon::prelude::*;
 
 use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data};
+use super::super::vmath;
 
 const NAME: &str = "causal-conv-silu";
 
@@ -58,7 +59,7 @@ impl Rows {
 
 /// The input row at position `j` (relative to the sequence start) of batch row `b`: x for
 /// `j ≥ 0`, else state row `K + j`, else zeros (no state).
-#[inline]
+#[inline(always)]
 fn source<'a>(
     x: &'a [f32],
     rows: &Rows,
@@ -81,13 +82,13 @@ fn source<'a>(
     }
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + vmath::exp(-x))
 }
 
 /// Pre-activation of output row t: bias + Σ_s tap_s ⊙ source(t − K + 1 + s).
-#[inline]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pre_activation(
     x: &[f32],
@@ -126,12 +127,14 @@ impl ConvSiluOp {
         out.par_chunks_mut(rows.seq_len * c)
             .enumerate()
             .for_each(|(b, out)| {
-                for (t, y) in out.chunks_exact_mut(c).enumerate() {
-                    pre_activation(x, &rows, state, &zeros, params, b, t, y);
-                    for v in y.iter_mut() {
-                        *v *= sigmoid(*v);
+                vmath::with_wide_vectors(|| {
+                    for (t, y) in out.chunks_exact_mut(c).enumerate() {
+                        pre_activation(x, &rows, state, &zeros, params, b, t, y);
+                        for v in y.iter_mut() {
+                            *v *= sigmoid(*v);
+                        }
                     }
-                }
+                })
             });
         (
             CpuStorage::F32(out),
@@ -187,7 +190,7 @@ impl ConvSiluOp {
             .par_chunks_mut(seq_len * c)
             .zip(grad_state.par_chunks_mut(k * c))
             .enumerate()
-            .map(|(b, (grad_x, grad_state))| {
+            .map(|(b, (grad_x, grad_state))| vmath::with_wide_vectors(|| {
                 let (mut grad_params, mut row) = (vec![0f32; (k + 1) * c], vec![0f32; 2 * c]);
                 let (pre, grad_pre) = row.split_at_mut(c);
                 for t in 0..seq_len {
@@ -223,7 +226,7 @@ impl ConvSiluOp {
                     }
                 }
                 grad_params
-            })
+            }))
             // One partial per batch row, summed in row order: deterministic whatever rayon's
             // split.
             .collect::<Vec<_>>()

@@ -15,6 +15,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, with_contiguous};
+use super::super::vmath;
 
 const SILU_NAME: &str = "silu-gated-sum";
 const GELU_NAME: &str = "gelu-gated";
@@ -66,8 +67,9 @@ impl Rows {
     }
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + vmath::exp(-x))
 }
 
 struct SiluGatedSumOp;
@@ -103,18 +105,20 @@ impl CustomOp3 for SiluGatedSumOp {
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
-                for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
-                    let row = task * ROWS_PER_TASK + r;
-                    let span = row * width..(row + 1) * width;
-                    for (((y, a), b), z) in y_row
-                        .iter_mut()
-                        .zip(&a[span.clone()])
-                        .zip(&b[span])
-                        .zip(z_rows.row(z, row))
-                    {
-                        *y = (a + b) * z * sigmoid(*z);
+                vmath::with_wide_vectors(|| {
+                    for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
+                        let row = task * ROWS_PER_TASK + r;
+                        let span = row * width..(row + 1) * width;
+                        for (((y, a), b), z) in y_row
+                            .iter_mut()
+                            .zip(&a[span.clone()])
+                            .zip(&b[span])
+                            .zip(z_rows.row(z, row))
+                        {
+                            *y = (a + b) * z * sigmoid(*z);
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(y), a_layout.shape().clone()))
     }
@@ -142,22 +146,28 @@ impl CustomOp3 for SiluGatedSumOp {
                         .zip(grad_z.par_chunks_mut(ROWS_PER_TASK * width))
                         .enumerate()
                         .for_each(|(task, (grad_sum, grad_z))| {
-                            for (r, (gs_row, gz_row)) in grad_sum
-                                .chunks_exact_mut(width)
-                                .zip(grad_z.chunks_exact_mut(width))
-                                .enumerate()
-                            {
-                                let row = task * ROWS_PER_TASK + r;
-                                let start = row * width;
-                                let z_row = z_rows.row(z_data, row);
-                                for j in 0..width {
-                                    let (zj, gj) = (z_row[j], g[start + j]);
-                                    let sig = sigmoid(zj);
-                                    let sum = a[start + j] + b[start + j];
-                                    gs_row[j] = gj * zj * sig;
-                                    gz_row[j] = gj * sum * sig * (1.0 + zj * (1.0 - sig));
+                            vmath::with_wide_vectors(|| {
+                                for (r, (gs_row, gz_row)) in grad_sum
+                                    .chunks_exact_mut(width)
+                                    .zip(grad_z.chunks_exact_mut(width))
+                                    .enumerate()
+                                {
+                                    let row = task * ROWS_PER_TASK + r;
+                                    let span = row * width..(row + 1) * width;
+                                    for (((((gs, gz), &z), &g), &a), &b) in gs_row
+                                        .iter_mut()
+                                        .zip(gz_row.iter_mut())
+                                        .zip(z_rows.row(z_data, row))
+                                        .zip(&g[span.clone()])
+                                        .zip(&a[span.clone()])
+                                        .zip(&b[span])
+                                    {
+                                        let sig = sigmoid(z);
+                                        *gs = g * z * sig;
+                                        *gz = g * (a + b) * sig * (1.0 + z * (1.0 - sig));
+                                    }
                                 }
-                            }
+                            })
                         });
                     Ok(())
                 })
@@ -183,12 +193,17 @@ pub fn silu_gated_sum(a: &Tensor, b: &Tensor, z: &Tensor) -> Result<Tensor> {
         .apply_op3(&b.contiguous()?, &z, SiluGatedSumOp)
 }
 
-/// Φ(x) and φ(x) of the standard normal distribution.
-fn normal_cdf_pdf(x: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp()
-        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
-    (cdf, pdf)
+/// Φ(x) of the standard normal distribution.
+#[inline(always)]
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// φ(x) of the standard normal distribution.
+#[inline(always)]
+fn normal_pdf(x: f32) -> f32 {
+    vmath::exp(-0.5 * x * x)
+        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2)
 }
 
 struct GeluGatedOp;
@@ -206,12 +221,14 @@ impl CustomOp1 for GeluGatedOp {
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
-                for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
-                    let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
-                    for ((y, g), u) in y_row.iter_mut().zip(g).zip(u) {
-                        *y = g * normal_cdf_pdf(*g).0 * u;
+                vmath::with_wide_vectors(|| {
+                    for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
+                        let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
+                        for ((y, g), u) in y_row.iter_mut().zip(g).zip(u) {
+                            *y = g * normal_cdf(*g) * u;
+                        }
                     }
-                }
+                })
             });
         let mut dims = layout.dims().to_vec();
         *dims.last_mut().expect("checked: rank ≥ 1") = width;
@@ -229,17 +246,25 @@ impl CustomOp1 for GeluGatedOp {
                 .par_chunks_mut(ROWS_PER_TASK * rows.width)
                 .enumerate()
                 .for_each(|(task, grad_up)| {
-                    for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
-                        let row = task * ROWS_PER_TASK + r;
-                        let (gate, value) = rows.row(up_data, row).split_at(width);
-                        let dy = &g[row * width..(row + 1) * width];
-                        let (grad_gate, grad_value) = gu_row.split_at_mut(width);
-                        for j in 0..width {
-                            let (cdf, pdf) = normal_cdf_pdf(gate[j]);
-                            grad_value[j] = dy[j] * gate[j] * cdf;
-                            grad_gate[j] = dy[j] * value[j] * (cdf + gate[j] * pdf);
+                    vmath::with_wide_vectors(|| {
+                        for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
+                            let row = task * ROWS_PER_TASK + r;
+                            let (gate, value) = rows.row(up_data, row).split_at(width);
+                            let dy = &g[row * width..(row + 1) * width];
+                            let (grad_gate, grad_value) = gu_row.split_at_mut(width);
+                            for ((((grad_g, grad_u), &g), &u), &dy) in grad_gate
+                                .iter_mut()
+                                .zip(grad_value.iter_mut())
+                                .zip(gate)
+                                .zip(value)
+                                .zip(dy)
+                            {
+                                let cdf = normal_cdf(g);
+                                *grad_u = dy * g * cdf;
+                                *grad_g = dy * u * (cdf + g * normal_pdf(g));
+                            }
                         }
-                    }
+                    })
                 });
             Ok(())
         })?;

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::cpu_data::{contiguous_data, with_contiguous};
+use super::super::vmath;
 
 const NAME: &str = "headwise-linear";
 
@@ -178,12 +179,14 @@ impl CustomOp2 for HeadwiseOp {
         y.par_chunks_mut(ROWS_PER_TASK * b.width_out())
             .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
             .for_each(|(y, x)| {
-                for (y_row, x_row) in y
-                    .chunks_exact_mut(b.width_out())
-                    .zip(x.chunks_exact(b.width_in()))
-                {
-                    multiply_row(b, &columns, x_row, y_row);
-                }
+                vmath::with_wide_vectors(|| {
+                    for (y_row, x_row) in y
+                        .chunks_exact_mut(b.width_out())
+                        .zip(x.chunks_exact(b.width_in()))
+                    {
+                        multiply_row(b, &columns, x_row, y_row);
+                    }
+                })
             });
         let mut dims = x_layout.dims().to_vec();
         *dims.last_mut().expect("x has a last dim") = b.width_out();
@@ -209,7 +212,7 @@ impl CustomOp2 for HeadwiseOp {
                         .par_chunks_mut(ROWS_PER_TASK * b.width_in())
                         .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
                         .zip(grad.par_chunks(ROWS_PER_TASK * b.width_out()))
-                        .map(|((grad_x, x), grad)| {
+                        .map(|((grad_x, x), grad)| vmath::with_wide_vectors(|| {
                             let transposed = Blocks {
                                 count: b.count,
                                 d_out: b.d_in,
@@ -225,7 +228,7 @@ impl CustomOp2 for HeadwiseOp {
                                 accumulate_outer(b, &mut grad_w, x_row, g_row);
                             }
                             grad_w
-                        })
+                        }))
                         .collect();
                     let mut grad_w = vec![0f32; b.weight_len()];
                     for partial in &partial_w {
