@@ -9,7 +9,8 @@
 
 /// Runs `f` compiled with AVX2 and FMA enabled when the CPU has them (on x86-64), as is
 /// otherwise. `f` should be a loop over `#[inline(always)]` arithmetic such as [`exp`] and
-/// [`erf`]: being called once, it is inlined into the wide copy and vectorised there.
+/// [`erf`], and be marked `#[inline(always)]` itself: it is vectorised only where it is inlined
+/// into the wide copy, and the dev profile's many codegen units otherwise may compile it apart.
 #[inline(always)]
 pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -129,7 +130,7 @@ mod tests {
     fn the_wide_copy_computes_the_same_values() {
         let xs: Vec<f32> = (-300..300).map(|i| i as f32 * 0.0137).collect();
         let narrow: Vec<f32> = xs.iter().map(|&x| erf(x) + exp(x)).collect();
-        let wide: Vec<f32> = with_wide_vectors(|| xs.iter().map(|&x| erf(x) + exp(x)).collect());
+        let wide: Vec<f32> = with_wide_vectors(#[inline(always)] || xs.iter().map(|&x| erf(x) + exp(x)).collect());
         for (a, b) in narrow.iter().zip(&wide) {
             // FMA contraction is not allowed, so the two copies agree to the bit.
             assert_eq!(a.to_bits(), b.to_bits());

@@ -127,7 +127,7 @@ impl ConvSiluOp {
         out.par_chunks_mut(rows.seq_len * c)
             .enumerate()
             .for_each(|(b, out)| {
-                vmath::with_wide_vectors(|| {
+                vmath::with_wide_vectors(#[inline(always)] || {
                     for (t, y) in out.chunks_exact_mut(c).enumerate() {
                         pre_activation(x, &rows, state, &zeros, params, b, t, y);
                         for v in y.iter_mut() {
@@ -190,7 +190,7 @@ impl ConvSiluOp {
             .par_chunks_mut(seq_len * c)
             .zip(grad_state.par_chunks_mut(k * c))
             .enumerate()
-            .map(|(b, (grad_x, grad_state))| vmath::with_wide_vectors(|| {
+            .map(|(b, (grad_x, grad_state))| vmath::with_wide_vectors(#[inline(always)] || {
                 let (mut grad_params, mut row) = (vec![0f32; (k + 1) * c], vec![0f32; 2 * c]);
                 let (pre, grad_pre) = row.split_at_mut(c);
                 for t in 0..seq_len {

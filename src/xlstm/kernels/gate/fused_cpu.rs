@@ -105,7 +105,7 @@ impl CustomOp3 for SiluGatedSumOp {
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
-                vmath::with_wide_vectors(|| {
+                vmath::with_wide_vectors(#[inline(always)] || {
                     for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
                         let row = task * ROWS_PER_TASK + r;
                         let span = row * width..(row + 1) * width;
@@ -146,7 +146,7 @@ impl CustomOp3 for SiluGatedSumOp {
                         .zip(grad_z.par_chunks_mut(ROWS_PER_TASK * width))
                         .enumerate()
                         .for_each(|(task, (grad_sum, grad_z))| {
-                            vmath::with_wide_vectors(|| {
+                            vmath::with_wide_vectors(#[inline(always)] || {
                                 for (r, (gs_row, gz_row)) in grad_sum
                                     .chunks_exact_mut(width)
                                     .zip(grad_z.chunks_exact_mut(width))
@@ -221,7 +221,7 @@ impl CustomOp1 for GeluGatedOp {
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
-                vmath::with_wide_vectors(|| {
+                vmath::with_wide_vectors(#[inline(always)] || {
                     for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
                         let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
                         for ((y, g), u) in y_row.iter_mut().zip(g).zip(u) {
@@ -246,7 +246,7 @@ impl CustomOp1 for GeluGatedOp {
                 .par_chunks_mut(ROWS_PER_TASK * rows.width)
                 .enumerate()
                 .for_each(|(task, grad_up)| {
-                    vmath::with_wide_vectors(|| {
+                    vmath::with_wide_vectors(#[inline(always)] || {
                         for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
                             let row = task * ROWS_PER_TASK + r;
                             let (gate, value) = rows.row(up_data, row).split_at(width);

@@ -179,7 +179,7 @@ impl CustomOp2 for HeadwiseOp {
         y.par_chunks_mut(ROWS_PER_TASK * b.width_out())
             .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
             .for_each(|(y, x)| {
-                vmath::with_wide_vectors(|| {
+                vmath::with_wide_vectors(#[inline(always)] || {
                     for (y_row, x_row) in y
                         .chunks_exact_mut(b.width_out())
                         .zip(x.chunks_exact(b.width_in()))
@@ -212,7 +212,7 @@ impl CustomOp2 for HeadwiseOp {
                         .par_chunks_mut(ROWS_PER_TASK * b.width_in())
                         .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
                         .zip(grad.par_chunks(ROWS_PER_TASK * b.width_out()))
-                        .map(|((grad_x, x), grad)| vmath::with_wide_vectors(|| {
+                        .map(|((grad_x, x), grad)| vmath::with_wide_vectors(#[inline(always)] || {
                             let transposed = Blocks {
                                 count: b.count,
                                 d_out: b.d_in,

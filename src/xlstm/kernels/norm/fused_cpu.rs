@@ -124,7 +124,7 @@ impl LayerNormOp {
         out.par_chunks_mut(task)
             .zip(x.par_chunks(task))
             .for_each(|(out, x)| {
-                vmath::with_wide_vectors(|| {
+                vmath::with_wide_vectors(#[inline(always)] || {
                     for (out_row, x_row) in
                         out.chunks_exact_mut(features).zip(x.chunks_exact(features))
                     {
@@ -155,7 +155,7 @@ impl LayerNormOp {
                         .par_chunks_mut(task)
                         .zip(x.par_chunks(task))
                         .zip(grad_y.par_chunks(task))
-                        .map(|((grad_x, x), grad_y)| vmath::with_wide_vectors(|| {
+                        .map(|((grad_x, x), grad_y)| vmath::with_wide_vectors(#[inline(always)] || {
                             let mut partial = vec![0f32; partial_len];
                             let (grad_scale, grad_bias) = partial.split_at_mut(features);
                             let rows = grad_x
@@ -343,7 +343,7 @@ impl CustomOp2 for MultiHeadLayerNormOp {
         let (features, dh) = (geo.features(), geo.head_dim);
         let mut out = vec![0f32; geo.batch * geo.seq_len * features];
         let task = rows_per_task(features) * features;
-        out.par_chunks_mut(task).enumerate().for_each(|(t, out)| vmath::with_wide_vectors(|| {
+        out.par_chunks_mut(task).enumerate().for_each(|(t, out)| vmath::with_wide_vectors(#[inline(always)] || {
             let first_row = t * (task / features);
             for (i, out_row) in out.chunks_exact_mut(features).enumerate() {
                 let (b, s) = ((first_row + i) / geo.seq_len, (first_row + i) % geo.seq_len);
@@ -384,7 +384,7 @@ impl CustomOp2 for MultiHeadLayerNormOp {
                 Ok(grad_h
                     .par_chunks_mut(blocks_per_task * block)
                     .enumerate()
-                    .map(|(t, grad_h)| vmath::with_wide_vectors(|| {
+                    .map(|(t, grad_h)| vmath::with_wide_vectors(#[inline(always)] || {
                         let mut grad_scale = vec![0f32; features];
                         for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
                             let bh = t * blocks_per_task + i;
