@@ -78,23 +78,33 @@ fn multiply_row_fixed<const D_OUT: usize, const D_IN: usize>(
     }
 }
 
-/// `grad_w[blk, o, :] += dy_blk[o] · x_blk` over the blocks of one row.
+/// Rows whose outer products are added to the weight gradient in one pass over it: it is then
+/// loaded and stored once per group instead of once per row.
+const OUTER_ROWS: usize = 4;
+
+/// `grad_w[blk, o, :] += Σ_r dy_r,blk[o] · x_r,blk` over the blocks of a group of rows (`x` and
+/// `grad_y` hold the same number of rows, one after another), adding the rows in order.
 #[inline(always)]
 fn accumulate_outer(b: Blocks, grad_w: &mut [f32], x: &[f32], grad_y: &[f32]) {
     match (b.d_out, b.d_in) {
-        (4, 4) => accumulate_outer_fixed::<4, 4>(grad_w, x, grad_y),
-        (8, 8) => accumulate_outer_fixed::<8, 8>(grad_w, x, grad_y),
-        (16, 16) => accumulate_outer_fixed::<16, 16>(grad_w, x, grad_y),
-        (32, 32) => accumulate_outer_fixed::<32, 32>(grad_w, x, grad_y),
+        (4, 4) => accumulate_outer_fixed::<4, 4>(b, grad_w, x, grad_y),
+        (8, 8) => accumulate_outer_fixed::<8, 8>(b, grad_w, x, grad_y),
+        (16, 16) => accumulate_outer_fixed::<16, 16>(b, grad_w, x, grad_y),
+        (32, 32) => accumulate_outer_fixed::<32, 32>(b, grad_w, x, grad_y),
         _ => {
-            for ((gw_blk, x_blk), g_blk) in grad_w
-                .chunks_exact_mut(b.d_out * b.d_in)
-                .zip(x.chunks_exact(b.d_in))
-                .zip(grad_y.chunks_exact(b.d_out))
+            for (x_row, g_row) in x
+                .chunks_exact(b.width_in())
+                .zip(grad_y.chunks_exact(b.width_out()))
             {
-                for (gw_row, g) in gw_blk.chunks_exact_mut(b.d_in).zip(g_blk) {
-                    for (gw, xi) in gw_row.iter_mut().zip(x_blk) {
-                        *gw += g * xi;
+                for ((gw_blk, x_blk), g_blk) in grad_w
+                    .chunks_exact_mut(b.d_out * b.d_in)
+                    .zip(x_row.chunks_exact(b.d_in))
+                    .zip(g_row.chunks_exact(b.d_out))
+                {
+                    for (gw_row, g) in gw_blk.chunks_exact_mut(b.d_in).zip(g_blk) {
+                        for (gw, xi) in gw_row.iter_mut().zip(x_blk) {
+                            *gw += g * xi;
+                        }
                     }
                 }
             }
@@ -104,21 +114,26 @@ fn accumulate_outer(b: Blocks, grad_w: &mut [f32], x: &[f32], grad_y: &[f32]) {
 
 #[inline(always)]
 fn accumulate_outer_fixed<const D_OUT: usize, const D_IN: usize>(
+    b: Blocks,
     grad_w: &mut [f32],
     x: &[f32],
     grad_y: &[f32],
 ) {
-    for ((gw_blk, x_blk), g_blk) in grad_w
-        .chunks_exact_mut(D_OUT * D_IN)
-        .zip(x.chunks_exact(D_IN))
-        .zip(grad_y.chunks_exact(D_OUT))
-    {
-        let x_blk: &[f32; D_IN] = x_blk.try_into().expect("chunks of D_IN");
-        for (gw_row, g) in gw_blk.chunks_exact_mut(D_IN).zip(g_blk) {
+    let (width_in, width_out) = (b.width_in(), b.width_out());
+    let rows = x.len() / width_in;
+    for (blk, gw_blk) in grad_w.chunks_exact_mut(D_OUT * D_IN).enumerate() {
+        for (o, gw_row) in gw_blk.chunks_exact_mut(D_IN).enumerate() {
             let gw_row: &mut [f32; D_IN] = gw_row.try_into().expect("chunks of D_IN");
-            for i in 0..D_IN {
-                gw_row[i] += g * x_blk[i];
+            let mut acc = *gw_row;
+            for r in 0..rows {
+                let g = grad_y[r * width_out + blk * D_OUT + o];
+                let start = r * width_in + blk * D_IN;
+                let x_blk: &[f32; D_IN] = x[start..start + D_IN].try_into().expect("D_IN values");
+                for i in 0..D_IN {
+                    acc[i] += g * x_blk[i];
+                }
             }
+            *gw_row = acc;
         }
     }
 }
@@ -219,13 +234,18 @@ impl CustomOp2 for HeadwiseOp {
                                 d_in: b.d_out,
                             };
                             let mut grad_w = vec![0f32; b.weight_len()];
-                            for ((gx_row, x_row), g_row) in grad_x
-                                .chunks_exact_mut(b.width_in())
-                                .zip(x.chunks_exact(b.width_in()))
-                                .zip(grad.chunks_exact(b.width_out()))
+                            for ((gx_rows, x_rows), g_rows) in grad_x
+                                .chunks_mut(OUTER_ROWS * b.width_in())
+                                .zip(x.chunks(OUTER_ROWS * b.width_in()))
+                                .zip(grad.chunks(OUTER_ROWS * b.width_out()))
                             {
-                                multiply_row(transposed, weight, g_row, gx_row);
-                                accumulate_outer(b, &mut grad_w, x_row, g_row);
+                                for (gx_row, g_row) in gx_rows
+                                    .chunks_exact_mut(b.width_in())
+                                    .zip(g_rows.chunks_exact(b.width_out()))
+                                {
+                                    multiply_row(transposed, weight, g_row, gx_row);
+                                }
+                                accumulate_outer(b, &mut grad_w, x_rows, g_rows);
                             }
                             grad_w
                         }))
