@@ -175,4 +175,32 @@ mod tests {
         assert!(!out.track_op(), "an inference pass records no op");
         Ok(())
     }
+
+    /// Recording is per thread, and a pool thread busy with an inference shard may pick up a
+    /// training shard: `backward_sharded` must switch recording on in each of its tasks.
+    #[test]
+    fn training_shards_record_even_where_recording_is_off() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 2), &dev)?)?;
+        let x = Tensor::randn(0f32, 1.0, (6, 4), &dev)?;
+        // d Σ(x·w) / dw = Σ_rows x, the same for each output column.
+        let expected = x.sum(0)?.to_vec1::<f32>()?;
+        // One shard runs on the calling thread, where recording is off.
+        for shards in [vec![0..6], vec![0..3, 3..6]] {
+            let (_, grads) = with_grad_enabled(false, || {
+                backward_sharded(&shards, |_, rows| {
+                    x.narrow(0, rows.start, rows.len())?
+                        .matmul(w.as_tensor())?
+                        .sum_all()
+                })
+            })?;
+            let grad = grads.get(w.as_tensor()).expect("w has a gradient");
+            for (row, want) in grad.to_vec2::<f32>()?.iter().zip(&expected) {
+                for got in row {
+                    assert!((got - want).abs() < 1e-5, "gradient {got}, expected {want}");
+                }
+            }
+        }
+        Ok(())
+    }
 }
