@@ -60,7 +60,8 @@ where
     T: Send,
     F: Fn(usize, Range<usize>) -> Result<T> + Sync,
 {
-    let run = |i: usize, range: &Range<usize>| with_grad_enabled(record_ops, || f(i, range.clone()));
+    let run =
+        |i: usize, range: &Range<usize>| with_grad_enabled(record_ops, || f(i, range.clone()));
     if shards.len() == 1 {
         return Ok(vec![run(0, &shards[0])?]);
     }
@@ -171,7 +172,10 @@ mod tests {
         })?;
         let whole_out = x.matmul(w.as_tensor())?.tanh()?;
         assert_eq!(out.to_vec2::<f32>()?, whole_out.to_vec2::<f32>()?);
-        assert!(whole_out.track_op(), "outside a shard the ops on w are recorded");
+        assert!(
+            whole_out.track_op(),
+            "outside a shard the ops on w are recorded"
+        );
         assert!(!out.track_op(), "an inference pass records no op");
         Ok(())
     }

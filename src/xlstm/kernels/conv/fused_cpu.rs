@@ -127,14 +127,17 @@ impl ConvSiluOp {
         out.par_chunks_mut(rows.seq_len * c)
             .enumerate()
             .for_each(|(b, out)| {
-                vmath::with_wide_vectors(#[inline(always)] || {
-                    for (t, y) in out.chunks_exact_mut(c).enumerate() {
-                        pre_activation(x, &rows, state, &zeros, params, b, t, y);
-                        for v in y.iter_mut() {
-                            *v *= sigmoid(*v);
+                vmath::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (t, y) in out.chunks_exact_mut(c).enumerate() {
+                            pre_activation(x, &rows, state, &zeros, params, b, t, y);
+                            for v in y.iter_mut() {
+                                *v *= sigmoid(*v);
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         (
             CpuStorage::F32(out),
@@ -190,43 +193,61 @@ impl ConvSiluOp {
             .par_chunks_mut(seq_len * c)
             .zip(grad_state.par_chunks_mut(k * c))
             .enumerate()
-            .map(|(b, (grad_x, grad_state))| vmath::with_wide_vectors(#[inline(always)] || {
-                let (mut grad_params, mut row) = (vec![0f32; (k + 1) * c], vec![0f32; 2 * c]);
-                let (pre, grad_pre) = row.split_at_mut(c);
-                for t in 0..seq_len {
-                    pre_activation(x_data, &rows, state_data, &zeros, params_data, b, t, pre);
-                    let dy = &grad_y[(b * seq_len + t) * c..(b * seq_len + t + 1) * c];
-                    for ((g, p), d) in grad_pre.iter_mut().zip(pre.iter()).zip(dy) {
-                        let sig = sigmoid(*p);
-                        *g = d * sig * (1.0 + p * (1.0 - sig));
-                    }
-                    let (grad_taps, grad_bias) = grad_params.split_at_mut(k * c);
-                    for (gb, g) in grad_bias.iter_mut().zip(grad_pre.iter()) {
-                        *gb += g;
-                    }
-                    for s in 0..k {
-                        let j = t as isize + s as isize - (k as isize - 1);
-                        let src = source(x_data, &rows, state_data, &zeros, b, j);
-                        let tap = &params_data[s * c..(s + 1) * c];
-                        let grad_tap = &mut grad_taps[s * c..(s + 1) * c];
-                        for ((gw, v), g) in grad_tap.iter_mut().zip(src).zip(grad_pre.iter()) {
-                            *gw += v * g;
+            .map(|(b, (grad_x, grad_state))| {
+                vmath::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        let (mut grad_params, mut row) =
+                            (vec![0f32; (k + 1) * c], vec![0f32; 2 * c]);
+                        let (pre, grad_pre) = row.split_at_mut(c);
+                        for t in 0..seq_len {
+                            pre_activation(
+                                x_data,
+                                &rows,
+                                state_data,
+                                &zeros,
+                                params_data,
+                                b,
+                                t,
+                                pre,
+                            );
+                            let dy = &grad_y[(b * seq_len + t) * c..(b * seq_len + t + 1) * c];
+                            for ((g, p), d) in grad_pre.iter_mut().zip(pre.iter()).zip(dy) {
+                                let sig = sigmoid(*p);
+                                *g = d * sig * (1.0 + p * (1.0 - sig));
+                            }
+                            let (grad_taps, grad_bias) = grad_params.split_at_mut(k * c);
+                            for (gb, g) in grad_bias.iter_mut().zip(grad_pre.iter()) {
+                                *gb += g;
+                            }
+                            for s in 0..k {
+                                let j = t as isize + s as isize - (k as isize - 1);
+                                let src = source(x_data, &rows, state_data, &zeros, b, j);
+                                let tap = &params_data[s * c..(s + 1) * c];
+                                let grad_tap = &mut grad_taps[s * c..(s + 1) * c];
+                                for ((gw, v), g) in
+                                    grad_tap.iter_mut().zip(src).zip(grad_pre.iter())
+                                {
+                                    *gw += v * g;
+                                }
+                                let target = if j >= 0 {
+                                    &mut grad_x[j as usize * c..(j as usize + 1) * c]
+                                } else if state_data.is_some() {
+                                    let r = (k as isize + j) as usize;
+                                    &mut grad_state[r * c..(r + 1) * c]
+                                } else {
+                                    continue;
+                                };
+                                for ((gx, w), g) in target.iter_mut().zip(tap).zip(grad_pre.iter())
+                                {
+                                    *gx += w * g;
+                                }
+                            }
                         }
-                        let target = if j >= 0 {
-                            &mut grad_x[j as usize * c..(j as usize + 1) * c]
-                        } else if state_data.is_some() {
-                            let r = (k as isize + j) as usize;
-                            &mut grad_state[r * c..(r + 1) * c]
-                        } else {
-                            continue;
-                        };
-                        for ((gx, w), g) in target.iter_mut().zip(tap).zip(grad_pre.iter()) {
-                            *gx += w * g;
-                        }
-                    }
-                }
-                grad_params
-            }))
+                        grad_params
+                    },
+                )
+            })
             // One partial per batch row, summed in row order: deterministic whatever rayon's
             // split.
             .collect::<Vec<_>>()

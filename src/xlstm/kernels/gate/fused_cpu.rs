@@ -105,20 +105,23 @@ impl CustomOp3 for SiluGatedSumOp {
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
-                vmath::with_wide_vectors(#[inline(always)] || {
-                    for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
-                        let row = task * ROWS_PER_TASK + r;
-                        let span = row * width..(row + 1) * width;
-                        for (((y, a), b), z) in y_row
-                            .iter_mut()
-                            .zip(&a[span.clone()])
-                            .zip(&b[span])
-                            .zip(z_rows.row(z, row))
-                        {
-                            *y = (a + b) * z * sigmoid(*z);
+                vmath::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
+                            let row = task * ROWS_PER_TASK + r;
+                            let span = row * width..(row + 1) * width;
+                            for (((y, a), b), z) in y_row
+                                .iter_mut()
+                                .zip(&a[span.clone()])
+                                .zip(&b[span])
+                                .zip(z_rows.row(z, row))
+                            {
+                                *y = (a + b) * z * sigmoid(*z);
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok((CpuStorage::F32(y), a_layout.shape().clone()))
     }
@@ -146,28 +149,31 @@ impl CustomOp3 for SiluGatedSumOp {
                         .zip(grad_z.par_chunks_mut(ROWS_PER_TASK * width))
                         .enumerate()
                         .for_each(|(task, (grad_sum, grad_z))| {
-                            vmath::with_wide_vectors(#[inline(always)] || {
-                                for (r, (gs_row, gz_row)) in grad_sum
-                                    .chunks_exact_mut(width)
-                                    .zip(grad_z.chunks_exact_mut(width))
-                                    .enumerate()
-                                {
-                                    let row = task * ROWS_PER_TASK + r;
-                                    let span = row * width..(row + 1) * width;
-                                    for (((((gs, gz), &z), &g), &a), &b) in gs_row
-                                        .iter_mut()
-                                        .zip(gz_row.iter_mut())
-                                        .zip(z_rows.row(z_data, row))
-                                        .zip(&g[span.clone()])
-                                        .zip(&a[span.clone()])
-                                        .zip(&b[span])
+                            vmath::with_wide_vectors(
+                                #[inline(always)]
+                                || {
+                                    for (r, (gs_row, gz_row)) in grad_sum
+                                        .chunks_exact_mut(width)
+                                        .zip(grad_z.chunks_exact_mut(width))
+                                        .enumerate()
                                     {
-                                        let sig = sigmoid(z);
-                                        *gs = g * z * sig;
-                                        *gz = g * (a + b) * sig * (1.0 + z * (1.0 - sig));
+                                        let row = task * ROWS_PER_TASK + r;
+                                        let span = row * width..(row + 1) * width;
+                                        for (((((gs, gz), &z), &g), &a), &b) in gs_row
+                                            .iter_mut()
+                                            .zip(gz_row.iter_mut())
+                                            .zip(z_rows.row(z_data, row))
+                                            .zip(&g[span.clone()])
+                                            .zip(&a[span.clone()])
+                                            .zip(&b[span])
+                                        {
+                                            let sig = sigmoid(z);
+                                            *gs = g * z * sig;
+                                            *gz = g * (a + b) * sig * (1.0 + z * (1.0 - sig));
+                                        }
                                     }
-                                }
-                            })
+                                },
+                            )
                         });
                     Ok(())
                 })
@@ -193,17 +199,13 @@ pub fn silu_gated_sum(a: &Tensor, b: &Tensor, z: &Tensor) -> Result<Tensor> {
         .apply_op3(&b.contiguous()?, &z, SiluGatedSumOp)
 }
 
-/// Φ(x) of the standard normal distribution.
+/// Φ(x) and φ(x) of the standard normal distribution, from one exponential: φ(x)·√(2π) is
+/// e^{−(x/√2)²}, which the erf in Φ evaluates.
 #[inline(always)]
-fn normal_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// φ(x) of the standard normal distribution.
-#[inline(always)]
-fn normal_pdf(x: f32) -> f32 {
-    vmath::exp(-0.5 * x * x)
-        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2)
+fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+    let (erf, gaussian) = vmath::erf_and_gaussian(x * std::f32::consts::FRAC_1_SQRT_2);
+    let pdf = gaussian * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+    (0.5 * (1.0 + erf), pdf)
 }
 
 struct GeluGatedOp;
@@ -221,14 +223,17 @@ impl CustomOp1 for GeluGatedOp {
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
-                vmath::with_wide_vectors(#[inline(always)] || {
-                    for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
-                        let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
-                        for ((y, g), u) in y_row.iter_mut().zip(g).zip(u) {
-                            *y = g * normal_cdf(*g) * u;
+                vmath::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
+                            let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
+                            for ((y, g), u) in y_row.iter_mut().zip(g).zip(u) {
+                                *y = g * normal_cdf_pdf(*g).0 * u;
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         let mut dims = layout.dims().to_vec();
         *dims.last_mut().expect("checked: rank ≥ 1") = width;
@@ -246,25 +251,28 @@ impl CustomOp1 for GeluGatedOp {
                 .par_chunks_mut(ROWS_PER_TASK * rows.width)
                 .enumerate()
                 .for_each(|(task, grad_up)| {
-                    vmath::with_wide_vectors(#[inline(always)] || {
-                        for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
-                            let row = task * ROWS_PER_TASK + r;
-                            let (gate, value) = rows.row(up_data, row).split_at(width);
-                            let dy = &g[row * width..(row + 1) * width];
-                            let (grad_gate, grad_value) = gu_row.split_at_mut(width);
-                            for ((((grad_g, grad_u), &g), &u), &dy) in grad_gate
-                                .iter_mut()
-                                .zip(grad_value.iter_mut())
-                                .zip(gate)
-                                .zip(value)
-                                .zip(dy)
-                            {
-                                let cdf = normal_cdf(g);
-                                *grad_u = dy * g * cdf;
-                                *grad_g = dy * u * (cdf + g * normal_pdf(g));
+                    vmath::with_wide_vectors(
+                        #[inline(always)]
+                        || {
+                            for (r, gu_row) in grad_up.chunks_exact_mut(rows.width).enumerate() {
+                                let row = task * ROWS_PER_TASK + r;
+                                let (gate, value) = rows.row(up_data, row).split_at(width);
+                                let dy = &g[row * width..(row + 1) * width];
+                                let (grad_gate, grad_value) = gu_row.split_at_mut(width);
+                                for ((((grad_g, grad_u), &g), &u), &dy) in grad_gate
+                                    .iter_mut()
+                                    .zip(grad_value.iter_mut())
+                                    .zip(gate)
+                                    .zip(value)
+                                    .zip(dy)
+                                {
+                                    let (cdf, pdf) = normal_cdf_pdf(g);
+                                    *grad_u = dy * g * cdf;
+                                    *grad_g = dy * u * (cdf + g * pdf);
+                                }
                             }
-                        }
-                    })
+                        },
+                    )
                 });
             Ok(())
         })?;

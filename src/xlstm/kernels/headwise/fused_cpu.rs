@@ -194,14 +194,17 @@ impl CustomOp2 for HeadwiseOp {
         y.par_chunks_mut(ROWS_PER_TASK * b.width_out())
             .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
             .for_each(|(y, x)| {
-                vmath::with_wide_vectors(#[inline(always)] || {
-                    for (y_row, x_row) in y
-                        .chunks_exact_mut(b.width_out())
-                        .zip(x.chunks_exact(b.width_in()))
-                    {
-                        multiply_row(b, &columns, x_row, y_row);
-                    }
-                })
+                vmath::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (y_row, x_row) in y
+                            .chunks_exact_mut(b.width_out())
+                            .zip(x.chunks_exact(b.width_in()))
+                        {
+                            multiply_row(b, &columns, x_row, y_row);
+                        }
+                    },
+                )
             });
         let mut dims = x_layout.dims().to_vec();
         *dims.last_mut().expect("x has a last dim") = b.width_out();
@@ -227,28 +230,33 @@ impl CustomOp2 for HeadwiseOp {
                         .par_chunks_mut(ROWS_PER_TASK * b.width_in())
                         .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
                         .zip(grad.par_chunks(ROWS_PER_TASK * b.width_out()))
-                        .map(|((grad_x, x), grad)| vmath::with_wide_vectors(#[inline(always)] || {
-                            let transposed = Blocks {
-                                count: b.count,
-                                d_out: b.d_in,
-                                d_in: b.d_out,
-                            };
-                            let mut grad_w = vec![0f32; b.weight_len()];
-                            for ((gx_rows, x_rows), g_rows) in grad_x
-                                .chunks_mut(OUTER_ROWS * b.width_in())
-                                .zip(x.chunks(OUTER_ROWS * b.width_in()))
-                                .zip(grad.chunks(OUTER_ROWS * b.width_out()))
-                            {
-                                for (gx_row, g_row) in gx_rows
-                                    .chunks_exact_mut(b.width_in())
-                                    .zip(g_rows.chunks_exact(b.width_out()))
-                                {
-                                    multiply_row(transposed, weight, g_row, gx_row);
-                                }
-                                accumulate_outer(b, &mut grad_w, x_rows, g_rows);
-                            }
-                            grad_w
-                        }))
+                        .map(|((grad_x, x), grad)| {
+                            vmath::with_wide_vectors(
+                                #[inline(always)]
+                                || {
+                                    let transposed = Blocks {
+                                        count: b.count,
+                                        d_out: b.d_in,
+                                        d_in: b.d_out,
+                                    };
+                                    let mut grad_w = vec![0f32; b.weight_len()];
+                                    for ((gx_rows, x_rows), g_rows) in grad_x
+                                        .chunks_mut(OUTER_ROWS * b.width_in())
+                                        .zip(x.chunks(OUTER_ROWS * b.width_in()))
+                                        .zip(grad.chunks(OUTER_ROWS * b.width_out()))
+                                    {
+                                        for (gx_row, g_row) in gx_rows
+                                            .chunks_exact_mut(b.width_in())
+                                            .zip(g_rows.chunks_exact(b.width_out()))
+                                        {
+                                            multiply_row(transposed, weight, g_row, gx_row);
+                                        }
+                                        accumulate_outer(b, &mut grad_w, x_rows, g_rows);
+                                    }
+                                    grad_w
+                                },
+                            )
+                        })
                         .collect();
                     let mut grad_w = vec![0f32; b.weight_len()];
                     for partial in &partial_w {

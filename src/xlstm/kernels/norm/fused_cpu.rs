@@ -124,13 +124,16 @@ impl LayerNormOp {
         out.par_chunks_mut(task)
             .zip(x.par_chunks(task))
             .for_each(|(out, x)| {
-                vmath::with_wide_vectors(#[inline(always)] || {
-                    for (out_row, x_row) in
-                        out.chunks_exact_mut(features).zip(x.chunks_exact(features))
-                    {
-                        normalise_row(x_row, scale, bias, self.eps, out_row);
-                    }
-                })
+                vmath::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (out_row, x_row) in
+                            out.chunks_exact_mut(features).zip(x.chunks_exact(features))
+                        {
+                            normalise_row(x_row, scale, bias, self.eps, out_row);
+                        }
+                    },
+                )
             });
         (CpuStorage::F32(out), shape.clone())
     }
@@ -155,26 +158,31 @@ impl LayerNormOp {
                         .par_chunks_mut(task)
                         .zip(x.par_chunks(task))
                         .zip(grad_y.par_chunks(task))
-                        .map(|((grad_x, x), grad_y)| vmath::with_wide_vectors(#[inline(always)] || {
-                            let mut partial = vec![0f32; partial_len];
-                            let (grad_scale, grad_bias) = partial.split_at_mut(features);
-                            let rows = grad_x
-                                .chunks_exact_mut(features)
-                                .zip(x.chunks_exact(features))
-                                .zip(grad_y.chunks_exact(features));
-                            for ((grad_x, x), grad_y) in rows {
-                                normalise_row_backward(
-                                    x,
-                                    scale,
-                                    grad_y,
-                                    self.eps,
-                                    grad_x,
-                                    grad_scale,
-                                    with_bias.then_some(&mut *grad_bias),
-                                );
-                            }
-                            partial
-                        }))
+                        .map(|((grad_x, x), grad_y)| {
+                            vmath::with_wide_vectors(
+                                #[inline(always)]
+                                || {
+                                    let mut partial = vec![0f32; partial_len];
+                                    let (grad_scale, grad_bias) = partial.split_at_mut(features);
+                                    let rows = grad_x
+                                        .chunks_exact_mut(features)
+                                        .zip(x.chunks_exact(features))
+                                        .zip(grad_y.chunks_exact(features));
+                                    for ((grad_x, x), grad_y) in rows {
+                                        normalise_row_backward(
+                                            x,
+                                            scale,
+                                            grad_y,
+                                            self.eps,
+                                            grad_x,
+                                            grad_scale,
+                                            with_bias.then_some(&mut *grad_bias),
+                                        );
+                                    }
+                                    partial
+                                },
+                            )
+                        })
                         // Partials per fixed chunk, summed in chunk order: the weight
                         // gradients do not depend on how rayon split the work.
                         .collect::<Vec<_>>()
@@ -343,22 +351,27 @@ impl CustomOp2 for MultiHeadLayerNormOp {
         let (features, dh) = (geo.features(), geo.head_dim);
         let mut out = vec![0f32; geo.batch * geo.seq_len * features];
         let task = rows_per_task(features) * features;
-        out.par_chunks_mut(task).enumerate().for_each(|(t, out)| vmath::with_wide_vectors(#[inline(always)] || {
-            let first_row = t * (task / features);
-            for (i, out_row) in out.chunks_exact_mut(features).enumerate() {
-                let (b, s) = ((first_row + i) / geo.seq_len, (first_row + i) % geo.seq_len);
-                for head in 0..geo.heads {
-                    let span = head * dh..(head + 1) * dh;
-                    normalise_row(
-                        geo.row(h, b, head, s),
-                        &scale[span.clone()],
-                        None,
-                        self.eps,
-                        &mut out_row[span],
-                    );
-                }
-            }
-        }));
+        out.par_chunks_mut(task).enumerate().for_each(|(t, out)| {
+            vmath::with_wide_vectors(
+                #[inline(always)]
+                || {
+                    let first_row = t * (task / features);
+                    for (i, out_row) in out.chunks_exact_mut(features).enumerate() {
+                        let (b, s) = ((first_row + i) / geo.seq_len, (first_row + i) % geo.seq_len);
+                        for head in 0..geo.heads {
+                            let span = head * dh..(head + 1) * dh;
+                            normalise_row(
+                                geo.row(h, b, head, s),
+                                &scale[span.clone()],
+                                None,
+                                self.eps,
+                                &mut out_row[span],
+                            );
+                        }
+                    }
+                },
+            )
+        });
         let shape = Shape::from((geo.batch, geo.seq_len, features));
         Ok((CpuStorage::F32(out), shape))
     }
@@ -384,27 +397,32 @@ impl CustomOp2 for MultiHeadLayerNormOp {
                 Ok(grad_h
                     .par_chunks_mut(blocks_per_task * block)
                     .enumerate()
-                    .map(|(t, grad_h)| vmath::with_wide_vectors(#[inline(always)] || {
-                        let mut grad_scale = vec![0f32; features];
-                        for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
-                            let bh = t * blocks_per_task + i;
-                            let (b, head) = (bh / geo.heads, bh % geo.heads);
-                            let span = head * dh..(head + 1) * dh;
-                            for (s, grad_row) in grad_h.chunks_exact_mut(dh).enumerate() {
-                                let y_row = (b * seq_len + s) * features;
-                                normalise_row_backward(
-                                    geo.row(h_data, b, head, s),
-                                    &scale[span.clone()],
-                                    &grad_y[y_row + span.start..y_row + span.end],
-                                    self.eps,
-                                    grad_row,
-                                    &mut grad_scale[span.clone()],
-                                    None,
-                                );
-                            }
-                        }
-                        grad_scale
-                    }))
+                    .map(|(t, grad_h)| {
+                        vmath::with_wide_vectors(
+                            #[inline(always)]
+                            || {
+                                let mut grad_scale = vec![0f32; features];
+                                for (i, grad_h) in grad_h.chunks_exact_mut(block).enumerate() {
+                                    let bh = t * blocks_per_task + i;
+                                    let (b, head) = (bh / geo.heads, bh % geo.heads);
+                                    let span = head * dh..(head + 1) * dh;
+                                    for (s, grad_row) in grad_h.chunks_exact_mut(dh).enumerate() {
+                                        let y_row = (b * seq_len + s) * features;
+                                        normalise_row_backward(
+                                            geo.row(h_data, b, head, s),
+                                            &scale[span.clone()],
+                                            &grad_y[y_row + span.start..y_row + span.end],
+                                            self.eps,
+                                            grad_row,
+                                            &mut grad_scale[span.clone()],
+                                            None,
+                                        );
+                                    }
+                                }
+                                grad_scale
+                            },
+                        )
+                    })
                     // Summed in task order: deterministic whatever rayon's split.
                     .collect::<Vec<_>>()
                     .into_iter()
