@@ -190,7 +190,7 @@ mod tests {
         // d Σ(x·w) / dw = Σ_rows x, the same for each output column.
         let expected = x.sum(0)?.to_vec1::<f32>()?;
         // One shard runs on the calling thread, where recording is off.
-        for shards in [vec![0..6], vec![0..3, 3..6]] {
+        for shards in [split_rows(6, 1), split_rows(6, 2)] {
             let (_, grads) = with_grad_enabled(false, || {
                 backward_sharded(&shards, |_, rows| {
                     x.narrow(0, rows.start, rows.len())?

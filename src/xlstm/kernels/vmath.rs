@@ -34,14 +34,8 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const BOUND: f32 = 88.376_26;
-    // Comparisons rather than clamp/min/max: NaN fails both and passes through.
-    let x = if x < -BOUND {
-        -BOUND
-    } else if x > BOUND {
-        BOUND
-    } else {
-        x
-    };
+    // clamp, not min/max: it passes NaN through.
+    let x = x.clamp(-BOUND, BOUND);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
