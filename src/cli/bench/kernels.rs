@@ -339,6 +339,37 @@ enum KernelInputs {
     },
 }
 
+impl KernelInputs {
+    /// The same values as variables, so that a pass over them records its ops for the
+    /// backward pass. Made once per case: copying the inputs into fresh variables on every run
+    /// would add the same time to the fused kernel and to its reference.
+    fn tracked(&self) -> candle_core::Result<Self> {
+        let var = |t: &Tensor| -> candle_core::Result<Tensor> {
+            Ok(Var::from_tensor(t)?.as_tensor().clone())
+        };
+        Ok(match self {
+            KernelInputs::Mlstm {
+                q,
+                k,
+                v,
+                igate,
+                fgate,
+            } => KernelInputs::Mlstm {
+                q: var(q)?,
+                k: var(k)?,
+                v: var(v)?,
+                igate: var(igate)?,
+                fgate: var(fgate)?,
+            },
+            KernelInputs::Slstm { x, r, bias } => KernelInputs::Slstm {
+                x: var(x)?,
+                r: var(r)?,
+                bias: var(bias)?,
+            },
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     MlstmParallel,
@@ -410,13 +441,6 @@ impl Kernel {
         reference: bool,
         backward: bool,
     ) -> candle_core::Result<()> {
-        let track = |t: &Tensor| -> candle_core::Result<Tensor> {
-            if backward {
-                Ok(Var::from_tensor(t)?.as_tensor().clone())
-            } else {
-                Ok(t.clone())
-            }
-        };
         let out = match inputs {
             KernelInputs::Mlstm {
                 q,
@@ -425,13 +449,7 @@ impl Kernel {
                 igate,
                 fgate,
             } => {
-                let (q, k, v, i, f) = (
-                    track(q)?,
-                    track(k)?,
-                    track(v)?,
-                    track(igate)?,
-                    track(fgate)?,
-                );
+                let (i, f) = (igate, fgate);
                 match (self, reference) {
                     (Kernel::MlstmParallel, false) => mlstm::parallel(&q, &k, &v, &i, &f)?,
                     (Kernel::MlstmParallel, true) => {
@@ -444,7 +462,6 @@ impl Kernel {
                 }
             }
             KernelInputs::Slstm { x, r, bias } => {
-                let (x, r, bias) = (track(x)?, track(r)?, track(bias)?);
                 if reference {
                     slstm::reference::scan(&x, &r, &bias, None)?.0
                 } else {
@@ -476,10 +493,12 @@ fn kernel_cases(
     for &kernel in kernels {
         for &head_dim in &sizes.head_dims {
             for &seq_len in &sizes.seq_lens {
-                let inputs = kernel.inputs(sizes.batch, seq_len, head_dim)?;
+                let untracked = kernel.inputs(sizes.batch, seq_len, head_dim)?;
+                let tracked = untracked.tracked()?;
                 for (mode, backward) in [("forward", false), ("forward_backward", true)] {
+                    let inputs = if backward { &tracked } else { &untracked };
                     let (median, min) =
-                        time_ms(iters, || Ok(kernel.run(&inputs, false, backward)?))?;
+                        time_ms(iters, || Ok(kernel.run(inputs, false, backward)?))?;
                     let mut case = json!({
                         "case": kernel.name(), "mode": mode, "seq_len": seq_len, "batch": sizes.batch,
                         "heads": HEADS, "head_dim": head_dim, "median_ms": round2(median), "min_ms": round2(min),
@@ -497,7 +516,7 @@ fn kernel_cases(
                         // ops): fewer runs and no warm-up keep the benchmark short.
                         let runs = iters.min(REFERENCE_MAX_ITERS);
                         let (reference, _) =
-                            time_runs(0, runs, || Ok(kernel.run(&inputs, true, backward)?))?;
+                            time_runs(0, runs, || Ok(kernel.run(inputs, true, backward)?))?;
                         case["reference_median_ms"] = json!(round2(reference));
                         case["speedup_vs_reference"] = json!(round2(reference / median));
                     }
@@ -553,7 +572,9 @@ fn probe_memory(spec: &str) -> anyhow::Result<()> {
         bail!("--probe-memory expects kernel:seq_len:head_dim:batch, got {spec:?}");
     };
     let kernel = Kernel::parse(kernel)?;
-    let inputs = kernel.inputs(batch.parse()?, seq_len.parse()?, head_dim.parse()?)?;
+    let inputs = kernel
+        .inputs(batch.parse()?, seq_len.parse()?, head_dim.parse()?)?
+        .tracked()?;
     let before = proc_status_bytes("VmRSS")?;
     kernel.run(&inputs, false, true)?;
     let peak = proc_status_bytes("VmHWM")?;
