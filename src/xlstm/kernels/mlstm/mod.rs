@@ -145,7 +145,13 @@ pub(crate) fn state_record_len(head_dim: usize) -> usize {
 
 /// q, k, v side by side `[B, NH, S, 3·DH]`: the kernels' input layout.
 pub(crate) fn pack_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    Tensor::cat(&[q, k, v], 3)?.contiguous()
+    // Each (batch row, head) as a batch row of one head: the fused pack then lays q, k and v
+    // side by side in one copy each way. candle's `cat` along the last dim copied row by row,
+    // and its backward pass copied again.
+    let (batch, heads, seq_len, head_dim) = q.dims4()?;
+    let rows = |t: &Tensor| t.reshape((batch * heads, seq_len, head_dim));
+    super::pack::pack_heads(&rows(q)?, &rows(k)?, &rows(v)?, 1)?
+        .reshape((batch, heads, seq_len, 3 * head_dim))
 }
 
 /// igate, fgate interleaved `[B, NH, S, 2]`.
