@@ -448,24 +448,19 @@ impl Kernel {
                 v,
                 igate,
                 fgate,
-            } => {
-                let (i, f) = (igate, fgate);
-                match (self, reference) {
-                    (Kernel::MlstmParallel, false) => mlstm::parallel(&q, &k, &v, &i, &f)?,
-                    (Kernel::MlstmParallel, true) => {
-                        mlstm::reference::parallel(&q, &k, &v, &i, &f)?
-                    }
-                    (_, false) => mlstm::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0,
-                    (_, true) => {
-                        mlstm::reference::chunkwise(&q, &k, &v, &i, &f, CHUNK_SIZE, None)?.0
-                    }
+            } => match (self, reference) {
+                (Kernel::MlstmParallel, false) => mlstm::parallel(q, k, v, igate, fgate)?,
+                (Kernel::MlstmParallel, true) => mlstm::reference::parallel(q, k, v, igate, fgate)?,
+                (_, false) => mlstm::chunkwise(q, k, v, igate, fgate, CHUNK_SIZE, None)?.0,
+                (_, true) => {
+                    mlstm::reference::chunkwise(q, k, v, igate, fgate, CHUNK_SIZE, None)?.0
                 }
-            }
+            },
             KernelInputs::Slstm { x, r, bias } => {
                 if reference {
-                    slstm::reference::scan(&x, &r, &bias, None)?.0
+                    slstm::reference::scan(x, r, bias, None)?.0
                 } else {
-                    slstm::scan(&x, &r, &bias, None)?.0
+                    slstm::scan(x, r, bias, None)?.0
                 }
             }
         };

@@ -150,8 +150,12 @@ pub(crate) fn pack_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     // and its backward pass copied again.
     let (batch, heads, seq_len, head_dim) = q.dims4()?;
     let rows = |t: &Tensor| t.reshape((batch * heads, seq_len, head_dim));
-    super::pack::pack_heads(&rows(q)?, &rows(k)?, &rows(v)?, 1)?
-        .reshape((batch, heads, seq_len, 3 * head_dim))
+    super::pack::pack_heads(&rows(q)?, &rows(k)?, &rows(v)?, 1)?.reshape((
+        batch,
+        heads,
+        seq_len,
+        3 * head_dim,
+    ))
 }
 
 /// igate, fgate interleaved `[B, NH, S, 2]`.
