@@ -58,3 +58,16 @@ pub(crate) fn with_contiguous<R>(
         layout,
     )?)
 }
+
+/// The sum of per-task partial sums (weight gradients), each `len` long, added in task order
+/// onto zeros: the result does not depend on how rayon split or scheduled the tasks.
+pub(crate) fn sum_in_task_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    partials
+        .into_iter()
+        .fold(vec![0f32; len], |mut total, partial| {
+            for (t, p) in total.iter_mut().zip(partial) {
+                *t += p;
+            }
+            total
+        })
+}

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data};
+use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, sum_in_task_order};
 use super::super::vmath;
 
 const NAME: &str = "causal-conv-silu";
@@ -250,14 +250,8 @@ impl ConvSiluOp {
             })
             // One partial per batch row, summed in row order: deterministic whatever rayon's
             // split.
-            .collect::<Vec<_>>()
-            .into_iter()
-            .fold(vec![0f32; (k + 1) * c], |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            });
+            .collect::<Vec<_>>();
+        let grad_params = sum_in_task_order(grad_params, (k + 1) * c);
         let dev = Device::Cpu;
         let grad_x = Tensor::from_vec(grad_x, (rows.batch, seq_len, c), &dev)?;
         let grad_params = Tensor::from_vec(grad_params, (k + 1, c), &dev)?;

@@ -14,7 +14,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, with_contiguous};
+use super::super::cpu_data::{
+    contiguous_data, cpu_storage, f32_data, sum_in_task_order, with_contiguous,
+};
 use super::super::vmath;
 
 const SILU_NAME: &str = "silu-gated-sum";
@@ -356,13 +358,7 @@ impl CustomOp2 for ScaleFeaturesOp {
                             sum
                         })
                         .collect();
-                    let mut total = vec![0f32; width];
-                    for sum in partial_sums {
-                        for (t, s) in total.iter_mut().zip(sum) {
-                            *t += s;
-                        }
-                    }
-                    Ok(total)
+                    Ok(sum_in_task_order(partial_sums, width))
                 })
             })
         })?;

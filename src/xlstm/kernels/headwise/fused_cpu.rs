@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, with_contiguous};
+use super::super::cpu_data::{contiguous_data, sum_in_task_order, with_contiguous};
 use super::super::vmath;
 
 const NAME: &str = "headwise-linear";
@@ -258,13 +258,7 @@ impl CustomOp2 for HeadwiseOp {
                             )
                         })
                         .collect();
-                    let mut grad_w = vec![0f32; b.weight_len()];
-                    for partial in &partial_w {
-                        for (total, p) in grad_w.iter_mut().zip(partial) {
-                            *total += p;
-                        }
-                    }
-                    Ok((grad_x, grad_w))
+                    Ok((grad_x, sum_in_task_order(partial_w, b.weight_len())))
                 })
             })
         })?;

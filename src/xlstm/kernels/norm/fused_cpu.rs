@@ -12,7 +12,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, with_contiguous};
+use super::super::cpu_data::{
+    contiguous_data, cpu_storage, f32_data, sum_in_task_order, with_contiguous,
+};
 use super::super::vmath;
 
 /// Elements one rayon task covers at least: tiny tasks cost more to schedule than to run.
@@ -95,14 +97,6 @@ fn normalise_row_backward(
     }
 }
 
-/// Sums per-task partial gradients.
-fn sum_partials(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
-    }
-    a
-}
-
 /// LayerNorm over the last dim on (x, scale) or (x, scale, bias); x contiguous.
 struct LayerNormOp {
     eps: f32,
@@ -154,7 +148,7 @@ impl LayerNormOp {
         let partials = with_contiguous(op, "x", x, |x| {
             with_contiguous(op, "scale", scale, |scale| {
                 with_contiguous(op, "output gradient", grad_y, |grad_y| {
-                    Ok(grad_x
+                    let partials: Vec<Vec<f32>> = grad_x
                         .par_chunks_mut(task)
                         .zip(x.par_chunks(task))
                         .zip(grad_y.par_chunks(task))
@@ -185,9 +179,8 @@ impl LayerNormOp {
                         })
                         // Partials per fixed chunk, summed in chunk order: the weight
                         // gradients do not depend on how rayon split the work.
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .fold(vec![0f32; partial_len], sum_partials))
+                        .collect::<Vec<_>>();
+                    Ok(sum_in_task_order(partials, partial_len))
                 })
             })
         })?;
@@ -394,7 +387,7 @@ impl CustomOp2 for MultiHeadLayerNormOp {
         let mut grad_h = vec![0f32; geo.batch * geo.heads * block];
         let grad_scale = with_contiguous(op, "scale", scale, |scale| {
             with_contiguous(op, "output gradient", grad_res, |grad_y| {
-                Ok(grad_h
+                let partials: Vec<Vec<f32>> = grad_h
                     .par_chunks_mut(blocks_per_task * block)
                     .enumerate()
                     .map(|(t, grad_h)| {
@@ -424,9 +417,8 @@ impl CustomOp2 for MultiHeadLayerNormOp {
                         )
                     })
                     // Summed in task order: deterministic whatever rayon's split.
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .fold(vec![0f32; features], sum_partials))
+                    .collect::<Vec<_>>();
+                Ok(sum_in_task_order(partials, features))
             })
         })?;
         let shape = (geo.batch, geo.heads, geo.seq_len, dh);
