@@ -92,12 +92,15 @@ pub fn chunkwise(
     match q.device() {
         Device::Cpu => fused_cpu::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => chunkwise_packed(
-            &pack_qkv(q, k, v)?,
-            &pack_gates(igate, fgate)?,
-            chunk_size,
-            initial,
-        ),
+        Device::Cuda(_) => {
+            check_sequence_inputs("mlstm chunkwise", q, k, v, igate, fgate)?;
+            chunkwise_packed(
+                &pack_qkv(q, k, v)?,
+                &pack_gates(igate, fgate)?,
+                chunk_size,
+                initial,
+            )
+        }
         _ => reference::chunkwise(q, k, v, igate, fgate, chunk_size, initial),
     }
 }
