@@ -191,12 +191,30 @@ fn fused_layer_gradients_match_finite_differences() {
         random(&mut rng, &[2, 3, 5], 0.5, 1.0),
         random(&mut rng, &[2, 3, 5], 0.0, 2.0),
     ];
+    let side_by_side_inputs = vec![
+        random(&mut rng, &[2, 3, 8], 0.0, 1.0),
+        random(&mut rng, &[2, 3, 8], 0.3, 1.0),
+        random(&mut rng, &[2, 4, 4], 0.0, 0.5),
+        random(&mut rng, &[2, 4, 4], 0.0, 0.5),
+        random(&mut rng, &[2, 4, 4], 0.0, 0.5),
+    ];
     let gelu_inputs = vec![random(&mut rng, &[3, 2, 8], 0.0, 1.5)];
     let scale_inputs = vec![
         random(&mut rng, &[2, 3, 5], 0.0, 1.0),
         random(&mut rng, &[5], 1.0, 0.5),
     ];
-    let cases: [(&str, Vec<Tensor>, Forward); 6] = [
+    let cases: [(&str, Vec<Tensor>, Forward); 7] = [
+        (
+            "head-wise maps side by side",
+            side_by_side_inputs,
+            Box::new(|x| {
+                headwise::fused_cpu::headwise_linear_side_by_side(
+                    [&x[0], &x[1]],
+                    &[&x[2], &x[3], &x[4]],
+                    1,
+                )
+            }),
+        ),
         (
             "feature scale",
             scale_inputs,
@@ -445,6 +463,84 @@ fn fused_headwise_linear_matches_reference() {
             );
         }
     }
+}
+
+/// Several maps side by side against each map on its own concatenated, with every map on the
+/// first input, a split, and all but one on the second; rows that fill neither a task nor a
+/// group of outer products.
+#[test]
+fn fused_headwise_maps_side_by_side_match_reference() {
+    let mut rng = StdRng::seed_from_u64(33);
+    for (rows, maps, maps_on_first, blocks, d) in [
+        (vec![1], 1, 1, 3, 5),
+        (vec![2, 5], 4, 2, 4, 16),
+        (vec![3, 7], 3, 3, 2, 8),
+        (vec![4, 97], 4, 2, 4, 16),
+        (vec![600], 3, 1, 8, 4),
+        (vec![2, 9], 2, 0, 2, 6),
+    ] {
+        let mut in_dims = rows.clone();
+        in_dims.push(blocks * d);
+        // Only the inputs some map reads (an unread one gets no gradient).
+        let read = [maps_on_first > 0, maps_on_first < maps];
+        let mut inputs = vec![
+            random(&mut rng, &in_dims, 0.0, 1.0),
+            random(&mut rng, &in_dims, 0.5, 1.5),
+        ];
+        let mut names = vec!["first", "second"];
+        for (i, read) in read.iter().enumerate().rev() {
+            if !read {
+                inputs.remove(i);
+                names.remove(i);
+            }
+        }
+        let read_inputs = inputs.len();
+        names.extend(["w0", "w1", "w2", "w3"]);
+        for _ in 0..maps {
+            inputs.push(random(&mut rng, &[blocks, d, d], 0.0, 0.5));
+        }
+        let mut out_dims = rows.clone();
+        out_dims.push(maps * blocks * d);
+        let weight = random(&mut rng, &out_dims, 0.0, 1.0);
+        type SideBySide = fn([&Tensor; 2], &[&Tensor], usize) -> Result<Tensor>;
+        let run = |f: SideBySide| {
+            differentiate(&inputs, &weight, |x| {
+                let weights: Vec<&Tensor> = x[read_inputs..].iter().collect();
+                f([&x[0], &x[read_inputs - 1]], &weights, maps_on_first)
+            })
+        };
+        let fused = run(headwise::fused_cpu::headwise_linear_side_by_side);
+        let reference = run(headwise::reference::headwise_linear_side_by_side);
+        assert_same(
+            &format!("{maps} head-wise maps, {maps_on_first} on the first input, rows {rows:?}"),
+            &names,
+            &fused,
+            &reference,
+        );
+    }
+}
+
+#[test]
+fn headwise_maps_side_by_side_are_checked_with_clear_errors() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+    let other = Tensor::zeros((2, 4, 8), DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((2, 4, 4), DType::F32, &dev).unwrap();
+    let w_small = Tensor::zeros((4, 2, 2), DType::F32, &dev).unwrap();
+    let err = |inputs: [&Tensor; 2], weights: &[&Tensor], first: usize| {
+        headwise::headwise_linear_side_by_side(inputs, weights, first)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err([&x, &x], &[], 0).contains("no weights given"));
+    assert!(err([&x, &x], &[&w], 2).contains("2 maps on the first input, but only 1 weights"));
+    assert!(
+        err([&x, &other], &[&w, &w], 1).contains("the inputs have shapes [2, 3, 8] and [2, 4, 8]")
+    );
+    assert!(
+        err([&x, &x], &[&w, &w_small], 1)
+            .contains("weight 1 has shape [4, 2, 2], expected [2, 4, 4]")
+    );
 }
 
 /// The weight gradient sums its per-task parts in a fixed order: the same inputs give the same

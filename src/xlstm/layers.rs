@@ -251,6 +251,20 @@ impl LinearHeadwiseExpand {
     }
 }
 
+impl LinearHeadwiseExpand {
+    /// The outputs of several maps of one size side by side, the first `maps_on_first` of
+    /// them reading `inputs[0]` and the others `inputs[1]`; in one pass, without the
+    /// concatenation of separate outputs.
+    pub fn forward_side_by_side(
+        maps: &[&Self],
+        inputs: [&Tensor; 2],
+        maps_on_first: usize,
+    ) -> Result<Tensor> {
+        let weights: Vec<&Tensor> = maps.iter().map(|map| &map.weight).collect();
+        headwise::headwise_linear_side_by_side(inputs, &weights, maps_on_first)
+    }
+}
+
 impl Module for LinearHeadwiseExpand {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         headwise::headwise_linear(x, &self.weight)

@@ -12,7 +12,7 @@
 //! The cell parameters are kept in the official vanilla layout (so a state dict round-trips and
 //! the optimiser updates the stored tensors) and converted to the kernel's layout per forward.
 
-use candle_core::{D, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::{SlstmBiasInit, SlstmRecurrentInit, XlstmConfig};
@@ -152,14 +152,15 @@ impl SlstmBlock {
             None => (normed.clone(), None),
         };
         // Gate-major [B, S, 4H] in the order i, f, z, o.
-        let gates = Tensor::cat(
+        let gates = LinearHeadwiseExpand::forward_side_by_side(
             &[
-                self.input_gate.forward(&x_conv)?,
-                self.forget_gate.forward(&x_conv)?,
-                self.z_gate.forward(&normed)?,
-                self.o_gate.forward(&normed)?,
+                &self.input_gate,
+                &self.forget_gate,
+                &self.z_gate,
+                &self.o_gate,
             ],
-            D::Minus1,
+            [&x_conv, &normed],
+            2,
         )?;
         let r = recurrent_kernel_from_vanilla(&self.recurrent_kernel)?;
         let bias = bias_from_vanilla(&self.bias, self.num_heads)?;

@@ -71,3 +71,17 @@ pub(crate) fn sum_in_task_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32>
             total
         })
 }
+
+/// A buffer of `len` values for a kernel's output, which the kernel writes in full before
+/// anything reads it. It is not zeroed: zeroing the outputs of the forward pass cost about a
+/// seventh of the sLSTM stack's inference forward (BENCHMARKS.md, "Sixth speed pass"), mostly
+/// in the allocator's memset of reused memory.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(len);
+    // SAFETY: f32 has no drop glue and every bit pattern is a valid f32; each caller writes
+    // every element before the buffer is read or handed to candle (the kernels' tests compare
+    // whole outputs against candle-ops references, which a stale element would fail).
+    unsafe { buffer.set_len(len) };
+    buffer
+}

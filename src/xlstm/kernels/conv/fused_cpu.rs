@@ -13,7 +13,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, cpu_storage, f32_data, sum_in_task_order};
+use super::super::cpu_data::{
+    contiguous_data, cpu_storage, f32_data, output_buffer, sum_in_task_order,
+};
 use super::super::vmath;
 
 const NAME: &str = "causal-conv-silu";
@@ -123,7 +125,7 @@ impl ConvSiluOp {
     ) -> (CpuStorage, Shape) {
         let c = rows.channels;
         let zeros = vec![0f32; c];
-        let mut out = vec![0f32; rows.batch * rows.seq_len * c];
+        let mut out = output_buffer(rows.batch * rows.seq_len * c);
         out.par_chunks_mut(rows.seq_len * c)
             .enumerate()
             .for_each(|(b, out)| {

@@ -15,7 +15,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::super::cpu_data::{
-    contiguous_data, cpu_storage, f32_data, sum_in_task_order, with_contiguous,
+    contiguous_data, cpu_storage, f32_data, output_buffer, sum_in_task_order, with_contiguous,
 };
 use super::super::vmath;
 
@@ -103,7 +103,7 @@ impl CustomOp3 for SiluGatedSumOp {
                 z_rows.count * width
             )));
         }
-        let mut y = vec![0f32; a.len()];
+        let mut y = output_buffer(a.len());
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
@@ -221,7 +221,7 @@ impl CustomOp1 for GeluGatedOp {
         let up = Rows::from_layout(GELU_NAME, "up", layout)?;
         let data = f32_data(GELU_NAME, "up", storage)?;
         let width = up.width / 2;
-        let mut y = vec![0f32; up.count * width];
+        let mut y = output_buffer(up.count * width);
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
@@ -314,7 +314,7 @@ impl CustomOp2 for ScaleFeaturesOp {
                 x.len()
             )));
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = output_buffer(x.len());
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .zip(x.par_chunks(ROWS_PER_TASK * width))
             .for_each(|(y, x)| {

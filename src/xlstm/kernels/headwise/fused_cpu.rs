@@ -6,10 +6,10 @@
 //! along contiguous memory and vectorises. The weight gradient is summed per run of rows and
 //! the runs' sums are added in a fixed order, so gradients do not depend on thread timing.
 
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, sum_in_task_order, with_contiguous};
+use super::super::cpu_data::{contiguous_data, output_buffer, sum_in_task_order, with_contiguous};
 use super::super::vmath;
 
 const NAME: &str = "headwise-linear";
@@ -39,23 +39,24 @@ impl Blocks {
     }
 }
 
-/// `y_blk += Σ_i x_blk[i] · columns[i]` over the blocks of one row, where `columns` holds, per
-/// block, `d_in` rows of `d_out` values (the block's weight transposed).
+/// `y_blk = Σ_i x_blk[i] · columns[i]` over the blocks of one row, added to what `y` holds when
+/// `ACCUMULATE` (else `y` is only written), where `columns` holds, per block, `d_in` rows of
+/// `d_out` values (the block's weight transposed).
 #[inline(always)]
-fn multiply_row(b: Blocks, columns: &[f32], x: &[f32], y: &mut [f32]) {
+fn multiply_row<const ACCUMULATE: bool>(b: Blocks, columns: &[f32], x: &[f32], y: &mut [f32]) {
     // The blocks of the xLSTM blocks (4×4 in the mLSTM, 16×16 in the sLSTM) get loops of
     // compile-time length, which the compiler unrolls into a few vector multiply-adds.
     match (b.d_out, b.d_in) {
-        (4, 4) => multiply_row_fixed::<4, 4>(columns, x, y),
-        (8, 8) => multiply_row_fixed::<8, 8>(columns, x, y),
-        (16, 16) => multiply_row_fixed::<16, 16>(columns, x, y),
-        (32, 32) => multiply_row_fixed::<32, 32>(columns, x, y),
-        _ => multiply_row_any(b, columns, x, y),
+        (4, 4) => multiply_row_fixed::<4, 4, ACCUMULATE>(columns, x, y),
+        (8, 8) => multiply_row_fixed::<8, 8, ACCUMULATE>(columns, x, y),
+        (16, 16) => multiply_row_fixed::<16, 16, ACCUMULATE>(columns, x, y),
+        (32, 32) => multiply_row_fixed::<32, 32, ACCUMULATE>(columns, x, y),
+        _ => multiply_row_any::<ACCUMULATE>(b, columns, x, y),
     }
 }
 
 #[inline(always)]
-fn multiply_row_fixed<const D_OUT: usize, const D_IN: usize>(
+fn multiply_row_fixed<const D_OUT: usize, const D_IN: usize, const ACCUMULATE: bool>(
     columns: &[f32],
     x: &[f32],
     y: &mut [f32],
@@ -67,7 +68,7 @@ fn multiply_row_fixed<const D_OUT: usize, const D_IN: usize>(
     {
         let y_blk: &mut [f32; D_OUT] = y_blk.try_into().expect("chunks of D_OUT");
         let x_blk: &[f32; D_IN] = x_blk.try_into().expect("chunks of D_IN");
-        let mut acc = *y_blk;
+        let mut acc = if ACCUMULATE { *y_blk } else { [0.0; D_OUT] };
         for (xi, col) in x_blk.iter().zip(cols.chunks_exact(D_OUT)) {
             let col: &[f32; D_OUT] = col.try_into().expect("chunks of D_OUT");
             for o in 0..D_OUT {
@@ -82,20 +83,19 @@ fn multiply_row_fixed<const D_OUT: usize, const D_IN: usize>(
 /// loaded and stored once per group instead of once per row.
 const OUTER_ROWS: usize = 4;
 
-/// `grad_w[blk, o, :] += Σ_r dy_r,blk[o] · x_r,blk` over the blocks of a group of rows (`x` and
-/// `grad_y` hold the same number of rows, one after another), adding the rows in order.
+/// `grad_w[blk, o, :] += Σ_r dy_r,blk[o] · x_r,blk` over the blocks of a group of rows, adding
+/// the rows in order. `x` holds the rows one after another; row `r` of `grad_y` starts at
+/// `r · grad_stride` (the map's part of a wider gradient row).
 #[inline(always)]
-fn accumulate_outer(b: Blocks, grad_w: &mut [f32], x: &[f32], grad_y: &[f32]) {
+fn accumulate_outer(b: Blocks, grad_w: &mut [f32], x: &[f32], grad_y: &[f32], grad_stride: usize) {
     match (b.d_out, b.d_in) {
-        (4, 4) => accumulate_outer_fixed::<4, 4>(b, grad_w, x, grad_y),
-        (8, 8) => accumulate_outer_fixed::<8, 8>(b, grad_w, x, grad_y),
-        (16, 16) => accumulate_outer_fixed::<16, 16>(b, grad_w, x, grad_y),
-        (32, 32) => accumulate_outer_fixed::<32, 32>(b, grad_w, x, grad_y),
+        (4, 4) => accumulate_outer_fixed::<4, 4>(b, grad_w, x, grad_y, grad_stride),
+        (8, 8) => accumulate_outer_fixed::<8, 8>(b, grad_w, x, grad_y, grad_stride),
+        (16, 16) => accumulate_outer_fixed::<16, 16>(b, grad_w, x, grad_y, grad_stride),
+        (32, 32) => accumulate_outer_fixed::<32, 32>(b, grad_w, x, grad_y, grad_stride),
         _ => {
-            for (x_row, g_row) in x
-                .chunks_exact(b.width_in())
-                .zip(grad_y.chunks_exact(b.width_out()))
-            {
+            for (r, x_row) in x.chunks_exact(b.width_in()).enumerate() {
+                let g_row = &grad_y[r * grad_stride..r * grad_stride + b.width_out()];
                 for ((gw_blk, x_blk), g_blk) in grad_w
                     .chunks_exact_mut(b.d_out * b.d_in)
                     .zip(x_row.chunks_exact(b.d_in))
@@ -118,15 +118,16 @@ fn accumulate_outer_fixed<const D_OUT: usize, const D_IN: usize>(
     grad_w: &mut [f32],
     x: &[f32],
     grad_y: &[f32],
+    grad_stride: usize,
 ) {
-    let (width_in, width_out) = (b.width_in(), b.width_out());
+    let width_in = b.width_in();
     let rows = x.len() / width_in;
     for (blk, gw_blk) in grad_w.chunks_exact_mut(D_OUT * D_IN).enumerate() {
         for (o, gw_row) in gw_blk.chunks_exact_mut(D_IN).enumerate() {
             let gw_row: &mut [f32; D_IN] = gw_row.try_into().expect("chunks of D_IN");
             let mut acc = *gw_row;
             for r in 0..rows {
-                let g = grad_y[r * width_out + blk * D_OUT + o];
+                let g = grad_y[r * grad_stride + blk * D_OUT + o];
                 let start = r * width_in + blk * D_IN;
                 let x_blk: &[f32; D_IN] = x[start..start + D_IN].try_into().expect("D_IN values");
                 for i in 0..D_IN {
@@ -138,7 +139,10 @@ fn accumulate_outer_fixed<const D_OUT: usize, const D_IN: usize>(
     }
 }
 
-fn multiply_row_any(b: Blocks, columns: &[f32], x: &[f32], y: &mut [f32]) {
+fn multiply_row_any<const ACCUMULATE: bool>(b: Blocks, columns: &[f32], x: &[f32], y: &mut [f32]) {
+    if !ACCUMULATE {
+        y.fill(0.0);
+    }
     for ((y_blk, x_blk), cols) in y
         .chunks_exact_mut(b.d_out)
         .zip(x.chunks_exact(b.d_in))
@@ -169,101 +173,193 @@ fn transpose_blocks(weight: &[f32], blocks: usize, r: usize, c: usize) -> Vec<f3
     out
 }
 
+/// Several head-wise maps of the same block sizes, their outputs side by side: map `m` reads
+/// the first input for `m < maps_on_first` and the second one after.
 struct HeadwiseOp {
     blocks: Blocks,
+    maps: usize,
+    maps_on_first: usize,
 }
 
-impl CustomOp2 for HeadwiseOp {
+impl HeadwiseOp {
+    fn width_out(&self) -> usize {
+        self.maps * self.blocks.width_out()
+    }
+}
+
+impl CustomOp3 for HeadwiseOp {
     fn name(&self) -> &'static str {
         NAME
     }
 
     fn cpu_fwd(
         &self,
-        x_storage: &CpuStorage,
-        x_layout: &Layout,
+        first_storage: &CpuStorage,
+        first_layout: &Layout,
+        second_storage: &CpuStorage,
+        second_layout: &Layout,
         w_storage: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let b = self.blocks;
-        let x = contiguous_data(NAME, "x", x_storage, x_layout)?;
+        let first = contiguous_data(NAME, "x", first_storage, first_layout)?;
+        let second = contiguous_data(NAME, "second x", second_storage, second_layout)?;
         let weight = contiguous_data(NAME, "weight", w_storage, w_layout)?;
-        let columns = transpose_blocks(weight, b.count, b.d_out, b.d_in);
-        let rows = x.len() / b.width_in();
-        let mut y = vec![0f32; rows * b.width_out()];
-        y.par_chunks_mut(ROWS_PER_TASK * b.width_out())
-            .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
-            .for_each(|(y, x)| {
+        let columns = transpose_blocks(weight, self.maps * b.count, b.d_out, b.d_in);
+        let (width_in, width_out) = (b.width_in(), self.width_out());
+        let rows = first.len() / width_in;
+        let mut y = output_buffer(rows * width_out);
+        y.par_chunks_mut(ROWS_PER_TASK * width_out)
+            .enumerate()
+            .for_each(|(task, y)| {
                 vmath::with_wide_vectors(
                     #[inline(always)]
                     || {
-                        for (y_row, x_row) in y
-                            .chunks_exact_mut(b.width_out())
-                            .zip(x.chunks_exact(b.width_in()))
-                        {
-                            multiply_row(b, &columns, x_row, y_row);
+                        for (r, y_row) in y.chunks_exact_mut(width_out).enumerate() {
+                            let span = (task * ROWS_PER_TASK + r) * width_in;
+                            for ((m, y_map), map_columns) in y_row
+                                .chunks_exact_mut(b.width_out())
+                                .enumerate()
+                                .zip(columns.chunks_exact(b.weight_len()))
+                            {
+                                let x = if m < self.maps_on_first {
+                                    first
+                                } else {
+                                    second
+                                };
+                                multiply_row::<false>(
+                                    b,
+                                    map_columns,
+                                    &x[span..span + width_in],
+                                    y_map,
+                                );
+                            }
                         }
                     },
                 )
             });
-        let mut dims = x_layout.dims().to_vec();
-        *dims.last_mut().expect("x has a last dim") = b.width_out();
+        let mut dims = first_layout.dims().to_vec();
+        *dims.last_mut().expect("x has a last dim") = width_out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
+        first: &Tensor,
+        second: &Tensor,
         weight: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let b = self.blocks;
-        let (grad_x, grad_w) = with_contiguous(NAME, "x", x, |x| {
+        let (width_in, width_out) = (b.width_in(), self.width_out());
+        let reads_second = self.maps_on_first < self.maps;
+        let transposed = Blocks {
+            count: b.count,
+            d_out: b.d_in,
+            d_in: b.d_out,
+        };
+        let gradients = |first: &[f32], second: &[f32]| {
             with_contiguous(NAME, "weight", weight, |weight| {
                 with_contiguous(NAME, "output gradient", grad_res, |grad| {
-                    let rows = x.len() / b.width_in();
-                    let mut grad_x = vec![0f32; rows * b.width_in()];
-                    // Per run of rows: dx = Wᵀ dy row by row (the weight's rows are the
-                    // columns of its transpose) and that run's Σ dy ⊗ x.
-                    let partial_w: Vec<Vec<f32>> = grad_x
-                        .par_chunks_mut(ROWS_PER_TASK * b.width_in())
-                        .zip(x.par_chunks(ROWS_PER_TASK * b.width_in()))
-                        .zip(grad.par_chunks(ROWS_PER_TASK * b.width_out()))
-                        .map(|((grad_x, x), grad)| {
-                            vmath::with_wide_vectors(
-                                #[inline(always)]
-                                || {
-                                    let transposed = Blocks {
-                                        count: b.count,
-                                        d_out: b.d_in,
-                                        d_in: b.d_out,
-                                    };
-                                    let mut grad_w = vec![0f32; b.weight_len()];
-                                    for ((gx_rows, x_rows), g_rows) in grad_x
-                                        .chunks_mut(OUTER_ROWS * b.width_in())
-                                        .zip(x.chunks(OUTER_ROWS * b.width_in()))
-                                        .zip(grad.chunks(OUTER_ROWS * b.width_out()))
-                                    {
-                                        for (gx_row, g_row) in gx_rows
-                                            .chunks_exact_mut(b.width_in())
-                                            .zip(g_rows.chunks_exact(b.width_out()))
+                    let rows = first.len() / width_in;
+                    // Per run of rows: dx = Σ_maps Wᵀ dy row by row (the weight's rows are
+                    // the columns of its transpose) and that run's Σ dy ⊗ x per map.
+                    let run = |task: usize,
+                               grad_first: &mut [f32],
+                               mut grad_second: Option<&mut [f32]>| {
+                        vmath::with_wide_vectors(
+                            #[inline(always)]
+                            || {
+                                let mut grad_w = vec![0f32; self.maps * b.weight_len()];
+                                let task_start = task * ROWS_PER_TASK;
+                                let task_rows = grad_first.len() / width_in;
+                                for group in (0..task_rows).step_by(OUTER_ROWS) {
+                                    let group_rows = OUTER_ROWS.min(task_rows - group);
+                                    for r in group..group + group_rows {
+                                        let g_row =
+                                            &grad[(task_start + r) * width_out..][..width_out];
+                                        let local = r * width_in..(r + 1) * width_in;
+                                        for ((m, g_map), map_weight) in g_row
+                                            .chunks_exact(b.width_out())
+                                            .enumerate()
+                                            .zip(weight.chunks_exact(b.weight_len()))
                                         {
-                                            multiply_row(transposed, weight, g_row, gx_row);
+                                            let gx = match grad_second.as_deref_mut() {
+                                                Some(gx) if m >= self.maps_on_first => gx,
+                                                _ => &mut *grad_first,
+                                            };
+                                            multiply_row::<true>(
+                                                transposed,
+                                                map_weight,
+                                                g_map,
+                                                &mut gx[local.clone()],
+                                            );
                                         }
-                                        accumulate_outer(b, &mut grad_w, x_rows, g_rows);
                                     }
-                                    grad_w
-                                },
-                            )
-                        })
-                        .collect();
-                    Ok((grad_x, sum_in_task_order(partial_w, b.weight_len())))
+                                    let x_span = (task_start + group) * width_in
+                                        ..(task_start + group + group_rows) * width_in;
+                                    for (m, gw_map) in
+                                        grad_w.chunks_exact_mut(b.weight_len()).enumerate()
+                                    {
+                                        let x = if m < self.maps_on_first {
+                                            first
+                                        } else {
+                                            second
+                                        };
+                                        accumulate_outer(
+                                            b,
+                                            gw_map,
+                                            &x[x_span.clone()],
+                                            &grad[(task_start + group) * width_out
+                                                + m * b.width_out()..],
+                                            width_out,
+                                        );
+                                    }
+                                }
+                                grad_w
+                            },
+                        )
+                    };
+                    let task_len = ROWS_PER_TASK * width_in;
+                    let mut grad_first = vec![0f32; rows * width_in];
+                    let mut grad_second =
+                        vec![0f32; if reads_second { rows * width_in } else { 0 }];
+                    let partial_w: Vec<Vec<f32>> = if reads_second {
+                        grad_first
+                            .par_chunks_mut(task_len)
+                            .zip(grad_second.par_chunks_mut(task_len))
+                            .enumerate()
+                            .map(|(task, (gf, gs))| run(task, gf, Some(gs)))
+                            .collect()
+                    } else {
+                        grad_first
+                            .par_chunks_mut(task_len)
+                            .enumerate()
+                            .map(|(task, gf)| run(task, gf, None))
+                            .collect()
+                    };
+                    let grad_w = sum_in_task_order(partial_w, self.maps * b.weight_len());
+                    Ok((grad_first, grad_second, grad_w))
                 })
             })
+        };
+        // A single input arrives as both arguments; its storage is locked once.
+        let (grad_first, grad_second, grad_w) = with_contiguous(NAME, "x", first, |first| {
+            if reads_second {
+                with_contiguous(NAME, "second x", second, |second| gradients(first, second))
+            } else {
+                gradients(first, first)
+            }
         })?;
+        let grad_second = if reads_second {
+            Some(Tensor::from_vec(grad_second, second.shape(), &Device::Cpu)?)
+        } else {
+            None
+        };
         Ok((
-            Some(Tensor::from_vec(grad_x, x.shape(), &Device::Cpu)?),
+            Some(Tensor::from_vec(grad_first, first.shape(), &Device::Cpu)?),
+            grad_second,
             Some(Tensor::from_vec(grad_w, weight.shape(), &Device::Cpu)?),
         ))
     }
@@ -271,11 +367,40 @@ impl CustomOp2 for HeadwiseOp {
 
 /// Fused head-wise linear map; see [`super::headwise_linear`].
 pub fn headwise_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (count, d_out, d_in) = super::check(NAME, x, weight)?;
-    x.contiguous()?.apply_op2(
+    headwise_linear_side_by_side([x, x], &[weight], 1)
+}
+
+/// Fused head-wise maps with their outputs side by side; see
+/// [`super::headwise_linear_side_by_side`].
+pub fn headwise_linear_side_by_side(
+    inputs: [&Tensor; 2],
+    weights: &[&Tensor],
+    maps_on_first: usize,
+) -> Result<Tensor> {
+    let (count, d_out, d_in) = super::check_side_by_side(NAME, inputs, weights, maps_on_first)?;
+    let weight = match weights {
+        [single] => single.unsqueeze(0)?,
+        many => Tensor::stack(many, 0)?,
+    };
+    let maps = weights.len();
+    // An input that no map reads is not an argument: candle's backward pass expects a
+    // gradient for every argument it reaches. With one input read, it is both arguments.
+    let (first, maps_on_first) = match maps_on_first {
+        0 => (inputs[1].contiguous()?, maps),
+        _ => (inputs[0].contiguous()?, maps_on_first),
+    };
+    let second = if maps_on_first == maps {
+        first.clone()
+    } else {
+        inputs[1].contiguous()?
+    };
+    first.apply_op3(
+        &second,
         &weight.contiguous()?,
         HeadwiseOp {
             blocks: Blocks { count, d_out, d_in },
+            maps,
+            maps_on_first,
         },
     )
 }

@@ -1,7 +1,7 @@
 //! The head-wise linear map from candle ops (autodiff gives the gradients): the oracle of the
 //! fused op and the path on other devices.
 
-use candle_core::{Result, Tensor};
+use candle_core::{D, Result, Tensor};
 
 /// See [`super::headwise_linear`]: the blocks as one batched matmul over NB.
 pub fn headwise_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -16,4 +16,18 @@ pub fn headwise_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         .contiguous()?;
     let y = blocked.matmul(&weight.transpose(1, 2)?.contiguous()?)?;
     y.transpose(0, 1)?.contiguous()?.reshape(out_dims)
+}
+
+/// See [`super::headwise_linear_side_by_side`]: each map on its own, then concatenated.
+pub fn headwise_linear_side_by_side(
+    inputs: [&Tensor; 2],
+    weights: &[&Tensor],
+    maps_on_first: usize,
+) -> Result<Tensor> {
+    let outputs = weights
+        .iter()
+        .enumerate()
+        .map(|(m, weight)| headwise_linear(inputs[usize::from(m >= maps_on_first)], weight))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outputs, D::Minus1)
 }

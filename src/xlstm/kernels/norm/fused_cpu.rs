@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout, Resul
 use rayon::prelude::*;
 
 use super::super::cpu_data::{
-    contiguous_data, cpu_storage, f32_data, sum_in_task_order, with_contiguous,
+    contiguous_data, cpu_storage, f32_data, output_buffer, sum_in_task_order, with_contiguous,
 };
 use super::super::vmath;
 
@@ -113,7 +113,7 @@ impl LayerNormOp {
         shape: &Shape,
     ) -> (CpuStorage, Shape) {
         let features = scale.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         let task = rows_per_task(features) * features;
         out.par_chunks_mut(task)
             .zip(x.par_chunks(task))
@@ -342,7 +342,7 @@ impl CustomOp2 for MultiHeadLayerNormOp {
         let h = f32_data(Self::NAME, "input", h_storage)?;
         let scale = contiguous_data(Self::NAME, "scale", scale_storage, scale_layout)?;
         let (features, dh) = (geo.features(), geo.head_dim);
-        let mut out = vec![0f32; geo.batch * geo.seq_len * features];
+        let mut out = output_buffer(geo.batch * geo.seq_len * features);
         let task = rows_per_task(features) * features;
         out.par_chunks_mut(task).enumerate().for_each(|(t, out)| {
             vmath::with_wide_vectors(

@@ -14,6 +14,7 @@
 //! does get its exact gradient (it sets the weight of the initial c₀, n₀ against new inputs).
 //! Gradients reaching the final m are ignored; the final h, c, n pass theirs on.
 
+use super::super::cpu_data::output_buffer;
 use super::simd::{BackwardStep, Kernels, UnitState};
 use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 use candle_core::backend::BackendStorage;
@@ -136,9 +137,9 @@ impl CustomOp3 for ScanForward {
 
         let out_block = (seq_len + STATE_ROWS) * head_dim;
         let tape_block = seq_len * TAPE_VALUES * head_dim;
-        let mut out = vec![0f32; batch * heads * out_block];
+        let mut out = output_buffer(batch * heads * out_block);
         let mut tape = match self.tape {
-            Some(_) => vec![0f32; batch * heads * tape_block],
+            Some(_) => output_buffer(batch * heads * tape_block),
             None => Vec::new(),
         };
         let tape_blocks: Vec<Option<&mut [f32]>> = if tape.is_empty() {

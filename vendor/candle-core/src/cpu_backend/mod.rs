@@ -1478,7 +1478,13 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // Not zeroed (patched, PATCHED.md): gemm is called with `read_dst = false` and writes
+        // every element of every batch's block before anything reads it.
+        let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            dst.set_len(b * m * n)
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
