@@ -44,8 +44,13 @@ pub(crate) fn exp(x: f32) -> f32 {
         + 0.5;
     let y = p * (r * r) + r + 1.0;
     // 2^n from its exponent bits: n is in [−127, 127] after the bound, and 2^−127 comes out as
-    // 0 (NaN casts to 0 and stays NaN through y).
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 0. n is taken from the low mantissa bits of n + 1.5·2²³ (0x4B40_0000), not by `n as
+    // i32`: that cast saturates and maps NaN to 0, and the compiler turns it into one scalar
+    // conversion per lane, which made the whole function scalar. A NaN gives some power of
+    // two here and stays NaN through y.
+    const SHIFTER: f32 = 12_582_912.0;
+    let biased = (n + SHIFTER).to_bits().wrapping_sub(0x4B40_0000 - 127);
+    y * f32::from_bits(biased << 23)
 }
 
 /// `(erf(x), e^{−x²})`. The error function is Abramowitz & Stegun 7.1.26 (absolute error below

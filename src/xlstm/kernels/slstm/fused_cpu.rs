@@ -235,11 +235,16 @@ fn forward_pair(
     let (h_rows, state_rows) = out.split_at_mut(seq_len * dh);
 
     for (t, h_out) in h_rows.chunks_exact_mut(dh).enumerate() {
-        pre.copy_from_slice(bias_row);
         let x_t = &x[(b * seq_len + t) * NUM_GATES * hidden..];
-        for (g, pre_gate) in pre.chunks_exact_mut(dh).enumerate() {
+        for (g, (pre_gate, bias_gate)) in pre
+            .chunks_exact_mut(dh)
+            .zip(bias_row.chunks_exact(dh))
+            .enumerate()
+        {
             let x_gate = &x_t[g * hidden + head * dh..g * hidden + (head + 1) * dh];
-            kernels.accumulate_rows(pre_gate, &[1.0], x_gate);
+            for ((p, bias), x) in pre_gate.iter_mut().zip(bias_gate).zip(x_gate) {
+                *p = bias + x;
+            }
         }
         kernels.accumulate_rows(&mut pre, &h, recurrent_rows);
         let tape_t = tape

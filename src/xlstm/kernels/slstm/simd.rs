@@ -212,6 +212,17 @@ mod portable {
         if v > 1.0 { 1.0 } else { v }
     }
 
+    /// `(e^{ĩ − m_new}, e^{logσ(f̃) + m − m_new})` from one exponential: m_new is one of the
+    /// two exponents' first terms (ĩ, or logσ(f̃) + m; ĩ in an empty state), so one gate is
+    /// e⁰ = 1 and the other e^{−|d|} for d = ĩ − (logσ(f̃) + m). A NaN d gives NaN gates.
+    fn stabilised_input_and_forget(i_pre: f32, log_f_plus_m: f32, empty: bool) -> (f32, f32) {
+        let d = i_pre - log_f_plus_m;
+        let e = at_most_one((-d.abs()).exp());
+        let i = if d >= 0.0 || empty { 1.0 } else { e };
+        let f = if d < 0.0 { 1.0 } else { e };
+        (i, f)
+    }
+
     fn sigmoid(v: f32) -> f32 {
         let e = (-v.abs()).exp();
         if v >= 0.0 {
@@ -241,8 +252,7 @@ mod portable {
             } else {
                 max_or_nan(i_pre, log_f_plus_m)
             };
-            let i = at_most_one((i_pre - m_new).exp());
-            let f = at_most_one((log_f_plus_m - m_new).exp());
+            let (i, f) = stabilised_input_and_forget(i_pre, log_f_plus_m, state.n[j] == 0.0);
             let z = z_pre.tanh();
             let o = sigmoid(o_pre);
             let c_new = f * state.c[j] + i * z;
@@ -607,15 +617,13 @@ mod avx2 {
                 let n = load(state.n, j);
                 let m = load(state.m, j);
 
-                // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) from the same e^{−|f̃|}.
+                // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) (for the tape) from the same
+                // e^{−|f̃|}.
                 let e_f = exp(_mm256_sub_ps(zero, abs(f_pre)));
                 let one_plus_e_f = _mm256_add_ps(one, e_f);
                 // NaN as the second operand of minps passes through.
                 let log_f =
                     _mm256_sub_ps(_mm256_min_ps(zero, f_pre), ln_at_least_one(one_plus_e_f));
-                let f_non_negative = _mm256_cmp_ps(f_pre, zero, _CMP_GE_OQ);
-                let sig_neg_f =
-                    _mm256_div_ps(_mm256_blendv_ps(one, e_f, f_non_negative), one_plus_e_f);
 
                 let log_f_plus_m = _mm256_add_ps(m, log_f);
                 // Per-element empty-state rule (see the module docs of `slstm`).
@@ -629,8 +637,15 @@ mod avx2 {
                     _mm256_cmp_ps(log_f_plus_m, log_f_plus_m, _CMP_UNORD_Q),
                 );
                 let m_new = _mm256_blendv_ps(max, i_pre, empty);
-                let i = _mm256_min_ps(one, exp(_mm256_sub_ps(i_pre, m_new)));
-                let f = _mm256_min_ps(one, exp(_mm256_sub_ps(log_f_plus_m, m_new)));
+                // One exponential for both gates, as `portable::stabilised_input_and_forget`.
+                let d = _mm256_sub_ps(i_pre, log_f_plus_m);
+                let e = _mm256_min_ps(one, exp(_mm256_sub_ps(zero, abs(d))));
+                let i = _mm256_blendv_ps(
+                    e,
+                    one,
+                    _mm256_or_ps(_mm256_cmp_ps(d, zero, _CMP_GE_OQ), empty),
+                );
+                let f = _mm256_blendv_ps(e, one, _mm256_cmp_ps(d, zero, _CMP_LT_OQ));
 
                 // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
                 let e_z = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), abs(z_pre)));
@@ -650,6 +665,9 @@ mod avx2 {
 
                 store(h_out, j, h_new);
                 if let Some(tape) = tape.as_deref_mut() {
+                    let f_non_negative = _mm256_cmp_ps(f_pre, zero, _CMP_GE_OQ);
+                    let sig_neg_f =
+                        _mm256_div_ps(_mm256_blendv_ps(one, e_f, f_non_negative), one_plus_e_f);
                     store(tape, TAPE_C * dh + j, c_new);
                     store(tape, TAPE_N * dh + j, n_new);
                     store(tape, TAPE_I * dh + j, i);
