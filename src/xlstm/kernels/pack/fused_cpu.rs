@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, with_contiguous};
+use super::super::cpu_data::{contiguous_data, output_buffer, with_contiguous};
 
 const NAME: &str = "pack-heads";
 
@@ -95,7 +95,7 @@ impl CustomOp3 for PackHeadsOp {
         let dims = q_layout.dims();
         let sizes = Sizes::new(dims, self.num_heads);
         let n = sizes.batch_len();
-        let mut packed = vec![0f32; 3 * q.len()];
+        let mut packed = output_buffer(3 * q.len());
         packed
             .par_chunks_mut(3 * n)
             .zip(q.par_chunks(n).zip(k.par_chunks(n)).zip(v.par_chunks(n)))
@@ -116,7 +116,7 @@ impl CustomOp3 for PackHeadsOp {
         let n = sizes.batch_len();
         let len = q.elem_count();
         let (mut grad_q, mut grad_k, mut grad_v) =
-            (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+            (output_buffer(len), output_buffer(len), output_buffer(len));
         with_contiguous(NAME, "output gradient", grad_res, |g| {
             g.par_chunks(3 * n)
                 .zip(
