@@ -249,9 +249,7 @@ impl LinearHeadwiseExpand {
             weight: vb.get_with_hints((num_blocks, d, d), "weight", init)?,
         })
     }
-}
 
-impl LinearHeadwiseExpand {
     /// The outputs of several maps of one size side by side, the first `maps_on_first` of
     /// them reading `inputs[0]` and the others `inputs[1]`; in one pass, without the
     /// concatenation of separate outputs.

@@ -1,5 +1,7 @@
-//! Fused CPU head-wise linear map: a candle custom op on (x, weight) with a hand-written
-//! backward pass, parallel over fixed runs of rows.
+//! Fused CPU head-wise linear maps: a candle custom op on (first input, second input, stacked
+//! weights) with a hand-written backward pass, parallel over fixed runs of rows. It computes
+//! one or several maps of the same block sizes, their outputs side by side, each map reading
+//! one of the two inputs; a single map is the op with one input given twice.
 //!
 //! Every block is a small matrix-vector product per row, written as `d_in` multiply-adds of
 //! weight columns (forward) or `d_out` of weight rows (backward) so that the inner loop runs
