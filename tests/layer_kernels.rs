@@ -733,6 +733,49 @@ fn fused_feature_scale_matches_reference() {
     );
 }
 
+/// q, k and v side by side in one tensor pack as the three thirds do, and the fused op equals
+/// the permuted copy of candle ops exactly, forward and backward.
+#[test]
+fn fused_pack_heads_side_by_side_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(38);
+    for (dims, heads) in [
+        ([1usize, 1, 12], 1usize),
+        ([2, 5, 36], 3),
+        ([3, 96, 384], 4),
+    ] {
+        let inputs = vec![random(&mut rng, &dims, 0.0, 1.0)];
+        let d = dims[2] / 3;
+        let packed_dims = [dims[0], heads, dims[1], dims[2] / heads];
+        let weight = random(&mut rng, &packed_dims, 0.0, 1.0);
+        let run = |f: fn(&Tensor, usize) -> Result<Tensor>| {
+            differentiate(&inputs, &weight, |x| f(&x[0], heads))
+        };
+        let fused = run(pack::fused_cpu::pack_heads_side_by_side);
+        let reference = run(pack::reference::pack_heads_side_by_side);
+        let what = format!("{dims:?} / {heads}");
+        assert_close(&what, &fused.0, &reference.0, (0.0, 0.0));
+        assert_close(
+            &format!("grad {what}"),
+            &fused.1[0],
+            &reference.1[0],
+            (0.0, 0.0),
+        );
+        let third = |i: usize| inputs[0].narrow(2, i * d, d).unwrap().contiguous().unwrap();
+        let from_thirds = pack::pack_heads(&third(0), &third(1), &third(2), heads).unwrap();
+        assert_close(
+            &format!("thirds {what}"),
+            &fused.0,
+            &from_thirds,
+            (0.0, 0.0),
+        );
+    }
+    let qkv = Tensor::zeros((2, 3, 10), DType::F32, &Device::Cpu).unwrap();
+    let err = pack::pack_heads_side_by_side(&qkv, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not three parts of 1 heads"), "{err}");
+}
+
 /// The fused head-major packing equals the concatenation and permuted copy of candle ops
 /// exactly, forward and backward (both are copies), including S = 1 and one head.
 #[test]

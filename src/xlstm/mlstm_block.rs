@@ -179,22 +179,21 @@ impl MlstmBlock {
         let x_m = self.proj_up.forward_outputs(&normed, 0, d)?;
         let z = self.proj_up.forward_outputs(&normed, d, d)?;
         let x_conv = self.conv.forward_silu(&x_m, conv_state)?;
-        let q = self.q_proj.forward(&x_conv)?;
-        let k = self.k_proj.forward(&x_conv)?;
-        let v = self.v_proj.forward(&x_m)?;
-        // Both gates read concat(q, k, v) [B, S, 3D]: one GEMM per part against its columns
-        // of the gate weights [2NH, 3D], so that the concatenation is never built.
+        // q, k (from the conv) and v (from x_m) side by side, [B, S, 3D]: the concatenation
+        // both gates read, written in one pass.
+        let q_k_v = LinearHeadwiseExpand::forward_side_by_side(
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            [&x_conv, &x_m],
+            2,
+        )?;
         let gate_w = Tensor::cat(&[&self.igate_weight, &self.fgate_weight], 0)?;
         let gate_b = Tensor::cat(&[&self.igate_bias, &self.fgate_bias], 0)?;
-        let part_gates = |part: &Tensor, i: usize| {
-            matmul_transposed(part, &gate_w.narrow(1, i * d, d)?.contiguous()?)
-        };
-        let gates = ((part_gates(&q, 0)? + part_gates(&k, 1)?)? + part_gates(&v, 2)?)?
+        let gates = matmul_transposed(&q_k_v, &gate_w)?
             .broadcast_add(&gate_b)?
             .reshape((b, s, 2, nh))?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        let qkv = pack::pack_heads(&q, &k, &v, nh)?;
+        let qkv = pack::pack_heads_side_by_side(&q_k_v, nh)?;
         Ok(CellInputs {
             qkv,
             gates,

@@ -2,12 +2,13 @@
 //! gradient, both parallel over the batch. Pure copies, so outputs and gradients equal the
 //! reference's exactly.
 
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::cpu_data::{contiguous_data, output_buffer, with_contiguous};
 
 const NAME: &str = "pack-heads";
+const NAME_SIDE_BY_SIDE: &str = "pack-heads-side-by-side";
 
 struct PackHeadsOp {
     num_heads: usize,
@@ -30,23 +31,27 @@ impl Sizes {
         }
     }
 
-    /// Values of one batch element.
+    /// Values of one part of one token.
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Values of one part of one batch element.
     fn batch_len(&self) -> usize {
-        self.seq_len * self.heads * self.head_dim
+        self.seq_len * self.width()
     }
 }
 
-/// One batch element: token-major parts → head-major packed block `[NH, S, 3·DH]`.
-fn pack(sizes: Sizes, parts: [&[f32]; 3], packed: &mut [f32]) {
+/// One batch element: token-major parts → head-major packed block `[NH, S, 3·DH]`. Token t
+/// of a part starts at `t · row_stride` (the part's width, or three times it where the parts
+/// lie side by side in one tensor).
+fn pack(sizes: Sizes, parts: [&[f32]; 3], row_stride: usize, packed: &mut [f32]) {
     let Sizes {
-        seq_len,
-        heads,
-        head_dim,
+        seq_len, head_dim, ..
     } = sizes;
-    let width = heads * head_dim;
     for (h, head) in packed.chunks_exact_mut(seq_len * 3 * head_dim).enumerate() {
         for (t, token) in head.chunks_exact_mut(3 * head_dim).enumerate() {
-            let from = t * width + h * head_dim;
+            let from = t * row_stride + h * head_dim;
             for (slot, part) in token.chunks_exact_mut(head_dim).zip(parts) {
                 slot.copy_from_slice(&part[from..from + head_dim]);
             }
@@ -75,6 +80,31 @@ fn unpack(sizes: Sizes, packed: &[f32], parts: [&mut [f32]; 3]) {
     }
 }
 
+/// The inverse of [`pack`] for one batch element into its `[S, 3·D]` rows of parts side by
+/// side (token t's part p at `t·3D + p·D`).
+fn unpack_side_by_side(sizes: Sizes, packed: &[f32], rows: &mut [f32]) {
+    let Sizes {
+        seq_len,
+        heads,
+        head_dim,
+    } = sizes;
+    let width = heads * head_dim;
+    for (h, head) in packed.chunks_exact(seq_len * 3 * head_dim).enumerate() {
+        for (t, token) in head.chunks_exact(3 * head_dim).enumerate() {
+            for (p, slot) in token.chunks_exact(head_dim).enumerate() {
+                let at = t * 3 * width + p * width + h * head_dim;
+                rows[at..at + head_dim].copy_from_slice(slot);
+            }
+        }
+    }
+}
+
+/// A batch element's `[S, 3·D]` rows of parts side by side as the three parts, each starting
+/// at its first value (tokens every 3·D values).
+fn side_by_side_parts(rows: &[f32], width: usize) -> [&[f32]; 3] {
+    [&rows[..], &rows[width..], &rows[2 * width..]]
+}
+
 impl CustomOp3 for PackHeadsOp {
     fn name(&self) -> &'static str {
         NAME
@@ -99,7 +129,7 @@ impl CustomOp3 for PackHeadsOp {
         packed
             .par_chunks_mut(3 * n)
             .zip(q.par_chunks(n).zip(k.par_chunks(n)).zip(v.par_chunks(n)))
-            .for_each(|(packed, ((q, k), v))| pack(sizes, [q, k, v], packed));
+            .for_each(|(packed, ((q, k), v))| pack(sizes, [q, k, v], sizes.width(), packed));
         let shape = Shape::from((dims[0], sizes.heads, sizes.seq_len, 3 * sizes.head_dim));
         Ok((CpuStorage::F32(packed), shape))
     }
@@ -135,6 +165,54 @@ impl CustomOp3 for PackHeadsOp {
             Some(tensor(grad_v)?),
         ))
     }
+}
+
+/// The packing of one tensor that holds q, k and v side by side, `[B, S, 3·NH·DH]`.
+struct PackSideBySideOp {
+    num_heads: usize,
+}
+
+impl CustomOp1 for PackSideBySideOp {
+    fn name(&self) -> &'static str {
+        NAME_SIDE_BY_SIDE
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_data(NAME_SIDE_BY_SIDE, "qkv", storage, layout)?;
+        let dims = layout.dims();
+        let sizes = Sizes::new(&[dims[0], dims[1], dims[2] / 3], self.num_heads);
+        let n = 3 * sizes.batch_len();
+        let mut packed = output_buffer(qkv.len());
+        packed
+            .par_chunks_mut(n)
+            .zip(qkv.par_chunks(n))
+            .for_each(|(packed, rows)| {
+                let parts = side_by_side_parts(rows, sizes.width());
+                pack(sizes, parts, 3 * sizes.width(), packed)
+            });
+        let shape = Shape::from((dims[0], sizes.heads, sizes.seq_len, 3 * sizes.head_dim));
+        Ok((CpuStorage::F32(packed), shape))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (b, s, d3) = qkv.dims3()?;
+        let sizes = Sizes::new(&[b, s, d3 / 3], self.num_heads);
+        let n = 3 * sizes.batch_len();
+        let mut grad = output_buffer(qkv.elem_count());
+        with_contiguous(NAME_SIDE_BY_SIDE, "output gradient", grad_res, |g| {
+            g.par_chunks(n)
+                .zip(grad.par_chunks_mut(n))
+                .for_each(|(g, rows)| unpack_side_by_side(sizes, g, rows));
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(grad, qkv.shape(), &Device::Cpu)?))
+    }
+}
+
+/// Fused packing of side-by-side parts; see [`super::pack_heads_side_by_side`].
+pub fn pack_heads_side_by_side(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    super::check_side_by_side(qkv, num_heads)?;
+    qkv.contiguous()?.apply_op1(PackSideBySideOp { num_heads })
 }
 
 /// Fused packing; see [`super::pack_heads`].

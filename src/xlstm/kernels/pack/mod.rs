@@ -24,6 +24,36 @@ pub fn pack_heads(q: &Tensor, k: &Tensor, v: &Tensor, num_heads: usize) -> Resul
     }
 }
 
+/// `qkv` `[B, S, 3·NH·DH]`, q, k and v side by side along the last dim, → `[B, NH, S, 3·DH]`:
+/// [`pack_heads`] of the three thirds, without cutting them apart first.
+pub fn pack_heads_side_by_side(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    check_side_by_side(qkv, num_heads)?;
+    if matches!(qkv.device(), Device::Cpu) && qkv.dtype() == DType::F32 {
+        fused_cpu::pack_heads_side_by_side(qkv, num_heads)
+    } else {
+        reference::pack_heads_side_by_side(qkv, num_heads)
+    }
+}
+
+/// Checks the shape of side-by-side parts; returns (B, S, D) of one part.
+pub(crate) fn check_side_by_side(qkv: &Tensor, num_heads: usize) -> Result<(usize, usize, usize)> {
+    const OP: &str = "pack heads side by side";
+    let (b, s, width) = qkv.dims3().map_err(|_| {
+        Error::Msg(format!(
+            "{OP}: qkv has shape {:?}, expected [B, S, 3·NH·DH]",
+            qkv.dims()
+        ))
+    })?;
+    let d = width / 3;
+    if num_heads == 0 || d == 0 || width % 3 != 0 || !d.is_multiple_of(num_heads) {
+        return Err(Error::Msg(format!(
+            "{OP}: qkv has shape {:?}; its last dim is not three parts of {num_heads} heads",
+            qkv.dims()
+        )));
+    }
+    Ok((b, s, d))
+}
+
 /// Checks shapes, dtypes and devices; returns (B, S, D).
 pub(crate) fn check(
     q: &Tensor,
