@@ -1,6 +1,6 @@
-//! Fused CPU packing: a candle custom op on (q, k, v) whose backward pass unpacks the
-//! gradient, both parallel over the batch. Pure copies, so outputs and gradients equal the
-//! reference's exactly.
+//! Fused CPU packing: candle custom ops on (q, k, v), or on one tensor holding them side by
+//! side, whose backward passes unpack the gradient, all parallel over the batch. Pure copies,
+//! so outputs and gradients equal the reference's exactly.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
