@@ -59,44 +59,38 @@ fn pack(sizes: Sizes, parts: [&[f32]; 3], row_stride: usize, packed: &mut [f32])
     }
 }
 
-/// The inverse of [`pack`] for one batch element.
-fn unpack(sizes: Sizes, packed: &[f32], parts: [&mut [f32]; 3]) {
+/// Every `DH`-long slot of one batch element's packed block with its part p, token t and
+/// head h: what the inverses of [`pack`] copy back.
+fn for_each_slot(sizes: Sizes, packed: &[f32], mut f: impl FnMut(usize, usize, usize, &[f32])) {
     let Sizes {
-        seq_len,
-        heads,
-        head_dim,
+        seq_len, head_dim, ..
     } = sizes;
-    let width = heads * head_dim;
-    let [q, k, v] = parts;
     for (h, head) in packed.chunks_exact(seq_len * 3 * head_dim).enumerate() {
         for (t, token) in head.chunks_exact(3 * head_dim).enumerate() {
-            let to = t * width + h * head_dim..t * width + (h + 1) * head_dim;
-            let (slot_q, rest) = token.split_at(head_dim);
-            let (slot_k, slot_v) = rest.split_at(head_dim);
-            q[to.clone()].copy_from_slice(slot_q);
-            k[to.clone()].copy_from_slice(slot_k);
-            v[to].copy_from_slice(slot_v);
+            for (p, slot) in token.chunks_exact(head_dim).enumerate() {
+                f(p, t, h, slot);
+            }
         }
     }
+}
+
+/// The inverse of [`pack`] for one batch element.
+fn unpack(sizes: Sizes, packed: &[f32], mut parts: [&mut [f32]; 3]) {
+    let (width, dh) = (sizes.width(), sizes.head_dim);
+    for_each_slot(sizes, packed, |p, t, h, slot| {
+        let at = t * width + h * dh;
+        parts[p][at..at + dh].copy_from_slice(slot);
+    });
 }
 
 /// The inverse of [`pack`] for one batch element into its `[S, 3·D]` rows of parts side by
 /// side (token t's part p at `t·3D + p·D`).
 fn unpack_side_by_side(sizes: Sizes, packed: &[f32], rows: &mut [f32]) {
-    let Sizes {
-        seq_len,
-        heads,
-        head_dim,
-    } = sizes;
-    let width = heads * head_dim;
-    for (h, head) in packed.chunks_exact(seq_len * 3 * head_dim).enumerate() {
-        for (t, token) in head.chunks_exact(3 * head_dim).enumerate() {
-            for (p, slot) in token.chunks_exact(head_dim).enumerate() {
-                let at = t * 3 * width + p * width + h * head_dim;
-                rows[at..at + head_dim].copy_from_slice(slot);
-            }
-        }
-    }
+    let (width, dh) = (sizes.width(), sizes.head_dim);
+    for_each_slot(sizes, packed, |p, t, h, slot| {
+        let at = t * 3 * width + p * width + h * dh;
+        rows[at..at + dh].copy_from_slice(slot);
+    });
 }
 
 /// A batch element's `[S, 3·D]` rows of parts side by side as the three parts, each starting
