@@ -4,11 +4,12 @@
 //! The crate is built for the baseline x86-64 (SSE2), and `f32::exp` or an `erf` from a math
 //! library is a scalar call in the middle of a loop, so a loop over them is not vectorised.
 //! These functions are written from arithmetic, comparisons and bit casts only, which the
-//! compiler vectorises; [`with_wide_vectors`] compiles a loop a second time with AVX2 and FMA
-//! and runs that copy when the CPU has them.
+//! compiler vectorises; [`with_wide_vectors`] compiles a loop again with AVX-512 and with AVX2
+//! and FMA, and runs the widest copy the CPU has.
 
-/// Runs `f` compiled with AVX2 and FMA enabled when the CPU has them (on x86-64), as is
-/// otherwise. `f` should be a loop over `#[inline(always)]` arithmetic such as [`exp`] and
+/// Runs `f` compiled with AVX-512F, or else with AVX2 and FMA, when the CPU has them (on
+/// x86-64), as is otherwise. 16-lane vectors halved the samples perf saw in the GeLU gate and
+/// the causal conv against 8 lanes (BENCHMARKS.md, seventh speed pass). `f` should be a loop over `#[inline(always)]` arithmetic such as [`exp`] and
 /// [`erf_and_gaussian`], and be marked `#[inline(always)]` itself: it is vectorised only where
 /// it is inlined into the wide copy, and the dev profile's many codegen units otherwise may
 /// compile it apart.
@@ -19,6 +20,14 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
         #[target_feature(enable = "avx2,fma")]
         fn wide<R>(f: impl FnOnce() -> R) -> R {
             f()
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn widest<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features `widest` is compiled for.
+            return unsafe { widest(f) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {

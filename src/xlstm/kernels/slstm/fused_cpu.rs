@@ -15,6 +15,8 @@
 //! Gradients reaching the final m are ignored; the final h, c, n pass theirs on.
 
 use super::super::cpu_data::output_buffer;
+#[cfg(target_arch = "x86_64")]
+use super::rows_avx512;
 use super::simd::{BackwardStep, Kernels, UnitState};
 use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 use candle_core::backend::BackendStorage;
@@ -142,30 +144,23 @@ impl CustomOp3 for ScanForward {
             Some(_) => output_buffer(batch * heads * tape_block),
             None => Vec::new(),
         };
+        let out_blocks: Vec<&mut [f32]> = out.chunks_mut(out_block).collect();
         let tape_blocks: Vec<Option<&mut [f32]>> = if tape.is_empty() {
             (0..batch * heads).map(|_| None).collect()
         } else {
             tape.chunks_mut(tape_block).map(Some).collect()
         };
-        let r_block = (head_dim + 1) * NUM_GATES * head_dim;
-        let kernels = Kernels::detect();
-        out.par_chunks_mut(out_block)
-            .zip(tape_blocks.into_par_iter())
-            .enumerate()
-            .for_each(|(pair, (out, tape))| {
-                let (b, head) = (pair / heads, pair % heads);
-                forward_pair(
-                    kernels,
-                    &self.dims,
-                    b,
-                    head,
-                    x,
-                    &r_aug[head * r_block..(head + 1) * r_block],
-                    init,
-                    out,
-                    tape,
-                );
-            });
+        let inputs = ForwardInputs {
+            dims: self.dims,
+            x,
+            r_aug,
+            init,
+        };
+        match ForwardPath::detect(head_dim) {
+            ForwardPath::Pairs(kernels) => inputs.scan_pairs(kernels, out_blocks, tape_blocks),
+            #[cfg(target_arch = "x86_64")]
+            ForwardPath::RowGroupsAvx512 => inputs.scan_row_groups(out_blocks, tape_blocks),
+        }
         if let Some(slot) = &self.tape {
             slot.set(tape).map_err(|_| {
                 Error::Msg("slstm fused CPU scan: forward op ran twice on one tape".into())
@@ -203,63 +198,186 @@ impl CustomOp3 for ScanForward {
     }
 }
 
-/// Scans one (batch row, head) pair; `out` is its `[S + 4, DH]` block, `tape` its
-/// `[S, TAPE_VALUES, DH]` block when gradients are tracked.
-#[allow(clippy::too_many_arguments)]
-fn forward_pair(
-    kernels: Kernels,
-    dims: &ScanDims,
-    b: usize,
-    head: usize,
-    x: &[f32],
-    r_head: &[f32],
-    init: &[f32],
-    out: &mut [f32],
-    mut tape: Option<&mut [f32]>,
-) {
-    let ScanDims {
-        batch,
-        seq_len,
-        head_dim: dh,
-        ..
-    } = *dims;
-    let hidden = dims.hidden();
-    let gates_width = NUM_GATES * dh;
-    let state_at = |row: usize| {
-        let start = (row * batch + b) * hidden + head * dh;
-        init[start..start + dh].to_vec()
-    };
-    let (mut h, mut c, mut n, mut m) = (state_at(0), state_at(1), state_at(2), state_at(3));
-    let (recurrent_rows, bias_row) = r_head.split_at(dh * gates_width);
-    let mut pre = vec![0f32; gates_width];
-    let (h_rows, state_rows) = out.split_at_mut(seq_len * dh);
+/// How the forward scan walks the (batch row, head) pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForwardPath {
+    /// One pair at a time.
+    Pairs(Kernels),
+    /// Up to 64 / DH rows of one head at a time (`rows_avx512`); DH a multiple of 16, at most 64.
+    #[cfg(target_arch = "x86_64")]
+    RowGroupsAvx512,
+}
 
-    for (t, h_out) in h_rows.chunks_exact_mut(dh).enumerate() {
-        let x_t = &x[(b * seq_len + t) * NUM_GATES * hidden..];
-        for (g, (pre_gate, bias_gate)) in pre
-            .chunks_exact_mut(dh)
-            .zip(bias_row.chunks_exact(dh))
+impl ForwardPath {
+    fn detect(head_dim: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if head_dim % 16 == 0 && head_dim <= 64 && rows_avx512::available() {
+            return ForwardPath::RowGroupsAvx512;
+        }
+        let _ = head_dim;
+        ForwardPath::Pairs(Kernels::detect())
+    }
+}
+
+/// The forward op's inputs, checked; `x` `[B, S, 4H]`, `r_aug` `[NH, DH + 1, 4, DH]`, `init`
+/// `[4, B, H]`.
+struct ForwardInputs<'a> {
+    dims: ScanDims,
+    x: &'a [f32],
+    r_aug: &'a [f32],
+    init: &'a [f32],
+}
+
+impl ForwardInputs<'_> {
+    fn r_head(&self, head: usize) -> &[f32] {
+        let r_block = (self.dims.head_dim + 1) * NUM_GATES * self.dims.head_dim;
+        &self.r_aug[head * r_block..(head + 1) * r_block]
+    }
+
+    /// Pair `b · NH + head`'s block of every output: `out_blocks` `[S + 4, DH]` each,
+    /// `tape_blocks` `[S, TAPE_VALUES, DH]` each when gradients are tracked.
+    fn scan_pairs(
+        &self,
+        kernels: Kernels,
+        out_blocks: Vec<&mut [f32]>,
+        tape_blocks: Vec<Option<&mut [f32]>>,
+    ) {
+        let heads = self.dims.heads;
+        out_blocks
+            .into_par_iter()
+            .zip(tape_blocks.into_par_iter())
             .enumerate()
-        {
-            let x_gate = &x_t[g * hidden + head * dh..g * hidden + (head + 1) * dh];
-            for ((p, bias), x) in pre_gate.iter_mut().zip(bias_gate).zip(x_gate) {
-                *p = bias + x;
+            .for_each(|(pair, (out, tape))| {
+                self.scan_pair(kernels, pair / heads, pair % heads, out, tape);
+            });
+    }
+
+    /// Scans one (batch row, head) pair; `out` is its `[S + 4, DH]` block, `tape` its
+    /// `[S, TAPE_VALUES, DH]` block when gradients are tracked.
+    fn scan_pair(
+        &self,
+        kernels: Kernels,
+        b: usize,
+        head: usize,
+        out: &mut [f32],
+        mut tape: Option<&mut [f32]>,
+    ) {
+        let ScanDims {
+            seq_len,
+            head_dim: dh,
+            ..
+        } = self.dims;
+        let hidden = self.dims.hidden();
+        let gates_width = NUM_GATES * dh;
+        let [mut h, mut c, mut n, mut m] = self.initial_state(b, head).map(<[f32]>::to_vec);
+        let (recurrent_rows, bias_row) = self.r_head(head).split_at(dh * gates_width);
+        let mut pre = vec![0f32; gates_width];
+        let (h_rows, state_rows) = out.split_at_mut(seq_len * dh);
+
+        for (t, h_out) in h_rows.chunks_exact_mut(dh).enumerate() {
+            let x_t = &self.x[(b * seq_len + t) * NUM_GATES * hidden..];
+            for (g, (pre_gate, bias_gate)) in pre
+                .chunks_exact_mut(dh)
+                .zip(bias_row.chunks_exact(dh))
+                .enumerate()
+            {
+                let x_gate = &x_t[g * hidden + head * dh..g * hidden + (head + 1) * dh];
+                for ((p, bias), x) in pre_gate.iter_mut().zip(bias_gate).zip(x_gate) {
+                    *p = bias + x;
+                }
+            }
+            kernels.accumulate_rows(&mut pre, &h, recurrent_rows);
+            let tape_t = tape
+                .as_deref_mut()
+                .map(|tape| &mut tape[t * TAPE_VALUES * dh..(t + 1) * TAPE_VALUES * dh]);
+            let mut state = UnitState {
+                h: &mut h,
+                c: &mut c,
+                n: &mut n,
+                m: &mut m,
+            };
+            kernels.forward_step(&pre, &mut state, h_out, tape_t);
+        }
+        for (row, state) in state_rows.chunks_exact_mut(dh).zip([&h, &c, &n, &m]) {
+            row.copy_from_slice(state);
+        }
+    }
+
+    /// Pair (b, head)'s initial h, c, n, m.
+    fn initial_state(&self, b: usize, head: usize) -> [&[f32]; 4] {
+        let ScanDims {
+            batch, head_dim, ..
+        } = self.dims;
+        let hidden = self.dims.hidden();
+        std::array::from_fn(|row| {
+            let start = (row * batch + b) * hidden + head * head_dim;
+            &self.init[start..start + head_dim]
+        })
+    }
+
+    /// As [`ForwardInputs::scan_pairs`], a task per head and group of up to 64 / DH batch rows.
+    #[cfg(target_arch = "x86_64")]
+    fn scan_row_groups(&self, out_blocks: Vec<&mut [f32]>, tape_blocks: Vec<Option<&mut [f32]>>) {
+        use rows_avx512::{RowScan, scan_rows};
+        let ScanDims {
+            batch,
+            seq_len,
+            heads,
+            head_dim,
+        } = self.dims;
+        let step_width = NUM_GATES * self.dims.hidden();
+        let mut scans: Vec<Option<RowScan>> = out_blocks
+            .into_iter()
+            .zip(tape_blocks)
+            .enumerate()
+            .map(|(pair, (out, tape))| {
+                let (b, head) = (pair / heads, pair % heads);
+                Some(RowScan {
+                    x: &self.x[b * seq_len * step_width..(b + 1) * seq_len * step_width],
+                    initial: self.initial_state(b, head),
+                    out,
+                    tape,
+                })
+            })
+            .collect();
+        let vectors = head_dim / 16;
+        let rows_per_task = 4 / vectors;
+        let mut tasks = Vec::new();
+        for head in 0..heads {
+            for first in (0..batch).step_by(rows_per_task) {
+                let group: Vec<RowScan> = (first..(first + rows_per_task).min(batch))
+                    .filter_map(|b| scans[b * heads + head].take())
+                    .collect();
+                tasks.push((head, group));
             }
         }
-        kernels.accumulate_rows(&mut pre, &h, recurrent_rows);
-        let tape_t = tape
-            .as_deref_mut()
-            .map(|tape| &mut tape[t * TAPE_VALUES * dh..(t + 1) * TAPE_VALUES * dh]);
-        let mut state = UnitState {
-            h: &mut h,
-            c: &mut c,
-            n: &mut n,
-            m: &mut m,
-        };
-        kernels.forward_step(&pre, &mut state, h_out, tape_t);
-    }
-    for (row, state) in state_rows.chunks_exact_mut(dh).zip([&h, &c, &n, &m]) {
-        row.copy_from_slice(state);
+        let hidden = self.dims.hidden();
+        tasks.into_par_iter().for_each(|(head, mut group)| {
+            let r_head = self.r_head(head);
+            let offset = head * head_dim;
+            // SAFETY: `ForwardPath::detect` chose this path after detecting AVX-512F for a DH
+            // of 16·V; every slice was cut to the lengths `scan_rows` states.
+            unsafe {
+                match (vectors, group.as_mut_slice()) {
+                    (1, [a, b, c, d]) => {
+                        scan_rows::<4, 1>([a, b, c, d], r_head, seq_len, hidden, offset)
+                    }
+                    (1, [a, b, c]) => {
+                        scan_rows::<2, 1>([a, b], r_head, seq_len, hidden, offset);
+                        scan_rows::<1, 1>([c], r_head, seq_len, hidden, offset);
+                    }
+                    (1, [a, b]) => scan_rows::<2, 1>([a, b], r_head, seq_len, hidden, offset),
+                    (1, [a]) => scan_rows::<1, 1>([a], r_head, seq_len, hidden, offset),
+                    (2, [a, b]) => scan_rows::<2, 2>([a, b], r_head, seq_len, hidden, offset),
+                    (2, [a]) => scan_rows::<1, 2>([a], r_head, seq_len, hidden, offset),
+                    (4, [a]) => scan_rows::<1, 4>([a], r_head, seq_len, hidden, offset),
+                    (vectors, group) => unreachable!(
+                        "row group of {} rows with {vectors} vectors per gate",
+                        group.len()
+                    ),
+                }
+            }
+        });
     }
 }
 
@@ -426,5 +544,97 @@ fn backward_pair(
     }
     for (row, grad) in [&dh_next, &dc, &dn, &dm0].into_iter().enumerate() {
         dinit[row * hidden + head * dh..row * hidden + (head + 1) * dh].copy_from_slice(grad);
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    //! The AVX-512 row groups against the pair-at-a-time AVX2 scan: the same operations in the
+    //! same order, so the same bits.
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-scale, scale] (xorshift).
+    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                scale * ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn row_groups_give_the_bits_of_the_pair_scan() {
+        if !rows_avx512::available() || Kernels::detect() != Kernels::Avx2Fma {
+            eprintln!("skipped: this CPU lacks AVX-512F or AVX2+FMA");
+            return;
+        }
+        // Batch sizes that leave groups of 3, 2 and 1 rows; DH of one, two and four vectors;
+        // pre-activations up to ±60; an initial state with some empty (n = 0) units.
+        for (seed, (batch, seq_len, heads, head_dim, scale)) in [
+            (7, 13, 2, 16, 3.0),
+            (6, 5, 3, 16, 60.0),
+            (3, 9, 2, 32, 3.0),
+            (2, 4, 1, 64, 60.0),
+            (1, 1, 1, 16, 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = seed as u64 * 100;
+            let dims = ScanDims {
+                batch,
+                seq_len,
+                heads,
+                head_dim,
+            };
+            let hidden = dims.hidden();
+            let x = values(seed + 1, batch * seq_len * NUM_GATES * hidden, scale);
+            let r_aug = values(seed + 2, heads * (head_dim + 1) * NUM_GATES * head_dim, 0.5);
+            let mut init = values(seed + 3, 4 * batch * hidden, 2.0);
+            for (unit, n) in init[2 * batch * hidden..3 * batch * hidden]
+                .iter_mut()
+                .enumerate()
+            {
+                *n = if unit % 5 == 0 { 0.0 } else { n.abs() * 3.0 };
+            }
+            let inputs = ForwardInputs {
+                dims,
+                x: &x,
+                r_aug: &r_aug,
+                init: &init,
+            };
+            let out_block = (seq_len + STATE_ROWS) * head_dim;
+            let tape_block = seq_len * TAPE_VALUES * head_dim;
+            let run = |row_groups: bool, with_tape: bool| {
+                let mut out = vec![f32::NAN; batch * heads * out_block];
+                let mut tape = vec![f32::NAN; batch * heads * tape_block];
+                let tape_blocks = tape
+                    .chunks_mut(tape_block)
+                    .map(|block| with_tape.then_some(block))
+                    .collect();
+                let out_blocks = out.chunks_mut(out_block).collect();
+                if row_groups {
+                    inputs.scan_row_groups(out_blocks, tape_blocks);
+                } else {
+                    inputs.scan_pairs(Kernels::Avx2Fma, out_blocks, tape_blocks);
+                }
+                (out, tape)
+            };
+            for with_tape in [false, true] {
+                let (pairs_out, pairs_tape) = run(false, with_tape);
+                let (rows_out, rows_tape) = run(true, with_tape);
+                assert!(
+                    pairs_out.iter().all(|v| v.is_finite()),
+                    "case {seed}: pair scan"
+                );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&rows_out), bits(&pairs_out), "case {seed}: outputs");
+                assert_eq!(bits(&rows_tape), bits(&pairs_tape), "case {seed}: tapes");
+            }
+        }
     }
 }
