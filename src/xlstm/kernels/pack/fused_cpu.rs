@@ -96,7 +96,7 @@ fn unpack_side_by_side(sizes: Sizes, packed: &[f32], rows: &mut [f32]) {
 /// A batch element's `[S, 3·D]` rows of parts side by side as the three parts, each starting
 /// at its first value (tokens every 3·D values).
 fn side_by_side_parts(rows: &[f32], width: usize) -> [&[f32]; 3] {
-    [&rows[..], &rows[width..], &rows[2 * width..]]
+    [rows, &rows[width..], &rows[2 * width..]]
 }
 
 impl CustomOp3 for PackHeadsOp {

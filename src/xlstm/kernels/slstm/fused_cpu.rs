@@ -211,7 +211,7 @@ enum ForwardPath {
 impl ForwardPath {
     fn detect(head_dim: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if head_dim % 16 == 0 && head_dim <= 64 && rows_avx512::available() {
+        if head_dim.is_multiple_of(16) && head_dim <= 64 && rows_avx512::available() {
             return ForwardPath::RowGroupsAvx512;
         }
         let _ = head_dim;
