@@ -551,20 +551,8 @@ fn backward_pair(
 mod tests {
     //! The AVX-512 row groups against the pair-at-a-time AVX2 scan: the same operations in the
     //! same order, so the same bits.
+    use super::super::simd::tests::values;
     use super::*;
-
-    /// Deterministic pseudo-random values in [-scale, scale] (xorshift).
-    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                scale * ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-            })
-            .collect()
-    }
 
     #[test]
     fn row_groups_give_the_bits_of_the_pair_scan() {

@@ -746,14 +746,14 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     //! The vector kernels against the portable ones on the same inputs (on CPUs without AVX2
     //! and FMA only the portable kernels exist and there is nothing to compare).
     use super::super::fused_cpu::TAPE_VALUES;
     use super::*;
 
     /// Deterministic pseudo-random values in [-scale, scale] (xorshift).
-    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+    pub(in super::super) fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..len)
             .map(|_| {
