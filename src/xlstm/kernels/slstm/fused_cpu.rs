@@ -15,8 +15,7 @@
 //! Gradients reaching the final m are ignored; the final h, c, n pass theirs on.
 
 use super::super::cpu_data::output_buffer;
-#[cfg(target_arch = "x86_64")]
-use super::rows_avx512;
+use super::rows::{HeadScan, RowGroups, RowScan};
 use super::simd::{BackwardStep, Kernels, UnitState};
 use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 use candle_core::backend::BackendStorage;
@@ -156,10 +155,9 @@ impl CustomOp3 for ScanForward {
             r_aug,
             init,
         };
-        match ForwardPath::detect(head_dim) {
-            ForwardPath::Pairs(kernels) => inputs.scan_pairs(kernels, out_blocks, tape_blocks),
-            #[cfg(target_arch = "x86_64")]
-            ForwardPath::RowGroupsAvx512 => inputs.scan_row_groups(out_blocks, tape_blocks),
+        match RowGroups::detect(head_dim) {
+            Some(groups) => inputs.scan_row_groups(groups, out_blocks, tape_blocks),
+            None => inputs.scan_pairs(Kernels::detect(), out_blocks, tape_blocks),
         }
         if let Some(slot) = &self.tape {
             slot.set(tape).map_err(|_| {
@@ -195,27 +193,6 @@ impl CustomOp3 for ScanForward {
         )?;
         let (dx, dr, dinit) = self.dims.unpack_grads(&grads, x, r_aug, 1)?;
         Ok((Some(dx), Some(dr), Some(dinit)))
-    }
-}
-
-/// How the forward scan walks the (batch row, head) pairs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ForwardPath {
-    /// One pair at a time.
-    Pairs(Kernels),
-    /// Up to 64 / DH rows of one head at a time (`rows_avx512`); DH a multiple of 16, at most 64.
-    #[cfg(target_arch = "x86_64")]
-    RowGroupsAvx512,
-}
-
-impl ForwardPath {
-    fn detect(head_dim: usize) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if head_dim.is_multiple_of(16) && head_dim <= 64 && rows_avx512::available() {
-            return ForwardPath::RowGroupsAvx512;
-        }
-        let _ = head_dim;
-        ForwardPath::Pairs(Kernels::detect())
     }
 }
 
@@ -315,16 +292,24 @@ impl ForwardInputs<'_> {
         })
     }
 
-    /// As [`ForwardInputs::scan_pairs`], a task per head and group of up to 64 / DH batch rows.
-    #[cfg(target_arch = "x86_64")]
-    fn scan_row_groups(&self, out_blocks: Vec<&mut [f32]>, tape_blocks: Vec<Option<&mut [f32]>>) {
-        use rows_avx512::{RowScan, scan_rows};
+    /// As [`ForwardInputs::scan_pairs`], a task per head and group of batch rows
+    /// (`groups` must fit DH on this CPU: [`RowGroups::detect`]).
+    fn scan_row_groups(
+        &self,
+        groups: RowGroups,
+        out_blocks: Vec<&mut [f32]>,
+        tape_blocks: Vec<Option<&mut [f32]>>,
+    ) {
         let ScanDims {
             batch,
             seq_len,
             heads,
             head_dim,
         } = self.dims;
+        assert!(
+            groups.fits(head_dim),
+            "{groups:?} row groups do not fit heads of {head_dim} units"
+        );
         let step_width = NUM_GATES * self.dims.hidden();
         let mut scans: Vec<Option<RowScan>> = out_blocks
             .into_iter()
@@ -340,8 +325,7 @@ impl ForwardInputs<'_> {
                 })
             })
             .collect();
-        let vectors = head_dim / 16;
-        let rows_per_task = 4 / vectors;
+        let rows_per_task = groups.rows_per_task(head_dim);
         let mut tasks = Vec::new();
         for head in 0..heads {
             for first in (0..batch).step_by(rows_per_task) {
@@ -351,32 +335,17 @@ impl ForwardInputs<'_> {
                 tasks.push((head, group));
             }
         }
-        let hidden = self.dims.hidden();
         tasks.into_par_iter().for_each(|(head, mut group)| {
-            let r_head = self.r_head(head);
-            let offset = head * head_dim;
-            // SAFETY: `ForwardPath::detect` chose this path after detecting AVX-512F for a DH
-            // of 16·V; every slice was cut to the lengths `scan_rows` states.
-            unsafe {
-                match (vectors, group.as_mut_slice()) {
-                    (1, [a, b, c, d]) => {
-                        scan_rows::<4, 1>([a, b, c, d], r_head, seq_len, hidden, offset)
-                    }
-                    (1, [a, b, c]) => {
-                        scan_rows::<2, 1>([a, b], r_head, seq_len, hidden, offset);
-                        scan_rows::<1, 1>([c], r_head, seq_len, hidden, offset);
-                    }
-                    (1, [a, b]) => scan_rows::<2, 1>([a, b], r_head, seq_len, hidden, offset),
-                    (1, [a]) => scan_rows::<1, 1>([a], r_head, seq_len, hidden, offset),
-                    (2, [a, b]) => scan_rows::<2, 2>([a, b], r_head, seq_len, hidden, offset),
-                    (2, [a]) => scan_rows::<1, 2>([a], r_head, seq_len, hidden, offset),
-                    (4, [a]) => scan_rows::<1, 4>([a], r_head, seq_len, hidden, offset),
-                    (vectors, group) => unreachable!(
-                        "row group of {} rows with {vectors} vectors per gate",
-                        group.len()
-                    ),
-                }
-            }
+            let head = HeadScan {
+                r_head: self.r_head(head),
+                head_dim,
+                head_offset: head * head_dim,
+                seq_len,
+                hidden: self.dims.hidden(),
+            };
+            // SAFETY: `groups` fits DH (asserted above) and was found on this CPU; every slice
+            // was cut to the lengths `RowGroups::scan` states.
+            unsafe { groups.scan(&mut group, head) };
         });
     }
 }
@@ -505,10 +474,14 @@ fn backward_pair(
     let mut dm0 = vec![0f32; dh];
     let mut dp = vec![0f32; gates_width];
     let mut h_prev = vec![0f32; dh];
-    let (dr_recurrent, dr_bias) = dr.split_at_mut(dh * gates_width);
+    // dR = Σ_t h_{t−1} ⊗ dp_t is off the recurrence's critical path: the scan keeps every
+    // step's h_{t−1} (unit-major, `[DH, S]`) and dp_t (`[S, 4·DH]`), in the order it visits
+    // the steps, and the sums follow the scan in register-blocked passes.
+    let mut h_prev_by_unit = vec![0f32; dh * seq_len];
+    let mut dp_by_step = vec![0f32; seq_len * gates_width];
     let recurrent_rows = &r_head[..dh * gates_width];
 
-    for t in (0..seq_len).rev() {
+    for (visit, t) in (0..seq_len).rev().enumerate() {
         let (c_prev, n_prev): (&[f32], &[f32]) = if t > 0 {
             let prev = &tape_block[(t - 1) * tape_step..t * tape_step];
             for (j, h) in h_prev.iter_mut().enumerate() {
@@ -538,10 +511,21 @@ fn backward_pair(
         for (g, dp_gate) in dp.chunks_exact(dh).enumerate() {
             dx_t[g * hidden + head * dh..g * hidden + (head + 1) * dh].copy_from_slice(dp_gate);
         }
-        kernels.accumulate_rows(dr_bias, &[1.0], &dp);
-        kernels.rows_backward(dr_recurrent, recurrent_rows, &h_prev, &dp, &mut dh_prev);
+        kernels.row_dots(recurrent_rows, &dp, &mut dh_prev);
         std::mem::swap(&mut dh_next, &mut dh_prev);
+        for (j, &h) in h_prev.iter().enumerate() {
+            h_prev_by_unit[j * seq_len + visit] = h;
+        }
+        dp_by_step[visit * gates_width..(visit + 1) * gates_width].copy_from_slice(&dp);
     }
+    let (dr_recurrent, dr_bias) = dr.split_at_mut(dh * gates_width);
+    for (dr_row, h_unit) in dr_recurrent
+        .chunks_exact_mut(gates_width)
+        .zip(h_prev_by_unit.chunks_exact(seq_len))
+    {
+        kernels.accumulate_rows(dr_row, h_unit, &dp_by_step);
+    }
+    kernels.accumulate_rows(dr_bias, &vec![1.0; seq_len], &dp_by_step);
     for (row, grad) in [&dh_next, &dc, &dn, &dm0].into_iter().enumerate() {
         dinit[row * hidden + head * dh..row * hidden + (head + 1) * dh].copy_from_slice(grad);
     }
@@ -549,18 +533,23 @@ fn backward_pair(
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    //! The AVX-512 row groups against the pair-at-a-time AVX2 scan: the same operations in the
-    //! same order, so the same bits.
+    //! The row groups against the pair-at-a-time AVX2 scan: the same operations in the same
+    //! order, so the same bits.
     use super::super::simd::tests::values;
     use super::*;
 
     #[test]
     fn row_groups_give_the_bits_of_the_pair_scan() {
-        if !rows_avx512::available() || Kernels::detect() != Kernels::Avx2Fma {
-            eprintln!("skipped: this CPU lacks AVX-512F or AVX2+FMA");
+        if Kernels::detect() != Kernels::Avx2Fma {
+            eprintln!("skipped: this CPU lacks AVX2+FMA");
             return;
         }
-        // Batch sizes that leave groups of 3, 2 and 1 rows; DH of one, two and four vectors;
+        let all_groups = RowGroups::available();
+        assert!(
+            !all_groups.is_empty(),
+            "AVX2 row groups exist on an AVX2 CPU"
+        );
+        // Batch sizes that leave groups of 3, 2 and 1 rows; DH of one to eight vectors;
         // pre-activations up to ±60; an initial state with some empty (n = 0) units.
         for (seed, (batch, seq_len, heads, head_dim, scale)) in [
             (7, 13, 2, 16, 3.0),
@@ -568,6 +557,7 @@ mod tests {
             (3, 9, 2, 32, 3.0),
             (2, 4, 1, 64, 60.0),
             (1, 1, 1, 16, 1.0),
+            (5, 7, 2, 8, 3.0),
         ]
         .into_iter()
         .enumerate()
@@ -597,7 +587,7 @@ mod tests {
             };
             let out_block = (seq_len + STATE_ROWS) * head_dim;
             let tape_block = seq_len * TAPE_VALUES * head_dim;
-            let run = |row_groups: bool, with_tape: bool| {
+            let run = |row_groups: Option<RowGroups>, with_tape: bool| {
                 let mut out = vec![f32::NAN; batch * heads * out_block];
                 let mut tape = vec![f32::NAN; batch * heads * tape_block];
                 let tape_blocks = tape
@@ -605,23 +595,25 @@ mod tests {
                     .map(|block| with_tape.then_some(block))
                     .collect();
                 let out_blocks = out.chunks_mut(out_block).collect();
-                if row_groups {
-                    inputs.scan_row_groups(out_blocks, tape_blocks);
-                } else {
-                    inputs.scan_pairs(Kernels::Avx2Fma, out_blocks, tape_blocks);
+                match row_groups {
+                    Some(groups) => inputs.scan_row_groups(groups, out_blocks, tape_blocks),
+                    None => inputs.scan_pairs(Kernels::Avx2Fma, out_blocks, tape_blocks),
                 }
                 (out, tape)
             };
             for with_tape in [false, true] {
-                let (pairs_out, pairs_tape) = run(false, with_tape);
-                let (rows_out, rows_tape) = run(true, with_tape);
+                let (pairs_out, pairs_tape) = run(None, with_tape);
                 assert!(
                     pairs_out.iter().all(|v| v.is_finite()),
                     "case {seed}: pair scan"
                 );
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&rows_out), bits(&pairs_out), "case {seed}: outputs");
-                assert_eq!(bits(&rows_tape), bits(&pairs_tape), "case {seed}: tapes");
+                for &groups in all_groups.iter().filter(|g| g.fits(head_dim)) {
+                    let (rows_out, rows_tape) = run(Some(groups), with_tape);
+                    let case = format!("case {seed}, {groups:?}");
+                    assert_eq!(bits(&rows_out), bits(&pairs_out), "{case}: outputs");
+                    assert_eq!(bits(&rows_tape), bits(&pairs_tape), "{case}: tapes");
+                }
             }
         }
     }

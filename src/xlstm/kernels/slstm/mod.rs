@@ -23,8 +23,7 @@ mod fused_cpu;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
 pub mod reference;
-#[cfg(target_arch = "x86_64")]
-mod rows_avx512;
+mod rows;
 mod simd;
 
 use candle_core::{DType, Device, Error, Result, Tensor};

@@ -66,32 +66,15 @@ impl Kernels {
         }
     }
 
-    /// For every row k: `grad_rows[k] += inputs[k] · upstream` and
-    /// `grad_inputs[k] = rows[k] · upstream` (the two halves of a matrix-vector backward pass).
-    pub fn rows_backward(
-        self,
-        grad_rows: &mut [f32],
-        rows: &[f32],
-        inputs: &[f32],
-        upstream: &[f32],
-        grad_inputs: &mut [f32],
-    ) {
-        let width = upstream.len();
-        assert!(
-            grad_rows.len() == inputs.len() * width
-                && rows.len() == inputs.len() * width
-                && grad_inputs.len() == inputs.len(),
-            "rows_backward sizes"
-        );
+    /// `dots[k] = rows[k] · vector` for every row k of `vector.len()` values: the gradient
+    /// reaching a matrix-vector product's input.
+    pub fn row_dots(self, rows: &[f32], vector: &[f32], dots: &mut [f32]) {
+        assert_eq!(rows.len(), dots.len() * vector.len(), "row_dots sizes");
         match self {
-            Kernels::Portable => {
-                portable::rows_backward(grad_rows, rows, inputs, upstream, grad_inputs)
-            }
+            Kernels::Portable => portable::row_dots(rows, vector, dots),
             // SAFETY: this variant is only constructed after detecting AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx2Fma => unsafe {
-                avx2::rows_backward(grad_rows, rows, inputs, upstream, grad_inputs)
-            },
+            Kernels::Avx2Fma => unsafe { avx2::row_dots(rows, vector, dots) },
         }
     }
 
@@ -166,23 +149,9 @@ mod portable {
         }
     }
 
-    pub fn rows_backward(
-        grad_rows: &mut [f32],
-        rows: &[f32],
-        inputs: &[f32],
-        upstream: &[f32],
-        grad_inputs: &mut [f32],
-    ) {
-        let width = upstream.len();
-        for (k, (grad_row, row)) in grad_rows
-            .chunks_exact_mut(width)
-            .zip(rows.chunks_exact(width))
-            .enumerate()
-        {
-            for (g, &u) in grad_row.iter_mut().zip(upstream) {
-                *g += inputs[k] * u;
-            }
-            grad_inputs[k] = row.iter().zip(upstream).map(|(&r, &u)| r * u).sum();
+    pub fn row_dots(rows: &[f32], vector: &[f32], dots: &mut [f32]) {
+        for (dot, row) in dots.iter_mut().zip(rows.chunks_exact(vector.len())) {
+            *dot = row.iter().zip(vector).map(|(&r, &v)| r * v).sum();
         }
     }
 
@@ -310,7 +279,7 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     //! Written with raw pointers and plain locals (no iterator adaptors, no arrays of vectors)
     //! so that opt-level 1 keeps the accumulators in registers. Every function here relies on
     //! the length checks of its caller in `Kernels`.
@@ -523,71 +492,150 @@ mod avx2 {
     }
 
     /// # Safety
-    /// `grad_rows.len() == rows.len() == inputs.len() * upstream.len()` and
-    /// `grad_inputs.len() == inputs.len()`.
+    /// `rows.len() == dots.len() * vector.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_backward(
-        grad_rows: &mut [f32],
-        rows: &[f32],
-        inputs: &[f32],
-        upstream: &[f32],
-        grad_inputs: &mut [f32],
-    ) {
-        let width = upstream.len();
-        let grad_ptr = grad_rows.as_mut_ptr();
+    pub unsafe fn row_dots(rows: &[f32], vector: &[f32], dots: &mut [f32]) {
+        let width = vector.len();
         let rows_ptr = rows.as_ptr();
-        let up = upstream.as_ptr();
-        let mut k = 0;
+        let v = vector.as_ptr();
         // SAFETY: offsets stay within row k (`k * width + col < (k + 1) * width`).
         unsafe {
-            while k < inputs.len() {
-                let scale = _mm256_set1_ps(*inputs.get_unchecked(k));
-                let grad_row = grad_ptr.add(k * width);
+            for (k, dot) in dots.iter_mut().enumerate() {
                 let row = rows_ptr.add(k * width);
-                // Four independent dot-product chains hide the FMA latency.
+                // Four independent chains hide the FMA latency.
                 let mut d0 = _mm256_setzero_ps();
                 let mut d1 = _mm256_setzero_ps();
                 let mut d2 = _mm256_setzero_ps();
                 let mut d3 = _mm256_setzero_ps();
                 let mut col = 0;
                 while col + 4 * LANES <= width {
-                    let u0 = load_ptr(up.add(col));
-                    let u1 = load_ptr(up.add(col + LANES));
-                    let u2 = load_ptr(up.add(col + 2 * LANES));
-                    let u3 = load_ptr(up.add(col + 3 * LANES));
-                    let g = grad_row.add(col);
-                    store_ptr(g, _mm256_fmadd_ps(scale, u0, load_ptr(g)));
-                    let g = g.add(LANES);
-                    store_ptr(g, _mm256_fmadd_ps(scale, u1, load_ptr(g)));
-                    let g = g.add(LANES);
-                    store_ptr(g, _mm256_fmadd_ps(scale, u2, load_ptr(g)));
-                    let g = g.add(LANES);
-                    store_ptr(g, _mm256_fmadd_ps(scale, u3, load_ptr(g)));
                     let r = row.add(col);
-                    d0 = _mm256_fmadd_ps(load_ptr(r), u0, d0);
-                    d1 = _mm256_fmadd_ps(load_ptr(r.add(LANES)), u1, d1);
-                    d2 = _mm256_fmadd_ps(load_ptr(r.add(2 * LANES)), u2, d2);
-                    d3 = _mm256_fmadd_ps(load_ptr(r.add(3 * LANES)), u3, d3);
+                    let u = v.add(col);
+                    d0 = _mm256_fmadd_ps(load_ptr(r), load_ptr(u), d0);
+                    d1 = _mm256_fmadd_ps(load_ptr(r.add(LANES)), load_ptr(u.add(LANES)), d1);
+                    d2 =
+                        _mm256_fmadd_ps(load_ptr(r.add(2 * LANES)), load_ptr(u.add(2 * LANES)), d2);
+                    d3 =
+                        _mm256_fmadd_ps(load_ptr(r.add(3 * LANES)), load_ptr(u.add(3 * LANES)), d3);
                     col += 4 * LANES;
                 }
                 while col + LANES <= width {
-                    let u = load_ptr(up.add(col));
-                    let g = grad_row.add(col);
-                    store_ptr(g, _mm256_fmadd_ps(scale, u, load_ptr(g)));
-                    d0 = _mm256_fmadd_ps(load_ptr(row.add(col)), u, d0);
+                    d0 = _mm256_fmadd_ps(load_ptr(row.add(col)), load_ptr(v.add(col)), d0);
                     col += LANES;
                 }
                 let mut total =
                     horizontal_sum(_mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)));
-                let input = *inputs.get_unchecked(k);
                 while col < width {
-                    *grad_row.add(col) += input * *up.add(col);
-                    total += *row.add(col) * *up.add(col);
+                    total += *row.add(col) * *v.add(col);
                     col += 1;
                 }
-                *grad_inputs.get_unchecked_mut(k) = total;
-                k += 1;
+                *dot = total;
             }
+        }
+    }
+
+    /// Pre-activations of 8 units' four gates.
+    #[derive(Clone, Copy)]
+    pub(in super::super) struct Gates {
+        pub i_pre: __m256,
+        pub f_pre: __m256,
+        pub z_pre: __m256,
+        pub o_pre: __m256,
+    }
+
+    /// One step of 8 units: the new state and what the tape records.
+    pub(in super::super) struct Step {
+        pub h: __m256,
+        pub c: __m256,
+        pub n: __m256,
+        pub m: __m256,
+        pub i: __m256,
+        pub f: __m256,
+        pub z: __m256,
+        pub o: __m256,
+        f_pre: __m256,
+        /// e^{−|f̃|}, from which the tape's σ(−f̃) is computed.
+        e_f: __m256,
+    }
+
+    impl Step {
+        /// σ(−f̃) for the tape, from the step's e^{−|f̃|}; only training needs it.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) fn sig_neg_f(&self) -> __m256 {
+            let one = _mm256_set1_ps(1.0);
+            let f_non_negative = _mm256_cmp_ps(self.f_pre, _mm256_setzero_ps(), _CMP_GE_OQ);
+            _mm256_div_ps(
+                _mm256_blendv_ps(one, self.e_f, f_non_negative),
+                _mm256_add_ps(one, self.e_f),
+            )
+        }
+    }
+
+    /// The forward step of 8 units from their gate pre-activations and c, n, m. Both the
+    /// pair-at-a-time scan and the AVX2 row groups (`rows::avx2`) call this one function, so
+    /// the two give the same bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) fn step(g: Gates, c: __m256, n: __m256, m: __m256) -> Step {
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) (for the tape) from the same
+        // e^{−|f̃|}. NaN as the second operand of minps passes through.
+        let e_f = exp(_mm256_sub_ps(zero, abs(g.f_pre)));
+        let log_f = _mm256_sub_ps(
+            _mm256_min_ps(zero, g.f_pre),
+            ln_at_least_one(_mm256_add_ps(one, e_f)),
+        );
+
+        let log_f_plus_m = _mm256_add_ps(m, log_f);
+        // Per-element empty-state rule (see the module docs of `slstm`).
+        let empty = _mm256_cmp_ps(n, zero, _CMP_EQ_OQ);
+        // maxps/minps return their second operand when either is NaN; keep NaNs from both
+        // sides so that a diverged input shows in the output (as with torch).
+        let max = _mm256_max_ps(log_f_plus_m, g.i_pre);
+        let max = _mm256_blendv_ps(
+            max,
+            log_f_plus_m,
+            _mm256_cmp_ps(log_f_plus_m, log_f_plus_m, _CMP_UNORD_Q),
+        );
+        let m_new = _mm256_blendv_ps(max, g.i_pre, empty);
+        // One exponential for both gates, as `portable::stabilised_input_and_forget`.
+        let d = _mm256_sub_ps(g.i_pre, log_f_plus_m);
+        let e = _mm256_min_ps(one, exp(_mm256_sub_ps(zero, abs(d))));
+        let i = _mm256_blendv_ps(
+            e,
+            one,
+            _mm256_or_ps(_mm256_cmp_ps(d, zero, _CMP_GE_OQ), empty),
+        );
+        let f = _mm256_blendv_ps(e, one, _mm256_cmp_ps(d, zero, _CMP_LT_OQ));
+
+        // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
+        let e_z = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), abs(g.z_pre)));
+        let tanh_abs = _mm256_div_ps(_mm256_sub_ps(one, e_z), _mm256_add_ps(one, e_z));
+        let z = _mm256_or_ps(tanh_abs, _mm256_and_ps(g.z_pre, _mm256_set1_ps(-0.0)));
+
+        let e_o = exp(_mm256_sub_ps(zero, abs(g.o_pre)));
+        let o_non_negative = _mm256_cmp_ps(g.o_pre, zero, _CMP_GE_OQ);
+        let o = _mm256_div_ps(
+            _mm256_blendv_ps(e_o, one, o_non_negative),
+            _mm256_add_ps(one, e_o),
+        );
+
+        let c_new = _mm256_fmadd_ps(f, c, _mm256_mul_ps(i, z));
+        let n_new = _mm256_fmadd_ps(f, n, i);
+        let h_new = _mm256_div_ps(_mm256_mul_ps(o, c_new), n_new);
+        Step {
+            h: h_new,
+            c: c_new,
+            n: n_new,
+            m: m_new,
+            i,
+            f,
+            z,
+            o,
+            f_pre: g.f_pre,
+            e_f,
         }
     }
 
@@ -603,83 +651,35 @@ mod avx2 {
         mut tape: Option<&mut [f32]>,
     ) -> usize {
         let dh = h_out.len();
-        let one = _mm256_set1_ps(1.0);
-        let zero = _mm256_setzero_ps();
         let mut j = 0;
         // SAFETY: j + 8 <= dh and every slice holds whole [.., DH] blocks (caller's checks).
         unsafe {
             while j + LANES <= dh {
-                let i_pre = load(pre, j);
-                let f_pre = load(pre, dh + j);
-                let z_pre = load(pre, 2 * dh + j);
-                let o_pre = load(pre, 3 * dh + j);
-                let c = load(state.c, j);
-                let n = load(state.n, j);
-                let m = load(state.m, j);
-
-                // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) (for the tape) from the same
-                // e^{−|f̃|}.
-                let e_f = exp(_mm256_sub_ps(zero, abs(f_pre)));
-                let one_plus_e_f = _mm256_add_ps(one, e_f);
-                // NaN as the second operand of minps passes through.
-                let log_f =
-                    _mm256_sub_ps(_mm256_min_ps(zero, f_pre), ln_at_least_one(one_plus_e_f));
-
-                let log_f_plus_m = _mm256_add_ps(m, log_f);
-                // Per-element empty-state rule (see the module docs of `slstm`).
-                let empty = _mm256_cmp_ps(n, zero, _CMP_EQ_OQ);
-                // maxps/minps return their second operand when either is NaN; keep NaNs from
-                // both sides so that a diverged input shows in the output (as with torch).
-                let max = _mm256_max_ps(log_f_plus_m, i_pre);
-                let max = _mm256_blendv_ps(
-                    max,
-                    log_f_plus_m,
-                    _mm256_cmp_ps(log_f_plus_m, log_f_plus_m, _CMP_UNORD_Q),
+                let step = step(
+                    Gates {
+                        i_pre: load(pre, j),
+                        f_pre: load(pre, dh + j),
+                        z_pre: load(pre, 2 * dh + j),
+                        o_pre: load(pre, 3 * dh + j),
+                    },
+                    load(state.c, j),
+                    load(state.n, j),
+                    load(state.m, j),
                 );
-                let m_new = _mm256_blendv_ps(max, i_pre, empty);
-                // One exponential for both gates, as `portable::stabilised_input_and_forget`.
-                let d = _mm256_sub_ps(i_pre, log_f_plus_m);
-                let e = _mm256_min_ps(one, exp(_mm256_sub_ps(zero, abs(d))));
-                let i = _mm256_blendv_ps(
-                    e,
-                    one,
-                    _mm256_or_ps(_mm256_cmp_ps(d, zero, _CMP_GE_OQ), empty),
-                );
-                let f = _mm256_blendv_ps(e, one, _mm256_cmp_ps(d, zero, _CMP_LT_OQ));
-
-                // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
-                let e_z = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), abs(z_pre)));
-                let tanh_abs = _mm256_div_ps(_mm256_sub_ps(one, e_z), _mm256_add_ps(one, e_z));
-                let z = _mm256_or_ps(tanh_abs, _mm256_and_ps(z_pre, _mm256_set1_ps(-0.0)));
-
-                let e_o = exp(_mm256_sub_ps(zero, abs(o_pre)));
-                let o_non_negative = _mm256_cmp_ps(o_pre, zero, _CMP_GE_OQ);
-                let o = _mm256_div_ps(
-                    _mm256_blendv_ps(e_o, one, o_non_negative),
-                    _mm256_add_ps(one, e_o),
-                );
-
-                let c_new = _mm256_fmadd_ps(f, c, _mm256_mul_ps(i, z));
-                let n_new = _mm256_fmadd_ps(f, n, i);
-                let h_new = _mm256_div_ps(_mm256_mul_ps(o, c_new), n_new);
-
-                store(h_out, j, h_new);
+                store(h_out, j, step.h);
                 if let Some(tape) = tape.as_deref_mut() {
-                    let f_non_negative = _mm256_cmp_ps(f_pre, zero, _CMP_GE_OQ);
-                    let sig_neg_f =
-                        _mm256_div_ps(_mm256_blendv_ps(one, e_f, f_non_negative), one_plus_e_f);
-                    store(tape, TAPE_C * dh + j, c_new);
-                    store(tape, TAPE_N * dh + j, n_new);
-                    store(tape, TAPE_I * dh + j, i);
-                    store(tape, TAPE_F * dh + j, f);
-                    store(tape, TAPE_Z * dh + j, z);
-                    store(tape, TAPE_O * dh + j, o);
-                    store(tape, TAPE_SIG_NEG_F * dh + j, sig_neg_f);
+                    store(tape, TAPE_C * dh + j, step.c);
+                    store(tape, TAPE_N * dh + j, step.n);
+                    store(tape, TAPE_I * dh + j, step.i);
+                    store(tape, TAPE_F * dh + j, step.f);
+                    store(tape, TAPE_Z * dh + j, step.z);
+                    store(tape, TAPE_O * dh + j, step.o);
+                    store(tape, TAPE_SIG_NEG_F * dh + j, step.sig_neg_f());
                 }
-                store(state.h, j, h_new);
-                store(state.c, j, c_new);
-                store(state.n, j, n_new);
-                store(state.m, j, m_new);
+                store(state.h, j, step.h);
+                store(state.c, j, step.c);
+                store(state.n, j, step.n);
+                store(state.m, j, step.m);
                 j += LANES;
             }
         }
@@ -878,20 +878,11 @@ pub(super) mod tests {
             Kernels::Portable.accumulate_rows(&mut portable, &weights, &rows);
             assert_close("accumulate_rows", &fast, &portable, 1e-5);
 
-            let upstream = values(14, width, 1.0);
-            let grad_start = values(15, count * width, 1.0);
-            let (mut grad_fast, mut grad_portable) = (grad_start.clone(), grad_start);
-            let (mut inputs_fast, mut inputs_portable) = (vec![0f32; count], vec![0f32; count]);
-            vector.rows_backward(&mut grad_fast, &rows, &weights, &upstream, &mut inputs_fast);
-            Kernels::Portable.rows_backward(
-                &mut grad_portable,
-                &rows,
-                &weights,
-                &upstream,
-                &mut inputs_portable,
-            );
-            assert_close("rows_backward rows", &grad_fast, &grad_portable, 1e-5);
-            assert_close("rows_backward inputs", &inputs_fast, &inputs_portable, 1e-5);
+            let vector_in = values(14, width, 1.0);
+            let (mut dots_fast, mut dots_portable) = (vec![0f32; count], vec![0f32; count]);
+            vector.row_dots(&rows, &vector_in, &mut dots_fast);
+            Kernels::Portable.row_dots(&rows, &vector_in, &mut dots_portable);
+            assert_close("row_dots", &dots_fast, &dots_portable, 1e-5);
         }
     }
 

@@ -1,73 +1,63 @@
-//! The forward scan of several batch rows of one head at once, in AVX-512.
-//!
-//! One pair's scan is a chain of dependent steps: the recurrent product needs the last h, the
-//! gates need the product, and an exponential, a logarithm and a second exponential lie on the
-//! way to the next h. Scanning one pair at a time leaves the core waiting on that chain's
-//! latency. Here K rows of one head advance together: their chains are independent, so the
-//! instructions of one row fill the other rows' waits, and each load of a recurrent weight
-//! serves K rows. With 16 lanes a head of DH = 16·V units is V vectors per gate, and the
-//! recurrent product's 4·V·K accumulators (16 for the K·V = 4 used here) stay in registers.
+//! Row groups in AVX-512F: 16 lanes, so a head of DH = 16·V units is V vectors per gate, and
+//! the recurrent product's 4·V·K accumulators (16 for the K·V = 4 used here) stay in
+//! registers.
 //!
 //! Every value is computed by the same operations in the same order as `simd`'s AVX2 step
 //! (the same Cephes polynomials, the same NaN rules), so the two paths give the same bits.
 
-use super::NUM_GATES;
-use super::fused_cpu::{
+use super::super::NUM_GATES;
+use super::super::fused_cpu::{
     TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_VALUES, TAPE_Z,
 };
+use super::{HeadScan, RowScan, ScanRows, prefetch_ahead};
 use std::arch::x86_64::*;
 
 const LANES: usize = 16;
 
-/// Whether this CPU runs [`scan_rows`].
+/// The row-group scan in AVX-512F.
+pub(super) struct Avx512;
+
+impl ScanRows for Avx512 {
+    const LANES: usize = LANES;
+    const ROW_VECTORS: usize = 4;
+
+    unsafe fn scan_rows<const K: usize, const V: usize>(
+        rows: [&mut RowScan<'_>; K],
+        head: HeadScan<'_>,
+    ) {
+        // SAFETY: passed on from the caller.
+        unsafe { scan_rows::<K, V>(rows, head) }
+    }
+}
+
+/// Whether this CPU runs these row groups.
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
 }
 
-/// One batch row of a head's scan.
-pub(super) struct RowScan<'a> {
-    /// The row's gate pre-activations `[S, 4H]` (all heads; this head's slots are read).
-    pub x: &'a [f32],
-    /// The row's initial h, c, n, m for this head, each `DH` long.
-    pub initial: [&'a [f32]; 4],
-    /// This pair's output block `[S + 4, DH]`: h for every step, then the final h, c, n, m.
-    pub out: &'a mut [f32],
-    /// This pair's tape block `[S, TAPE_VALUES, DH]`, when gradients are tracked.
-    pub tape: Option<&'a mut [f32]>,
-}
-
 /// Scans K rows of one head with V·16 units per head.
 ///
-/// `r_head` is the head's `[DH + 1, 4, DH]` block (recurrent rows, then the bias row);
-/// `head_offset` is `head · DH`, `hidden` is H.
-///
 /// # Safety
-/// AVX-512F must be available ([`available`]); DH = 16·V; every row's slices hold
-/// `seq_len · 4H`, `DH` (each initial row), `(S + 4) · DH` and `S · TAPE_VALUES · DH` values.
+/// AVX-512F must be available ([`available`]); the rows and head as [`ScanRows::scan_rows`]
+/// states, with DH = 16·V.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn scan_rows<const K: usize, const V: usize>(
+unsafe fn scan_rows<const K: usize, const V: usize>(
     mut rows: [&mut RowScan<'_>; K],
-    r_head: &[f32],
-    seq_len: usize,
-    hidden: usize,
-    head_offset: usize,
+    head: HeadScan<'_>,
 ) {
+    let HeadScan {
+        r_head,
+        head_offset,
+        seq_len,
+        hidden,
+        ..
+    } = head;
     let dh = V * LANES;
+    debug_assert_eq!(head.head_dim, dh);
     let gates_width = NUM_GATES * dh;
     let step_width = NUM_GATES * hidden;
-    debug_assert_eq!(r_head.len(), (dh + 1) * gates_width);
-    for row in rows.iter() {
-        debug_assert!(row.x.len() == seq_len * step_width);
-        debug_assert!(row.out.len() == (seq_len + 4) * dh);
-        debug_assert!(row.initial.iter().all(|s| s.len() == dh));
-        debug_assert!(
-            row.tape
-                .as_ref()
-                .is_none_or(|t| t.len() == seq_len * TAPE_VALUES * dh)
-        );
-    }
     let zero = _mm512_setzero_ps();
-    // SAFETY: every offset below stays inside the slices whose lengths are stated above.
+    // SAFETY: every offset below stays inside the slices, whose lengths the caller guarantees.
     unsafe {
         let mut c = [[zero; V]; K];
         let mut n = [[zero; V]; K];
@@ -90,6 +80,9 @@ pub(super) unsafe fn scan_rows<const K: usize, const V: usize>(
         let bias = weights.add(dh * gates_width);
 
         for t in 0..seq_len {
+            for row in rows.iter() {
+                prefetch_ahead(row.x, t, &head);
+            }
             // Pre-activations: bias + input, then the recurrent product in k order.
             let mut pre = [[zero; 16]; K];
             for r in 0..K {

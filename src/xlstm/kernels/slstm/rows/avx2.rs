@@ -1,0 +1,164 @@
+//! Row groups in AVX2 + FMA: 8 lanes, so a head of DH = 8·V units is V vectors per gate. A
+//! row's recurrent product has 4·V accumulators, more than 16 registers hold for several rows,
+//! so the product runs in chunks of a few accumulator vectors per row, each chunk reading the
+//! rows' h once per k. The gates go through `simd`'s AVX2 step itself.
+
+use super::super::NUM_GATES;
+use super::super::fused_cpu::{
+    TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_VALUES, TAPE_Z,
+};
+use super::super::simd::avx2::{Gates, step};
+use super::{HeadScan, RowScan, ScanRows, prefetch_ahead};
+use std::arch::x86_64::*;
+
+const LANES: usize = 8;
+
+/// Accumulator vectors per row of the largest head (DH = 64).
+const MAX_GATE_VECTORS: usize = NUM_GATES * 8;
+
+/// The row-group scan in AVX2 + FMA.
+pub(super) struct Avx2;
+
+impl ScanRows for Avx2 {
+    const LANES: usize = LANES;
+    const ROW_VECTORS: usize = 8;
+
+    unsafe fn scan_rows<const K: usize, const V: usize>(
+        rows: [&mut RowScan<'_>; K],
+        head: HeadScan<'_>,
+    ) {
+        // SAFETY: passed on from the caller.
+        unsafe { scan_rows::<K, V>(rows, head) }
+    }
+}
+
+/// Whether this CPU runs these row groups.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Scans K rows of one head with V·8 units per head.
+///
+/// # Safety
+/// AVX2 and FMA must be available ([`available`]); the rows and head as
+/// [`ScanRows::scan_rows`] states, with DH = 8·V.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scan_rows<const K: usize, const V: usize>(
+    mut rows: [&mut RowScan<'_>; K],
+    head: HeadScan<'_>,
+) {
+    let HeadScan {
+        r_head,
+        head_offset,
+        seq_len,
+        hidden,
+        ..
+    } = head;
+    let dh = V * LANES;
+    debug_assert_eq!(head.head_dim, dh);
+    let gates_width = NUM_GATES * dh;
+    let step_width = NUM_GATES * hidden;
+    // Accumulators per row in one chunk of the recurrent product: K·chunk accumulators plus K
+    // broadcast h values stay within the 16 vector registers.
+    let chunk = if K >= 3 { 2 } else { 4 };
+    let zero = _mm256_setzero_ps();
+    // SAFETY: every offset below stays inside the slices, whose lengths the caller guarantees.
+    unsafe {
+        let mut c = [[zero; V]; K];
+        let mut n = [[zero; V]; K];
+        let mut m = [[zero; V]; K];
+        let mut h_prev = [std::ptr::null::<f32>(); K];
+        for (r, row) in rows.iter().enumerate() {
+            for v in 0..V {
+                c[r][v] = _mm256_loadu_ps(row.initial[1].as_ptr().add(v * LANES));
+                n[r][v] = _mm256_loadu_ps(row.initial[2].as_ptr().add(v * LANES));
+                m[r][v] = _mm256_loadu_ps(row.initial[3].as_ptr().add(v * LANES));
+            }
+            h_prev[r] = row.initial[0].as_ptr();
+        }
+        let out = rows.each_mut().map(|row| row.out.as_mut_ptr());
+        let tape = rows
+            .each_mut()
+            .map(|row| row.tape.as_deref_mut().map(<[f32]>::as_mut_ptr));
+        let x = rows.each_ref().map(|row| row.x.as_ptr());
+        let weights = r_head.as_ptr();
+        let bias = weights.add(dh * gates_width);
+
+        for t in 0..seq_len {
+            for row in rows.iter() {
+                prefetch_ahead(row.x, t, &head);
+            }
+            // Pre-activations, vector q = g·V + v: bias + input, then the recurrent product in
+            // k order (the order of the pair scan's `accumulate_rows`).
+            let mut pre = [[zero; MAX_GATE_VECTORS]; K];
+            for first in (0..NUM_GATES * V).step_by(chunk) {
+                let mut acc = [[zero; 4]; K];
+                for r in 0..K {
+                    let x_t = x[r].add(t * step_width + head_offset);
+                    for (j, acc) in acc[r].iter_mut().enumerate().take(chunk) {
+                        let q = first + j;
+                        *acc = _mm256_add_ps(
+                            _mm256_loadu_ps(bias.add(q * LANES)),
+                            _mm256_loadu_ps(x_t.add(q / V * hidden + q % V * LANES)),
+                        );
+                    }
+                }
+                for k in 0..dh {
+                    let row_k = weights.add(k * gates_width + first * LANES);
+                    for r in 0..K {
+                        let h_k = _mm256_set1_ps(*h_prev[r].add(k));
+                        for (j, acc) in acc[r].iter_mut().enumerate().take(chunk) {
+                            *acc =
+                                _mm256_fmadd_ps(h_k, _mm256_loadu_ps(row_k.add(j * LANES)), *acc);
+                        }
+                    }
+                }
+                for r in 0..K {
+                    pre[r][first..first + chunk].copy_from_slice(&acc[r][..chunk]);
+                }
+            }
+            for r in 0..K {
+                let h_out = out[r].add(t * dh);
+                let tape_t = tape[r].map(|p| p.add(t * TAPE_VALUES * dh));
+                for v in 0..V {
+                    let step = step(
+                        Gates {
+                            i_pre: pre[r][v],
+                            f_pre: pre[r][V + v],
+                            z_pre: pre[r][2 * V + v],
+                            o_pre: pre[r][3 * V + v],
+                        },
+                        c[r][v],
+                        n[r][v],
+                        m[r][v],
+                    );
+                    _mm256_storeu_ps(h_out.add(v * LANES), step.h);
+                    if let Some(tape_t) = tape_t {
+                        let at = |slot: usize| tape_t.add(slot * dh + v * LANES);
+                        _mm256_storeu_ps(at(TAPE_C), step.c);
+                        _mm256_storeu_ps(at(TAPE_N), step.n);
+                        _mm256_storeu_ps(at(TAPE_I), step.i);
+                        _mm256_storeu_ps(at(TAPE_F), step.f);
+                        _mm256_storeu_ps(at(TAPE_Z), step.z);
+                        _mm256_storeu_ps(at(TAPE_O), step.o);
+                        _mm256_storeu_ps(at(TAPE_SIG_NEG_F), step.sig_neg_f());
+                    }
+                    c[r][v] = step.c;
+                    n[r][v] = step.n;
+                    m[r][v] = step.m;
+                }
+                h_prev[r] = h_out;
+            }
+        }
+        for r in 0..K {
+            let final_rows = out[r].add(seq_len * dh);
+            for v in 0..V {
+                let at = |row: usize| final_rows.add(row * dh + v * LANES);
+                _mm256_storeu_ps(at(0), _mm256_loadu_ps(h_prev[r].add(v * LANES)));
+                _mm256_storeu_ps(at(1), c[r][v]);
+                _mm256_storeu_ps(at(2), n[r][v]);
+                _mm256_storeu_ps(at(3), m[r][v]);
+            }
+        }
+    }
+}
