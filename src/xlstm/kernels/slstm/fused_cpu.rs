@@ -608,7 +608,16 @@ mod tests {
                     "case {seed}: pair scan"
                 );
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                for &groups in all_groups.iter().filter(|g| g.fits(head_dim)) {
+                let fitting: Vec<RowGroups> = all_groups
+                    .iter()
+                    .copied()
+                    .filter(|g| g.fits(head_dim))
+                    .collect();
+                assert!(
+                    !fitting.is_empty(),
+                    "case {seed}: no row groups fit DH {head_dim}"
+                );
+                for groups in fitting {
                     let (rows_out, rows_tape) = run(Some(groups), with_tape);
                     let case = format!("case {seed}, {groups:?}");
                     assert_eq!(bits(&rows_out), bits(&pairs_out), "{case}: outputs");
