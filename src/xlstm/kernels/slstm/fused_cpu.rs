@@ -16,7 +16,7 @@
 
 use super::super::cpu_data::output_buffer;
 use super::rows::{HeadScan, RowGroups, RowScan};
-use super::simd::{BackwardStep, Kernels, UnitState};
+use super::simd::{BackwardStep, Kernels, UnitState, prefetch_gate_slots};
 use super::{NUM_GATES, STATE_ROWS, ScanDims, ScanInputs, SlstmState};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
@@ -431,6 +431,9 @@ impl CustomOp3 for ScanBackward<'_> {
     }
 }
 
+/// Steps ahead (backwards in time) whose gradient slots the backward scan asks the cache for.
+const BACKWARD_PREFETCH_STEPS: usize = 8;
+
 /// Reverse-time scan of one (batch row, head) pair. Writes this head's slots of `dx` (the
 /// `[S, 4H]` slice of row b) and `dinit` (`[4, H]` of row b), accumulates into `dr` (the head's
 /// `[DH + 1, 4, DH]` block for row b).
@@ -482,6 +485,10 @@ fn backward_pair(
     let recurrent_rows = &r_head[..dh * gates_width];
 
     for (visit, t) in (0..seq_len).rev().enumerate() {
+        // dx's slots of a step lie as strided as x's (see `rows::prefetch_ahead`).
+        if t >= BACKWARD_PREFETCH_STEPS {
+            prefetch_gate_slots(dx, t - BACKWARD_PREFETCH_STEPS, hidden, head * dh, dh);
+        }
         let (c_prev, n_prev): (&[f32], &[f32]) = if t > 0 {
             let prev = &tape_block[(t - 1) * tape_step..t * tape_step];
             for (j, h) in h_prev.iter_mut().enumerate() {

@@ -135,6 +135,35 @@ impl Kernels {
     }
 }
 
+/// Asks the cache for one head's four gate slots at step `t` of a row's `[S, 4H]` gate
+/// values: gate g's DH units start at `g·H + head_offset`. Only a hint: no effect on values,
+/// and none at all off x86-64.
+#[inline(always)]
+pub fn prefetch_gate_slots(
+    steps: &[f32],
+    t: usize,
+    hidden: usize,
+    head_offset: usize,
+    head_dim: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::NUM_GATES;
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        const LINE_FLOATS: usize = 16;
+        let step = &steps[t * NUM_GATES * hidden..(t + 1) * NUM_GATES * hidden];
+        for gate in 0..NUM_GATES {
+            let first = gate * hidden + head_offset;
+            for unit in (first..first + head_dim).step_by(LINE_FLOATS) {
+                // SAFETY: a prefetch only hints the cache; the address lies inside `steps`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(step[unit..].as_ptr().cast()) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (steps, t, hidden, head_offset, head_dim);
+}
+
 mod portable {
     use super::super::fused_cpu::{
         TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_VALUES, TAPE_Z,

@@ -10,6 +10,8 @@
 //! Each vector implementation does the operations of `simd`'s AVX2 pair step in the same order,
 //! so every path gives the same bits (tested in `fused_cpu`).
 
+use super::simd::prefetch_gate_slots;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -61,28 +63,17 @@ impl HeadScan<'_> {
 /// Steps ahead whose pre-activations a row-group scan asks the cache for.
 const PREFETCH_STEPS: usize = 8;
 
-/// Asks for the cache lines of this head's pre-activations at step `t + PREFETCH_STEPS` of
-/// one row, if the sequence has that step.
+/// Asks for this head's pre-activations at step `t + PREFETCH_STEPS` of one row, if the
+/// sequence has that step.
 ///
 /// A row's steps lie `4H` floats apart and each holds this head's four gates in four separate
 /// places, so one row group reads 4·K short strided streams, more than the hardware
 /// prefetchers follow across page boundaries: without this, the scan waits on those loads.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_ahead(x: &[f32], t: usize, head: &HeadScan<'_>) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    const LINE_FLOATS: usize = 16;
     let ahead = t + PREFETCH_STEPS;
-    if ahead >= head.seq_len {
-        return;
-    }
-    let step = &x[ahead * super::NUM_GATES * head.hidden..];
-    for gate in 0..super::NUM_GATES {
-        let first = gate * head.hidden + head.head_offset;
-        for unit in (first..first + head.head_dim).step_by(LINE_FLOATS) {
-            // SAFETY: a prefetch only hints the cache; the address lies inside `x`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(step[unit..].as_ptr().cast()) };
-        }
+    if ahead < head.seq_len {
+        prefetch_gate_slots(x, ahead, head.hidden, head.head_offset, head.head_dim);
     }
 }
 
