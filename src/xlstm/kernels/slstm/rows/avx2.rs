@@ -80,13 +80,13 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
         let tape = rows
             .each_mut()
             .map(|row| row.tape.as_deref_mut().map(<[f32]>::as_mut_ptr));
-        let x = rows.each_ref().map(|row| row.x.as_ptr());
+        let x = rows.each_ref().map(|row| row.x);
         let weights = r_head.as_ptr();
         let bias = weights.add(dh * gates_width);
 
         for t in 0..seq_len {
-            for row in rows.iter() {
-                prefetch_ahead(row.x, t, &head);
+            for x in x {
+                prefetch_ahead(x, t, &head);
             }
             // Pre-activations, vector q = g·V + v: bias + input, then the recurrent product in
             // k order (the order of the pair scan's `accumulate_rows`).
@@ -94,7 +94,7 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
             for first in (0..NUM_GATES * V).step_by(chunk) {
                 let mut acc = [[zero; 4]; K];
                 for r in 0..K {
-                    let x_t = x[r].add(t * step_width + head_offset);
+                    let x_t = x[r].as_ptr().add(t * step_width + head_offset);
                     for (j, acc) in acc[r].iter_mut().enumerate().take(chunk) {
                         let q = first + j;
                         *acc = _mm256_add_ps(

@@ -75,18 +75,18 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
         let tape = rows
             .each_mut()
             .map(|row| row.tape.as_deref_mut().map(<[f32]>::as_mut_ptr));
-        let x = rows.each_ref().map(|row| row.x.as_ptr());
+        let x = rows.each_ref().map(|row| row.x);
         let weights = r_head.as_ptr();
         let bias = weights.add(dh * gates_width);
 
         for t in 0..seq_len {
-            for row in rows.iter() {
-                prefetch_ahead(row.x, t, &head);
+            for x in x {
+                prefetch_ahead(x, t, &head);
             }
             // Pre-activations: bias + input, then the recurrent product in k order.
             let mut pre = [[zero; 16]; K];
             for r in 0..K {
-                let x_t = x[r].add(t * step_width + head_offset);
+                let x_t = x[r].as_ptr().add(t * step_width + head_offset);
                 for g in 0..NUM_GATES {
                     for v in 0..V {
                         let q = g * V + v;
