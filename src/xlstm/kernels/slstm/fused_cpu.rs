@@ -523,6 +523,8 @@ fn backward_pair(
         for (j, &h) in h_prev.iter().enumerate() {
             h_prev_by_unit[j * seq_len + visit] = h;
         }
+        // Kept apart from the scan's own small buffers: writing dp and h_{t−1} straight into
+        // these large ones, or gathering h_{t−1} in a pass after the scan, measured slower.
         dp_by_step[visit * gates_width..(visit + 1) * gates_width].copy_from_slice(&dp);
     }
     let (dr_recurrent, dr_bias) = dr.split_at_mut(dh * gates_width);
