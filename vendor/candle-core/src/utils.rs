@@ -379,7 +379,14 @@ pub fn init_global_threadpool() {
         .build_global();
 }
 
+// Cached (patched, PATCHED.md): the count comes from /proc/cpuinfo on Linux, and every CPU
+// matmul asks for it.
 fn default_num_threads() -> usize {
+    static DEFAULT_NUM_THREADS: OnceLock<usize> = OnceLock::new();
+    *DEFAULT_NUM_THREADS.get_or_init(count_default_threads)
+}
+
+fn count_default_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
