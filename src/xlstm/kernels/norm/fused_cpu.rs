@@ -28,27 +28,45 @@ fn rows_per_task(row_len: usize) -> usize {
 #[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let inv_len = 1.0 / x.len() as f32;
-    let mean = lane_sum(x.len(), |j| x[j]) * inv_len;
-    let var = lane_sum(x.len(), |j| (x[j] - mean) * (x[j] - mean)) * inv_len;
+    let mean = lane_sum([x], |[v]| v) * inv_len;
+    let var = lane_sum([x], |[v]| (v - mean) * (v - mean)) * inv_len;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// Partial sums kept per lane of [`LANES`] consecutive terms.
-const LANES: usize = 8;
+/// Partial sums kept per lane of [`LANES`] consecutive terms: one AVX-512 vector, two AVX2
+/// ones. The lanes are the same whatever the CPU, so every copy of a loop sums in one order.
+const LANES: usize = 16;
 
-/// `Σ_j term(j)` for `j < len`, in [`LANES`] interleaved partial sums. One running sum is a
-/// chain of dependent additions that the compiler may not reorder (strict floating point): at
-/// 64 values a row it was most of a normalisation's time. Independent lanes vectorise.
+/// `Σ_j term(a[j], b[j], ..)` over inputs of one length, in [`LANES`] interleaved partial sums
+/// added pairwise at the end. One running sum is a chain of dependent additions that the
+/// compiler may not reorder (strict floating point): at 64 values a row it was most of a
+/// normalisation's time. The terms are taken a whole chunk of lanes at a time from arrays, so
+/// that no index needs a bounds check: with one per term (an index into each input) the
+/// compiler kept the loop scalar.
 #[inline(always)]
-fn lane_sum(len: usize, term: impl Fn(usize) -> f32) -> f32 {
-    let mut lanes = [0f32; LANES];
+fn lane_sum<const N: usize>(inputs: [&[f32]; N], term: impl Fn([f32; N]) -> f32) -> f32 {
+    let len = inputs.first().map_or(0, |x| x.len());
     let whole = len - len % LANES;
+    let mut lanes = [0f32; LANES];
     for base in (0..whole).step_by(LANES) {
+        let chunks: [&[f32; LANES]; N] = inputs.map(|x| {
+            x[base..base + LANES]
+                .try_into()
+                .expect("chunk of LANES values")
+        });
         for (lane, partial) in lanes.iter_mut().enumerate() {
-            *partial += term(base + lane);
+            *partial += term(chunks.map(|chunk| chunk[lane]));
         }
     }
-    (whole..len).fold(lanes.iter().sum::<f32>(), |sum, j| sum + term(j))
+    let mut width = LANES / 2;
+    while width > 0 {
+        let (low, high) = lanes.split_at_mut(width);
+        for (l, h) in low.iter_mut().zip(&high[..width]) {
+            *l += h;
+        }
+        width /= 2;
+    }
+    (whole..len).fold(lanes[0], |sum, j| sum + term(inputs.map(|x| x[j])))
 }
 
 #[inline(always)]
@@ -82,9 +100,10 @@ fn normalise_row_backward(
     for ((v, dy), ds) in x.iter().zip(grad_y).zip(grad_scale.iter_mut()) {
         *ds += dy * ((v - mean) * rstd);
     }
-    let g = |j: usize| grad_y[j] * scale[j];
-    let sum_g = lane_sum(len, g);
-    let sum_g_xhat = lane_sum(len, |j| g(j) * ((x[j] - mean) * rstd));
+    let sum_g = lane_sum([grad_y, scale], |[dy, g]| dy * g);
+    let sum_g_xhat = lane_sum([grad_y, scale, x], |[dy, g, v]| {
+        dy * g * ((v - mean) * rstd)
+    });
     if let Some(grad_bias) = grad_bias {
         for (db, dy) in grad_bias.iter_mut().zip(grad_y) {
             *db += dy;
