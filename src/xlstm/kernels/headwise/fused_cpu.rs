@@ -41,43 +41,91 @@ impl Blocks {
     }
 }
 
+/// Rows the forward pass multiplies together. One row at a time, every multiply-add loaded a
+/// column of the block as well as broadcasting an input, and the loads bounded the op; a
+/// column loaded once serves all the rows of a group.
+const ROW_GROUP: usize = 4;
+
 /// `y_blk = Σ_i x_blk[i] · columns[i]` over the blocks of one row, added to what `y` holds when
 /// `ACCUMULATE` (else `y` is only written), where `columns` holds, per block, `d_in` rows of
 /// `d_out` values (the block's weight transposed).
 #[inline(always)]
 fn multiply_row<const ACCUMULATE: bool>(b: Blocks, columns: &[f32], x: &[f32], y: &mut [f32]) {
+    multiply_rows::<1, ACCUMULATE>(b, columns, (x, 0), (y, 0));
+}
+
+/// [`multiply_row`] for `R` rows, row `r` of x starting at `r · x_stride` and of y at
+/// `r · y_stride` (`(slice, stride)` pairs). Each row's sums are added in the same order as
+/// one row alone.
+#[inline(always)]
+fn multiply_rows<const R: usize, const ACCUMULATE: bool>(
+    b: Blocks,
+    columns: &[f32],
+    x: (&[f32], usize),
+    y: (&mut [f32], usize),
+) {
     // The blocks of the xLSTM blocks (4×4 in the mLSTM, 16×16 in the sLSTM) get loops of
     // compile-time length, which the compiler unrolls into a few vector multiply-adds.
     match (b.d_out, b.d_in) {
-        (4, 4) => multiply_row_fixed::<4, 4, ACCUMULATE>(columns, x, y),
-        (8, 8) => multiply_row_fixed::<8, 8, ACCUMULATE>(columns, x, y),
-        (16, 16) => multiply_row_fixed::<16, 16, ACCUMULATE>(columns, x, y),
-        (32, 32) => multiply_row_fixed::<32, 32, ACCUMULATE>(columns, x, y),
-        _ => multiply_row_any::<ACCUMULATE>(b, columns, x, y),
+        (4, 4) => multiply_rows_fixed::<4, 4, R, ACCUMULATE>(b.count, columns, x, y),
+        (8, 8) => multiply_rows_fixed::<8, 8, R, ACCUMULATE>(b.count, columns, x, y),
+        (16, 16) => multiply_rows_fixed::<16, 16, R, ACCUMULATE>(b.count, columns, x, y),
+        (32, 32) => multiply_rows_fixed::<32, 32, R, ACCUMULATE>(b.count, columns, x, y),
+        _ => {
+            let ((x, x_stride), (y, y_stride)) = (x, y);
+            for r in 0..R {
+                multiply_row_any::<ACCUMULATE>(
+                    b,
+                    columns,
+                    &x[r * x_stride..][..b.width_in()],
+                    &mut y[r * y_stride..][..b.width_out()],
+                );
+            }
+        }
     }
 }
 
 #[inline(always)]
-fn multiply_row_fixed<const D_OUT: usize, const D_IN: usize, const ACCUMULATE: bool>(
+fn multiply_rows_fixed<
+    const D_OUT: usize,
+    const D_IN: usize,
+    const R: usize,
+    const ACCUMULATE: bool,
+>(
+    count: usize,
     columns: &[f32],
-    x: &[f32],
-    y: &mut [f32],
+    (x, x_stride): (&[f32], usize),
+    (y, y_stride): (&mut [f32], usize),
 ) {
-    for ((y_blk, x_blk), cols) in y
-        .chunks_exact_mut(D_OUT)
-        .zip(x.chunks_exact(D_IN))
-        .zip(columns.chunks_exact(D_IN * D_OUT))
-    {
-        let y_blk: &mut [f32; D_OUT] = y_blk.try_into().expect("chunks of D_OUT");
-        let x_blk: &[f32; D_IN] = x_blk.try_into().expect("chunks of D_IN");
-        let mut acc = if ACCUMULATE { *y_blk } else { [0.0; D_OUT] };
-        for (xi, col) in x_blk.iter().zip(cols.chunks_exact(D_OUT)) {
-            let col: &[f32; D_OUT] = col.try_into().expect("chunks of D_OUT");
-            for o in 0..D_OUT {
-                acc[o] += xi * col[o];
+    let (columns, _) = columns.as_chunks::<D_OUT>();
+    for blk in 0..count {
+        let cols: &[[f32; D_OUT]; D_IN] = columns[blk * D_IN..(blk + 1) * D_IN]
+            .try_into()
+            .expect("D_IN columns of D_OUT");
+        let x_blks: [&[f32; D_IN]; R] = std::array::from_fn(|r| {
+            x[r * x_stride + blk * D_IN..][..D_IN]
+                .try_into()
+                .expect("block of D_IN")
+        });
+        let mut acc: [[f32; D_OUT]; R] = std::array::from_fn(|r| {
+            if ACCUMULATE {
+                y[r * y_stride + blk * D_OUT..][..D_OUT]
+                    .try_into()
+                    .expect("block of D_OUT")
+            } else {
+                [0.0; D_OUT]
+            }
+        });
+        for (i, col) in cols.iter().enumerate() {
+            for (acc, x_blk) in acc.iter_mut().zip(&x_blks) {
+                for o in 0..D_OUT {
+                    acc[o] += x_blk[i] * col[o];
+                }
             }
         }
-        *y_blk = acc;
+        for (r, acc) in acc.iter().enumerate() {
+            y[r * y_stride + blk * D_OUT..][..D_OUT].copy_from_slice(acc);
+        }
     }
 }
 
@@ -217,24 +265,38 @@ impl CustomOp3 for HeadwiseOp {
                 vmath::with_wide_vectors(
                     #[inline(always)]
                     || {
-                        for (r, y_row) in y.chunks_exact_mut(width_out).enumerate() {
-                            let span = (task * ROWS_PER_TASK + r) * width_in;
-                            for ((m, y_map), map_columns) in y_row
-                                .chunks_exact_mut(b.width_out())
-                                .enumerate()
-                                .zip(columns.chunks_exact(b.weight_len()))
+                        let task_rows = y.len() / width_out;
+                        let grouped = task_rows - task_rows % ROW_GROUP;
+                        let (y_groups, y_rest) = y.split_at_mut(grouped * width_out);
+                        let groups = y_groups.chunks_exact_mut(ROW_GROUP * width_out);
+                        let rest = y_rest.chunks_exact_mut(width_out);
+                        let first_rows = (0..grouped).step_by(ROW_GROUP).chain(grouped..);
+                        for (first_row, mut y) in
+                            first_rows.zip(groups.map(Ok).chain(rest.map(Err)))
+                        {
+                            let span = (task * ROWS_PER_TASK + first_row) * width_in;
+                            for (m, map_columns) in columns.chunks_exact(b.weight_len()).enumerate()
                             {
                                 let x = if m < self.maps_on_first {
                                     first
                                 } else {
                                     second
                                 };
-                                multiply_row::<false>(
-                                    b,
-                                    map_columns,
-                                    &x[span..span + width_in],
-                                    y_map,
-                                );
+                                let x = (&x[span..], width_in);
+                                match &mut y {
+                                    Ok(group) => multiply_rows::<ROW_GROUP, false>(
+                                        b,
+                                        map_columns,
+                                        x,
+                                        (&mut group[m * b.width_out()..], width_out),
+                                    ),
+                                    Err(row) => multiply_rows::<1, false>(
+                                        b,
+                                        map_columns,
+                                        x,
+                                        (&mut row[m * b.width_out()..], width_out),
+                                    ),
+                                }
                             }
                         }
                     },
@@ -265,8 +327,8 @@ impl CustomOp3 for HeadwiseOp {
             with_contiguous(NAME, "weight", weight, |weight| {
                 with_contiguous(NAME, "output gradient", grad_res, |grad| {
                     let rows = first.len() / width_in;
-                    // Per run of rows: dx = Σ_maps Wᵀ dy row by row (the weight's rows are
-                    // the columns of its transpose) and that run's Σ dy ⊗ x per map.
+                    // Per run of rows: dx = Σ_maps Wᵀ dy, a group of rows at a time (the weight's rows
+                    // are the columns of its transpose), and that run's Σ dy ⊗ x per map.
                     let run = |task: usize,
                                grad_first: &mut [f32],
                                mut grad_second: Option<&mut [f32]>| {
@@ -278,24 +340,31 @@ impl CustomOp3 for HeadwiseOp {
                                 let task_rows = grad_first.len() / width_in;
                                 for group in (0..task_rows).step_by(OUTER_ROWS) {
                                     let group_rows = OUTER_ROWS.min(task_rows - group);
-                                    for r in group..group + group_rows {
-                                        let g_row =
-                                            &grad[(task_start + r) * width_out..][..width_out];
-                                        let local = r * width_in..(r + 1) * width_in;
-                                        for ((m, g_map), map_weight) in g_row
-                                            .chunks_exact(b.width_out())
-                                            .enumerate()
-                                            .zip(weight.chunks_exact(b.weight_len()))
-                                        {
-                                            let gx = match grad_second.as_deref_mut() {
-                                                Some(gx) if m >= self.maps_on_first => gx,
-                                                _ => &mut *grad_first,
-                                            };
+                                    let g_rows = &grad[(task_start + group) * width_out..];
+                                    for (m, map_weight) in
+                                        weight.chunks_exact(b.weight_len()).enumerate()
+                                    {
+                                        let gx = match grad_second.as_deref_mut() {
+                                            Some(gx) if m >= self.maps_on_first => gx,
+                                            _ => &mut *grad_first,
+                                        };
+                                        let g = &g_rows[m * b.width_out()..];
+                                        let gx = &mut gx[group * width_in..];
+                                        if group_rows == OUTER_ROWS {
+                                            multiply_rows::<OUTER_ROWS, true>(
+                                                transposed,
+                                                map_weight,
+                                                (g, width_out),
+                                                (gx, width_in),
+                                            );
+                                            continue;
+                                        }
+                                        for r in 0..group_rows {
                                             multiply_row::<true>(
                                                 transposed,
                                                 map_weight,
-                                                g_map,
-                                                &mut gx[local.clone()],
+                                                &g[r * width_out..][..b.width_out()],
+                                                &mut gx[r * width_in..][..width_in],
                                             );
                                         }
                                     }
