@@ -13,9 +13,6 @@ use std::arch::x86_64::*;
 
 const LANES: usize = 8;
 
-/// Accumulator vectors per row of the largest head (DH = 64).
-const MAX_GATE_VECTORS: usize = NUM_GATES * 8;
-
 /// The row-group scan in AVX2 + FMA.
 pub(super) struct Avx2;
 
@@ -23,12 +20,12 @@ impl ScanRows for Avx2 {
     const LANES: usize = LANES;
     const ROW_VECTORS: usize = 8;
 
-    unsafe fn scan_rows<const K: usize, const V: usize>(
+    unsafe fn scan_rows<const K: usize, const V: usize, const Q: usize>(
         rows: [&mut RowScan<'_>; K],
         head: HeadScan<'_>,
     ) {
         // SAFETY: passed on from the caller.
-        unsafe { scan_rows::<K, V>(rows, head) }
+        unsafe { scan_rows::<K, V, Q>(rows, head) }
     }
 }
 
@@ -43,7 +40,7 @@ pub(super) fn available() -> bool {
 /// AVX2 and FMA must be available ([`available`]); the rows and head as
 /// [`ScanRows::scan_rows`] states, with DH = 8·V.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn scan_rows<const K: usize, const V: usize>(
+unsafe fn scan_rows<const K: usize, const V: usize, const Q: usize>(
     mut rows: [&mut RowScan<'_>; K],
     head: HeadScan<'_>,
 ) {
@@ -56,6 +53,7 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
     } = head;
     let dh = V * LANES;
     debug_assert_eq!(head.head_dim, dh);
+    debug_assert_eq!(Q, NUM_GATES * V);
     let gates_width = NUM_GATES * dh;
     let step_width = NUM_GATES * hidden;
     // Accumulators per row in one chunk of the recurrent product: K·chunk accumulators plus K
@@ -90,7 +88,7 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
             }
             // Pre-activations, vector q = g·V + v: bias + input, then the recurrent product in
             // k order (the order of the pair scan's `accumulate_rows`).
-            let mut pre = [[zero; MAX_GATE_VECTORS]; K];
+            let mut pre = [[zero; Q]; K];
             for first in (0..NUM_GATES * V).step_by(chunk) {
                 let mut acc = [[zero; 4]; K];
                 for r in 0..K {

@@ -21,12 +21,22 @@ impl ScanRows for Avx512 {
     const LANES: usize = LANES;
     const ROW_VECTORS: usize = 4;
 
-    unsafe fn scan_rows<const K: usize, const V: usize>(
+    unsafe fn scan_rows<const K: usize, const V: usize, const Q: usize>(
         rows: [&mut RowScan<'_>; K],
         head: HeadScan<'_>,
     ) {
         // SAFETY: passed on from the caller.
-        unsafe { scan_rows::<K, V>(rows, head) }
+        unsafe {
+            // At V = 2, accumulator arrays of exactly 8 vectors were 25 % slower than arrays of
+            // 16 (BENCHMARKS.md, ninth speed pass): the compiler kept the 8 in registers through
+            // the gate arithmetic and spilled around it, where 16 stay in memory between the
+            // product and the gates.
+            if V == 2 {
+                scan_rows::<K, 2, 16>(rows, head)
+            } else {
+                scan_rows::<K, V, Q>(rows, head)
+            }
+        }
     }
 }
 
@@ -39,9 +49,9 @@ pub(super) fn available() -> bool {
 ///
 /// # Safety
 /// AVX-512F must be available ([`available`]); the rows and head as [`ScanRows::scan_rows`]
-/// states, with DH = 16·V.
+/// states, with DH = 16·V and accumulator arrays of Q ≥ 4·V vectors.
 #[target_feature(enable = "avx512f")]
-unsafe fn scan_rows<const K: usize, const V: usize>(
+unsafe fn scan_rows<const K: usize, const V: usize, const Q: usize>(
     mut rows: [&mut RowScan<'_>; K],
     head: HeadScan<'_>,
 ) {
@@ -54,6 +64,7 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
     } = head;
     let dh = V * LANES;
     debug_assert_eq!(head.head_dim, dh);
+    debug_assert!(Q >= NUM_GATES * V);
     let gates_width = NUM_GATES * dh;
     let step_width = NUM_GATES * hidden;
     let zero = _mm512_setzero_ps();
@@ -84,7 +95,7 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
                 prefetch_ahead(x, t, &head);
             }
             // Pre-activations: bias + input, then the recurrent product in k order.
-            let mut pre = [[zero; 16]; K];
+            let mut pre = [[zero; Q]; K];
             for r in 0..K {
                 let x_t = x[r].as_ptr().add(t * step_width + head_offset);
                 for g in 0..NUM_GATES {
@@ -99,7 +110,7 @@ unsafe fn scan_rows<const K: usize, const V: usize>(
             }
             for k in 0..dh {
                 let row_k = weights.add(k * gates_width);
-                let mut w = [zero; 16];
+                let mut w = [zero; Q];
                 for (q, w) in w.iter_mut().enumerate().take(NUM_GATES * V) {
                     *w = _mm512_loadu_ps(row_k.add(q * LANES));
                 }

@@ -10,6 +10,7 @@
 //! Each vector implementation does the operations of `simd`'s AVX2 pair step in the same order,
 //! so every path gives the same bits (tested in `fused_cpu`).
 
+use super::NUM_GATES;
 use super::simd::prefetch_gate_slots;
 
 #[cfg(target_arch = "x86_64")]
@@ -84,12 +85,15 @@ trait ScanRows {
     /// Rows per task times vectors per gate (K·V): what fits the registers.
     const ROW_VECTORS: usize;
 
-    /// Scans K rows of one head with V vectors per gate.
+    /// Scans K rows of one head with V vectors per gate, Q = 4·V vectors per row and step.
+    /// Q is a parameter of its own because the compiler cannot size an array by 4·V: arrays
+    /// sized for the largest head were zeroed by a call to memset every step (8 % of the scan
+    /// at DH = 16), which also pushed the accumulators out of registers around the call.
     ///
     /// # Safety
-    /// The CPU has the implementation's instructions; DH = V·LANES; the slices have the
-    /// lengths [`HeadScan::debug_check`] states.
-    unsafe fn scan_rows<const K: usize, const V: usize>(
+    /// The CPU has the implementation's instructions; DH = V·LANES and Q = 4·V; the slices have
+    /// the lengths [`HeadScan::debug_check`] states.
+    unsafe fn scan_rows<const K: usize, const V: usize, const Q: usize>(
         rows: [&mut RowScan<'_>; K],
         head: HeadScan<'_>,
     );
@@ -179,10 +183,10 @@ unsafe fn scan_group<S: ScanRows>(group: &mut [RowScan<'_>], head: HeadScan<'_>)
     // SAFETY: passed on from the caller.
     unsafe {
         match head.head_dim / S::LANES {
-            1 => scan_in_parts::<S, 1>(group, head),
-            2 => scan_in_parts::<S, 2>(group, head),
-            4 => scan_in_parts::<S, 4>(group, head),
-            8 if S::ROW_VECTORS >= 8 => scan_in_parts::<S, 8>(group, head),
+            1 => scan_in_parts::<S, 1, { NUM_GATES }>(group, head),
+            2 => scan_in_parts::<S, 2, { 2 * NUM_GATES }>(group, head),
+            4 => scan_in_parts::<S, 4, { 4 * NUM_GATES }>(group, head),
+            8 if S::ROW_VECTORS >= 8 => scan_in_parts::<S, 8, { 8 * NUM_GATES }>(group, head),
             vectors => unreachable!("{vectors} vectors per gate do not fit a row group"),
         }
     }
@@ -193,7 +197,7 @@ unsafe fn scan_group<S: ScanRows>(group: &mut [RowScan<'_>], head: HeadScan<'_>)
 /// # Safety
 /// As [`RowGroups::scan`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn scan_in_parts<S: ScanRows, const V: usize>(
+unsafe fn scan_in_parts<S: ScanRows, const V: usize, const Q: usize>(
     group: &mut [RowScan<'_>],
     head: HeadScan<'_>,
 ) {
@@ -203,15 +207,15 @@ unsafe fn scan_in_parts<S: ScanRows, const V: usize>(
         loop {
             rest = match rest {
                 [a, b, c, d, tail @ ..] => {
-                    S::scan_rows::<4, V>([a, b, c, d], head);
+                    S::scan_rows::<4, V, Q>([a, b, c, d], head);
                     tail
                 }
                 [a, b, tail @ ..] => {
-                    S::scan_rows::<2, V>([a, b], head);
+                    S::scan_rows::<2, V, Q>([a, b], head);
                     tail
                 }
                 [a, tail @ ..] => {
-                    S::scan_rows::<1, V>([a], head);
+                    S::scan_rows::<1, V, Q>([a], head);
                     tail
                 }
                 [] => return,
