@@ -89,14 +89,7 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + vmath::exp(-x))
 }
 
-/// Channels whose taps are summed together in registers: one AVX-512 vector.
-const CHANNEL_CHUNK: usize = 16;
-
 /// Pre-activation of output row t: bias + Σ_s tap_s ⊙ source(t − K + 1 + s).
-///
-/// Whole chunks of channels sum all their taps in a local array before one store: adding each
-/// tap into `out` made every tap wait for the store of the one before (a quarter of the op's
-/// time). The sum is the same, term for term, as in the remainder's loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pre_activation(
@@ -111,38 +104,11 @@ fn pre_activation(
 ) {
     let c = rows.channels;
     let k = params.len() / c - 1;
-    let tap_source = |s: usize| {
-        let j = t as isize + s as isize - (k as isize - 1);
-        source(x, rows, state, zeros, b, j)
-    };
-    let whole = c - c % CHANNEL_CHUNK;
-    for (first, out) in (0..whole)
-        .step_by(CHANNEL_CHUNK)
-        .zip(out.chunks_exact_mut(CHANNEL_CHUNK))
-    {
-        let chunk = |data: &[f32], start: usize| -> [f32; CHANNEL_CHUNK] {
-            data[start..start + CHANNEL_CHUNK]
-                .try_into()
-                .expect("chunk of CHANNEL_CHUNK values")
-        };
-        let mut acc = chunk(params, k * c + first);
-        for s in 0..k {
-            let (w, v) = (chunk(params, s * c + first), chunk(tap_source(s), first));
-            for ((a, w), v) in acc.iter_mut().zip(w).zip(v) {
-                *a += w * v;
-            }
-        }
-        out.copy_from_slice(&acc);
-    }
-    let rest = &mut out[whole..];
-    rest.copy_from_slice(&params[k * c + whole..]);
+    out.copy_from_slice(&params[k * c..]);
     for s in 0..k {
-        let src = &tap_source(s)[whole..];
-        for ((o, w), v) in rest
-            .iter_mut()
-            .zip(&params[s * c + whole..(s + 1) * c])
-            .zip(src)
-        {
+        let j = t as isize + s as isize - (k as isize - 1);
+        let src = source(x, rows, state, zeros, b, j);
+        for ((o, w), v) in out.iter_mut().zip(&params[s * c..(s + 1) * c]).zip(src) {
             *o += w * v;
         }
     }
