@@ -17,7 +17,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde_json::{Value, json};
 
 use crate::device::DeviceChoice;
-use crate::xlstm::kernels::{mlstm, slstm};
+use crate::xlstm::kernels::{conv, gate, headwise, mlstm, norm, slstm};
 use crate::xlstm::shards::{backward_sharded, forward_sharded, shard_count, split_rows};
 use crate::xlstm::{MlstmKernel, StackState, XlstmConfig, XlstmStack};
 
@@ -28,6 +28,10 @@ pub enum CaseGroup {
     Kernels,
     /// Peak memory of the mLSTM kernels' forward+backward against the sequence length.
     Memory,
+    /// Each op of the sLSTM block's inference forward at one batch shard of the stack cases
+    /// (the stack's embedding, heads and contexts): where the sLSTM-only forward spends its
+    /// time. With `RAYON_NUM_THREADS=1`, one core's time, as each shard runs.
+    Layers,
     /// The whole stack: forward, training step, recurrent step.
     Stack,
 }
@@ -247,6 +251,11 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     if wants(CaseGroup::Memory) {
         memory_cases(&sizes, &report)?;
     }
+    if wants(CaseGroup::Layers) {
+        // On a pool thread, as in the stack's shards: an op called from outside the pool
+        // would time handing its tasks over to the pool as well.
+        rayon::join(|| layer_cases(&sizes, iters, &report), || ()).0?;
+    }
     if wants(CaseGroup::Stack) {
         let peer = args.peer.as_ref().map(|python| Peer {
             python,
@@ -321,6 +330,11 @@ fn time_runs(
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+/// For the layer ops, which take tens of microseconds.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// Random inputs of one kernel case.
@@ -695,6 +709,62 @@ fn stack_cases(
                 case["state_bytes_after_steps"] = json!(self::state_bytes(&state));
                 report.emit(&case);
             }
+        }
+    }
+    Ok(())
+}
+
+/// The sLSTM block's ops, forward, on one shard of the stack cases' batch: the rows a core
+/// runs in the stack's inference forward.
+fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let cfg = XlstmConfig::with_ratio(EMBEDDING, 4, 0, 1)?;
+    let (e, ffn) = (EMBEDDING, cfg.ffn_dim());
+    let dh = cfg.slstm_head_dim();
+    let rows = split_rows(sizes.batch, shard_count(&dev, sizes.batch))[0].len();
+    let randn = |shape: &[usize], std: f64| Tensor::randn(0f32, std as f32, shape, &dev);
+    let scale = randn(&[e], 1.0)?;
+    let conv_weight = randn(&[e, 4], 0.5)?;
+    let gate_weight = randn(&[HEADS, dh, dh], (1.0 / dh as f64).sqrt())?;
+    let r = randn(&[HEADS, dh, 4, dh], (1.0 / dh as f64).sqrt())?;
+    let bias = randn(&[HEADS, 4, dh], 1.0)?;
+    let proj_up = randn(&[2 * ffn, e], (1.0 / e as f64).sqrt())?;
+    let proj_down = randn(&[e, ffn], (1.0 / ffn as f64).sqrt())?;
+    for &context in &sizes.contexts {
+        let x = randn(&[rows, context, e], 1.0)?;
+        let gates = randn(&[rows, context, 4 * e], 1.0)?;
+        let h = randn(&[rows, HEADS, context, dh], 1.0)?;
+        let up = randn(&[rows, context, 2 * ffn], 1.0)?;
+        let hidden = randn(&[rows, context, ffn], 1.0)?;
+        let flat = |t: &Tensor| t.reshape(((), t.dim(2)?));
+        let ops: [(&str, Box<dyn Fn() -> candle_core::Result<Tensor>>); 9] = [
+            ("layer_norm", Box::new(|| norm::layer_norm(&x, &scale, None, 1e-5))),
+            ("causal_conv_silu", Box::new(|| conv::causal_conv_silu(&x, &conv_weight, &scale, None))),
+            (
+                "headwise_gates",
+                Box::new(|| {
+                    let w = [&gate_weight; 4];
+                    headwise::headwise_linear_side_by_side([&x, &x], &w, 2)
+                }),
+            ),
+            ("slstm_scan", Box::new(|| Ok(slstm::scan(&gates, &r, &bias, None)?.0))),
+            ("multi_head_layer_norm", Box::new(|| norm::multi_head_layer_norm(&h, &scale, 1e-5))),
+            ("residual_add", Box::new(|| &x + &x)),
+            ("ffn_proj_up", Box::new(|| flat(&x)?.matmul(&proj_up.t()?))),
+            ("gelu_gated", Box::new(|| gate::gelu_gated(&up))),
+            ("ffn_proj_down", Box::new(|| flat(&hidden)?.matmul(&proj_down.t()?))),
+        ];
+        for (op, run) in ops {
+            let (median, min) = time_ms(iters, || {
+                run()?;
+                Ok(())
+            })?;
+            report.emit(&json!({
+                "case": "layer", "op": op, "mode": "forward", "seq_len": context, "batch": rows,
+                "heads": HEADS, "head_dim": dh, "embedding_dim": e, "ffn_dim": ffn,
+                "iters": iters, "threads": rayon::current_num_threads(),
+                "median_ms": round3(median), "min_ms": round3(min),
+            }));
         }
     }
     Ok(())
