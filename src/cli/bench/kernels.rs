@@ -714,6 +714,12 @@ fn stack_cases(
     Ok(())
 }
 
+/// One op of [`layer_cases`]: its name and a run of it.
+type LayerOp<'a> = (
+    &'static str,
+    Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>,
+);
+
 /// The sLSTM block's ops, forward, on one shard of the stack cases' batch: the rows a core
 /// runs in the stack's inference forward.
 fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<()> {
@@ -737,9 +743,15 @@ fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
         let up = randn(&[rows, context, 2 * ffn], 1.0)?;
         let hidden = randn(&[rows, context, ffn], 1.0)?;
         let flat = |t: &Tensor| t.reshape(((), t.dim(2)?));
-        let ops: [(&str, Box<dyn Fn() -> candle_core::Result<Tensor>>); 9] = [
-            ("layer_norm", Box::new(|| norm::layer_norm(&x, &scale, None, 1e-5))),
-            ("causal_conv_silu", Box::new(|| conv::causal_conv_silu(&x, &conv_weight, &scale, None))),
+        let ops: [LayerOp; 9] = [
+            (
+                "layer_norm",
+                Box::new(|| norm::layer_norm(&x, &scale, None, 1e-5)),
+            ),
+            (
+                "causal_conv_silu",
+                Box::new(|| conv::causal_conv_silu(&x, &conv_weight, &scale, None)),
+            ),
             (
                 "headwise_gates",
                 Box::new(|| {
@@ -747,12 +759,21 @@ fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
                     headwise::headwise_linear_side_by_side([&x, &x], &w, 2)
                 }),
             ),
-            ("slstm_scan", Box::new(|| Ok(slstm::scan(&gates, &r, &bias, None)?.0))),
-            ("multi_head_layer_norm", Box::new(|| norm::multi_head_layer_norm(&h, &scale, 1e-5))),
+            (
+                "slstm_scan",
+                Box::new(|| Ok(slstm::scan(&gates, &r, &bias, None)?.0)),
+            ),
+            (
+                "multi_head_layer_norm",
+                Box::new(|| norm::multi_head_layer_norm(&h, &scale, 1e-5)),
+            ),
             ("residual_add", Box::new(|| &x + &x)),
             ("ffn_proj_up", Box::new(|| flat(&x)?.matmul(&proj_up.t()?))),
             ("gelu_gated", Box::new(|| gate::gelu_gated(&up))),
-            ("ffn_proj_down", Box::new(|| flat(&hidden)?.matmul(&proj_down.t()?))),
+            (
+                "ffn_proj_down",
+                Box::new(|| flat(&hidden)?.matmul(&proj_down.t()?)),
+            ),
         ];
         for (op, run) in ops {
             let (median, min) = time_ms(iters, || {
