@@ -63,7 +63,10 @@ where
     let run =
         |i: usize, range: &Range<usize>| with_grad_enabled(record_ops, || f(i, range.clone()));
     if shards.len() == 1 {
-        return Ok(vec![run(0, &shards[0])?]);
+        // On a pool thread all the same: called from outside the pool, each op of the pass
+        // would hand its parallel tasks over to the pool and wait for them (a LayerNorm of
+        // one shard's rows took 65 µs that way, against 45 µs on a pool thread).
+        return Ok(vec![rayon::join(|| run(0, &shards[0]), || ()).0?]);
     }
     shards
         .par_iter()
