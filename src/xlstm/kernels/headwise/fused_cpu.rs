@@ -235,6 +235,33 @@ impl HeadwiseOp {
     fn width_out(&self) -> usize {
         self.maps * self.blocks.width_out()
     }
+
+    /// Every map's outputs for `R` consecutive rows of y (`[R, width_out]`), whose inputs start
+    /// at `span` in `first` and `second`.
+    #[inline(always)]
+    fn multiply_maps<const R: usize>(
+        &self,
+        columns: &[f32],
+        [first, second]: [&[f32]; 2],
+        span: usize,
+        y: &mut [f32],
+    ) {
+        let b = self.blocks;
+        let (width_in, width_out) = (b.width_in(), self.width_out());
+        for (m, map_columns) in columns.chunks_exact(b.weight_len()).enumerate() {
+            let x = if m < self.maps_on_first {
+                first
+            } else {
+                second
+            };
+            multiply_rows::<R, false>(
+                b,
+                map_columns,
+                (&x[span..], width_in),
+                (&mut y[m * b.width_out()..], width_out),
+            );
+        }
+    }
 }
 
 impl CustomOp3 for HeadwiseOp {
@@ -268,36 +295,14 @@ impl CustomOp3 for HeadwiseOp {
                         let task_rows = y.len() / width_out;
                         let grouped = task_rows - task_rows % ROW_GROUP;
                         let (y_groups, y_rest) = y.split_at_mut(grouped * width_out);
-                        let groups = y_groups.chunks_exact_mut(ROW_GROUP * width_out);
-                        let rest = y_rest.chunks_exact_mut(width_out);
-                        let first_rows = (0..grouped).step_by(ROW_GROUP).chain(grouped..);
-                        for (first_row, mut y) in
-                            first_rows.zip(groups.map(Ok).chain(rest.map(Err)))
-                        {
-                            let span = (task * ROWS_PER_TASK + first_row) * width_in;
-                            for (m, map_columns) in columns.chunks_exact(b.weight_len()).enumerate()
-                            {
-                                let x = if m < self.maps_on_first {
-                                    first
-                                } else {
-                                    second
-                                };
-                                let x = (&x[span..], width_in);
-                                match &mut y {
-                                    Ok(group) => multiply_rows::<ROW_GROUP, false>(
-                                        b,
-                                        map_columns,
-                                        x,
-                                        (&mut group[m * b.width_out()..], width_out),
-                                    ),
-                                    Err(row) => multiply_rows::<1, false>(
-                                        b,
-                                        map_columns,
-                                        x,
-                                        (&mut row[m * b.width_out()..], width_out),
-                                    ),
-                                }
-                            }
+                        let span = |row: usize| (task * ROWS_PER_TASK + row) * width_in;
+                        let inputs = [first, second];
+                        for (g, y) in y_groups.chunks_exact_mut(ROW_GROUP * width_out).enumerate() {
+                            let span = span(g * ROW_GROUP);
+                            self.multiply_maps::<ROW_GROUP>(&columns, inputs, span, y);
+                        }
+                        for (r, y) in y_rest.chunks_exact_mut(width_out).enumerate() {
+                            self.multiply_maps::<1>(&columns, inputs, span(grouped + r), y);
                         }
                     },
                 )
@@ -327,8 +332,9 @@ impl CustomOp3 for HeadwiseOp {
             with_contiguous(NAME, "weight", weight, |weight| {
                 with_contiguous(NAME, "output gradient", grad_res, |grad| {
                     let rows = first.len() / width_in;
-                    // Per run of rows: dx = Σ_maps Wᵀ dy, a group of rows at a time (the weight's rows
-                    // are the columns of its transpose), and that run's Σ dy ⊗ x per map.
+                    // Per run of rows: dx = Σ_maps Wᵀ dy, a group of rows at a time (the
+                    // weight's rows are the columns of its transpose), and that run's Σ dy ⊗ x
+                    // per map.
                     let run = |task: usize,
                                grad_first: &mut [f32],
                                mut grad_second: Option<&mut [f32]>| {
