@@ -731,6 +731,7 @@ fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
     let randn = |shape: &[usize], std: f64| Tensor::randn(0f32, std as f32, shape, &dev);
     let scale = randn(&[e], 1.0)?;
     let conv_weight = randn(&[e, 4], 0.5)?;
+    let conv_bias = randn(&[e], 0.1)?;
     let gate_weight = randn(&[HEADS, dh, dh], (1.0 / dh as f64).sqrt())?;
     let r = randn(&[HEADS, dh, 4, dh], (1.0 / dh as f64).sqrt())?;
     let bias = randn(&[HEADS, 4, dh], 1.0)?;
@@ -750,7 +751,7 @@ fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
             ),
             (
                 "causal_conv_silu",
-                Box::new(|| conv::causal_conv_silu(&x, &conv_weight, &scale, None)),
+                Box::new(|| conv::causal_conv_silu(&x, &conv_weight, &conv_bias, None)),
             ),
             (
                 "headwise_gates",
