@@ -369,76 +369,104 @@ pub(super) mod avx2 {
         _mm_cvtss_f32(sum1)
     }
 
-    /// e^x (Cephes `expf`); NaN stays NaN, large negative x gives 0, large positive saturates.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp(x: __m256) -> __m256 {
-        // NaN is the second operand of min/max, so it passes through.
-        let x = _mm256_max_ps(
-            _mm256_set1_ps(-88.376_26),
-            _mm256_min_ps(_mm256_set1_ps(88.376_26), x),
-        );
-        let fx = _mm256_floor_ps(_mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        ));
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
-        let y = _mm256_set1_ps(1.987_569_1e-4);
-        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.398_199_9e-3));
-        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.333_452e-3));
-        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.166_579_6e-2));
-        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.166_666_65));
-        let y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.5));
-        let y = _mm256_fmadd_ps(
-            y,
-            _mm256_mul_ps(x, x),
-            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
-        );
-        let exponent = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
-        _mm256_mul_ps(y, scale)
+    /// `[T; N]` from an expression of the index `j`: one operation applied to N independent
+    /// vectors, so that neighbouring instructions belong to different dependency chains.
+    macro_rules! each {
+        (|$j:ident| $e:expr) => {{
+            // SAFETY: plain vectors (or structs of them), all overwritten below; a loop rather
+            // than `array::from_fn`, whose closures were not inlined into these functions.
+            let mut out = [unsafe { std::mem::zeroed() }; N];
+            for $j in 0..N {
+                out[$j] = $e;
+            }
+            out
+        }};
     }
 
-    /// ln x for x ≥ 1 (Cephes `logf`; here only ln(1 + e) with 0 ≤ e ≤ 1 is needed).
+    /// e^x (Cephes `expf`) of N vectors, one operation at a time across them; NaN stays NaN,
+    /// large negative x gives 0, large positive saturates.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn ln_at_least_one(x: __m256) -> __m256 {
-        let bits = _mm256_castps_si256(x);
-        let e = _mm256_cvtepi32_ps(_mm256_sub_epi32(
-            _mm256_srli_epi32(bits, 23),
+    fn exp<const N: usize>(x: [__m256; N]) -> [__m256; N] {
+        // NaN is the second operand of min/max, so it passes through.
+        let x: [__m256; N] = each!(|j| _mm256_max_ps(
+            _mm256_set1_ps(-88.376_26),
+            _mm256_min_ps(_mm256_set1_ps(88.376_26), x[j]),
+        ));
+        let fx: [__m256; N] = each!(|j| _mm256_floor_ps(_mm256_fmadd_ps(
+            x[j],
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        )));
+        let x: [__m256; N] = each!(|j| _mm256_fnmadd_ps(fx[j], _mm256_set1_ps(0.693_359_4), x[j]));
+        let x: [__m256; N] =
+            each!(|j| _mm256_fnmadd_ps(fx[j], _mm256_set1_ps(-2.121_944_4e-4), x[j]));
+        let mut y = [_mm256_set1_ps(1.987_569_1e-4); N];
+        for coefficient in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = each!(|j| _mm256_fmadd_ps(y[j], x[j], _mm256_set1_ps(coefficient)));
+        }
+        let y: [__m256; N] = each!(|j| _mm256_fmadd_ps(
+            y[j],
+            _mm256_mul_ps(x[j], x[j]),
+            _mm256_add_ps(x[j], _mm256_set1_ps(1.0)),
+        ));
+        each!(|j| {
+            let exponent = _mm256_add_epi32(_mm256_cvttps_epi32(fx[j]), _mm256_set1_epi32(127));
+            _mm256_mul_ps(y[j], _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)))
+        })
+    }
+
+    /// ln x for x ≥ 1 (Cephes `logf`; here only ln(1 + e) with 0 ≤ e ≤ 1 is needed), of N
+    /// vectors as [`exp`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn ln_at_least_one<const N: usize>(x: [__m256; N]) -> [__m256; N] {
+        let bits: [__m256i; N] = each!(|j| _mm256_castps_si256(x[j]));
+        let e: [__m256; N] = each!(|j| _mm256_cvtepi32_ps(_mm256_sub_epi32(
+            _mm256_srli_epi32(bits[j], 23),
             _mm256_set1_epi32(126),
-        ));
+        )));
         // Mantissa in [0.5, 1).
-        let mantissa = _mm256_castsi256_ps(_mm256_or_si256(
-            _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+        let mantissa: [__m256; N] = each!(|j| _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_and_si256(bits[j], _mm256_set1_epi32(0x007f_ffff)),
             _mm256_set1_epi32(0x3f00_0000),
-        ));
-        let below = _mm256_cmp_ps(
-            mantissa,
+        )));
+        let below: [__m256; N] = each!(|j| _mm256_cmp_ps(
+            mantissa[j],
             _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
             _CMP_LT_OQ,
-        );
-        let m = _mm256_add_ps(
-            _mm256_sub_ps(mantissa, _mm256_set1_ps(1.0)),
-            _mm256_and_ps(mantissa, below),
-        );
-        let e = _mm256_sub_ps(e, _mm256_and_ps(_mm256_set1_ps(1.0), below));
-        let z = _mm256_mul_ps(m, m);
-        let y = _mm256_set1_ps(7.037_683_6e-2);
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.151_461e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.167_699_9e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.242_014_1e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.424_932_3e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.666_805_8e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.000_071_4e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.499_999_4e-1));
-        let y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.333_333e-1));
-        let y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-        let y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.121_944_4e-4), y);
-        let y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5), y);
-        _mm256_fmadd_ps(e, _mm256_set1_ps(0.693_359_4), _mm256_add_ps(m, y))
+        ));
+        let m: [__m256; N] = each!(|j| _mm256_add_ps(
+            _mm256_sub_ps(mantissa[j], _mm256_set1_ps(1.0)),
+            _mm256_and_ps(mantissa[j], below[j]),
+        ));
+        let e: [__m256; N] =
+            each!(|j| _mm256_sub_ps(e[j], _mm256_and_ps(_mm256_set1_ps(1.0), below[j])));
+        let z: [__m256; N] = each!(|j| _mm256_mul_ps(m[j], m[j]));
+        let mut y = [_mm256_set1_ps(7.037_683_6e-2); N];
+        for coefficient in [
+            -1.151_461e-1,
+            1.167_699_9e-1,
+            -1.242_014_1e-1,
+            1.424_932_3e-1,
+            -1.666_805_8e-1,
+            2.000_071_4e-1,
+            -2.499_999_4e-1,
+            3.333_333e-1,
+        ] {
+            y = each!(|j| _mm256_fmadd_ps(y[j], m[j], _mm256_set1_ps(coefficient)));
+        }
+        let y: [__m256; N] = each!(|j| _mm256_mul_ps(_mm256_mul_ps(y[j], m[j]), z[j]));
+        let y: [__m256; N] =
+            each!(|j| _mm256_fmadd_ps(e[j], _mm256_set1_ps(-2.121_944_4e-4), y[j]));
+        let y: [__m256; N] = each!(|j| _mm256_fnmadd_ps(z[j], _mm256_set1_ps(0.5), y[j]));
+        each!(|j| _mm256_fmadd_ps(e[j], _mm256_set1_ps(0.693_359_4), _mm256_add_ps(m[j], y[j])))
     }
 
     #[inline]
@@ -573,6 +601,7 @@ pub(super) mod avx2 {
     }
 
     /// One step of 8 units: the new state and what the tape records.
+    #[derive(Clone, Copy)]
     pub(in super::super) struct Step {
         pub h: __m256,
         pub c: __m256,
@@ -602,70 +631,94 @@ pub(super) mod avx2 {
     }
 
     /// The forward step of 8 units from their gate pre-activations and c, n, m. Both the
-    /// pair-at-a-time scan and the AVX2 row groups (`rows::avx2`) call this one function, so
-    /// the two give the same bits.
+    /// pair-at-a-time scan and the AVX2 row groups (`rows::avx2`, through [`steps`]) compute
+    /// it here, so the two give the same bits.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in super::super) fn step(g: Gates, c: __m256, n: __m256, m: __m256) -> Step {
+        let [step] = steps([g], [c], [n], [m]);
+        step
+    }
+
+    /// The forward steps of N independent groups of 8 units, one operation at a time across
+    /// the N. A step is one long chain of dependent operations (an exponential, a logarithm,
+    /// another exponential, a division); computed one group after the other, each chain's
+    /// waits filled the out-of-order window before the next group's work came into view, and
+    /// the row-group scan ran at about one instruction per cycle however many rows it held.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) fn steps<const N: usize>(
+        g: [Gates; N],
+        c: [__m256; N],
+        n: [__m256; N],
+        m: [__m256; N],
+    ) -> [Step; N] {
         let one = _mm256_set1_ps(1.0);
         let zero = _mm256_setzero_ps();
         // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}); σ(−f̃) (for the tape) from the same
         // e^{−|f̃|}. NaN as the second operand of minps passes through.
-        let e_f = exp(_mm256_sub_ps(zero, abs(g.f_pre)));
-        let log_f = _mm256_sub_ps(
-            _mm256_min_ps(zero, g.f_pre),
-            ln_at_least_one(_mm256_add_ps(one, e_f)),
-        );
+        let e_f = exp::<N>(each!(|j| _mm256_sub_ps(zero, abs(g[j].f_pre))));
+        let ln_f = ln_at_least_one::<N>(each!(|j| _mm256_add_ps(one, e_f[j])));
+        let log_f: [__m256; N] = each!(|j| _mm256_sub_ps(_mm256_min_ps(zero, g[j].f_pre), ln_f[j]));
+        // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
+        let e_z = exp::<N>(each!(|j| _mm256_mul_ps(
+            _mm256_set1_ps(-2.0),
+            abs(g[j].z_pre)
+        )));
+        let e_o = exp::<N>(each!(|j| _mm256_sub_ps(zero, abs(g[j].o_pre))));
 
-        let log_f_plus_m = _mm256_add_ps(m, log_f);
+        let log_f_plus_m: [__m256; N] = each!(|j| _mm256_add_ps(m[j], log_f[j]));
         // Per-element empty-state rule (see the module docs of `slstm`).
-        let empty = _mm256_cmp_ps(n, zero, _CMP_EQ_OQ);
+        let empty: [__m256; N] = each!(|j| _mm256_cmp_ps(n[j], zero, _CMP_EQ_OQ));
         // maxps/minps return their second operand when either is NaN; keep NaNs from both
         // sides so that a diverged input shows in the output (as with torch).
-        let max = _mm256_max_ps(log_f_plus_m, g.i_pre);
-        let max = _mm256_blendv_ps(
-            max,
-            log_f_plus_m,
-            _mm256_cmp_ps(log_f_plus_m, log_f_plus_m, _CMP_UNORD_Q),
-        );
-        let m_new = _mm256_blendv_ps(max, g.i_pre, empty);
+        let m_new: [__m256; N] = each!(|j| {
+            let max = _mm256_max_ps(log_f_plus_m[j], g[j].i_pre);
+            let max = _mm256_blendv_ps(
+                max,
+                log_f_plus_m[j],
+                _mm256_cmp_ps(log_f_plus_m[j], log_f_plus_m[j], _CMP_UNORD_Q),
+            );
+            _mm256_blendv_ps(max, g[j].i_pre, empty[j])
+        });
         // One exponential for both gates, as `portable::stabilised_input_and_forget`.
-        let d = _mm256_sub_ps(g.i_pre, log_f_plus_m);
-        let e = _mm256_min_ps(one, exp(_mm256_sub_ps(zero, abs(d))));
-        let i = _mm256_blendv_ps(
-            e,
-            one,
-            _mm256_or_ps(_mm256_cmp_ps(d, zero, _CMP_GE_OQ), empty),
-        );
-        let f = _mm256_blendv_ps(e, one, _mm256_cmp_ps(d, zero, _CMP_LT_OQ));
-
-        // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
-        let e_z = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), abs(g.z_pre)));
-        let tanh_abs = _mm256_div_ps(_mm256_sub_ps(one, e_z), _mm256_add_ps(one, e_z));
-        let z = _mm256_or_ps(tanh_abs, _mm256_and_ps(g.z_pre, _mm256_set1_ps(-0.0)));
-
-        let e_o = exp(_mm256_sub_ps(zero, abs(g.o_pre)));
-        let o_non_negative = _mm256_cmp_ps(g.o_pre, zero, _CMP_GE_OQ);
-        let o = _mm256_div_ps(
-            _mm256_blendv_ps(e_o, one, o_non_negative),
-            _mm256_add_ps(one, e_o),
-        );
-
-        let c_new = _mm256_fmadd_ps(f, c, _mm256_mul_ps(i, z));
-        let n_new = _mm256_fmadd_ps(f, n, i);
-        let h_new = _mm256_div_ps(_mm256_mul_ps(o, c_new), n_new);
-        Step {
-            h: h_new,
-            c: c_new,
-            n: n_new,
-            m: m_new,
-            i,
-            f,
-            z,
-            o,
-            f_pre: g.f_pre,
-            e_f,
-        }
+        let d: [__m256; N] = each!(|j| _mm256_sub_ps(g[j].i_pre, log_f_plus_m[j]));
+        let e = exp::<N>(each!(|j| _mm256_sub_ps(zero, abs(d[j]))));
+        let z: [__m256; N] = each!(|j| {
+            let tanh_abs = _mm256_div_ps(_mm256_sub_ps(one, e_z[j]), _mm256_add_ps(one, e_z[j]));
+            _mm256_or_ps(tanh_abs, _mm256_and_ps(g[j].z_pre, _mm256_set1_ps(-0.0)))
+        });
+        let o: [__m256; N] = each!(|j| {
+            let o_non_negative = _mm256_cmp_ps(g[j].o_pre, zero, _CMP_GE_OQ);
+            _mm256_div_ps(
+                _mm256_blendv_ps(e_o[j], one, o_non_negative),
+                _mm256_add_ps(one, e_o[j]),
+            )
+        });
+        each!(|j| {
+            let e = _mm256_min_ps(one, e[j]);
+            let i = _mm256_blendv_ps(
+                e,
+                one,
+                _mm256_or_ps(_mm256_cmp_ps(d[j], zero, _CMP_GE_OQ), empty[j]),
+            );
+            let f = _mm256_blendv_ps(e, one, _mm256_cmp_ps(d[j], zero, _CMP_LT_OQ));
+            let c_new = _mm256_fmadd_ps(f, c[j], _mm256_mul_ps(i, z[j]));
+            let n_new = _mm256_fmadd_ps(f, n[j], i);
+            let h_new = _mm256_div_ps(_mm256_mul_ps(o[j], c_new), n_new);
+            Step {
+                h: h_new,
+                c: c_new,
+                n: n_new,
+                m: m_new[j],
+                i,
+                f,
+                z: z[j],
+                o: o[j],
+                f_pre: g[j].f_pre,
+                e_f: e_f[j],
+            }
+        })
     }
 
     /// Vector part of `Kernels::forward_step`; returns the number of units handled.
