@@ -41,6 +41,18 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Cephes `expf`'s polynomial in the reduced argument r, highest degree first (e^r ≈ 1 + r +
+/// r²·p(r)); every copy of the exponential, scalar or in intrinsics, evaluates it by Horner's
+/// rule from these.
+pub(crate) const EXP_POLYNOMIAL: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// e^x (Cephes `expf`, about 2 ulp). NaN stays NaN; below about −87.6, where e^x is
 /// subnormal, the result is 0; above 88.38 it saturates at e^88.38.
 #[inline(always)]
@@ -51,12 +63,13 @@ pub(crate) fn exp(x: f32) -> f32 {
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = (-n).mul_add(0.693_359_4, x);
     let r = (-n).mul_add(-2.121_944_4e-4, r);
-    let p = 1.987_569_1e-4f32
-        .mul_add(r, 1.398_199_9e-3)
-        .mul_add(r, 8.333_452e-3)
-        .mul_add(r, 4.166_579_6e-2)
-        .mul_add(r, 0.166_666_65)
-        .mul_add(r, 0.5);
+    let [c0, c1, c2, c3, c4, c5] = EXP_POLYNOMIAL;
+    let p = c0
+        .mul_add(r, c1)
+        .mul_add(r, c2)
+        .mul_add(r, c3)
+        .mul_add(r, c4)
+        .mul_add(r, c5);
     let y = p.mul_add(r * r, r) + 1.0;
     // 2^n from its exponent bits: n is in [−127, 127] after the bound, and 2^−127 comes out as
     // 0. n is taken from the low mantissa bits of n + 1.5·2²³ (0x4B40_0000), not by `n as

@@ -475,14 +475,8 @@ mod gelu_avx2 {
             let r = _mm256_fnmadd_ps(n[j], splat(0.693_359_4), x);
             reduced[j] = _mm256_fnmadd_ps(n[j], splat(-2.121_944_4e-4), r);
         }
-        let mut p = [splat(1.987_569_1e-4); N];
-        for coefficient in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        let mut p = [splat(super::vmath::EXP_POLYNOMIAL[0]); N];
+        for &coefficient in &super::vmath::EXP_POLYNOMIAL[1..] {
             for j in 0..N {
                 p[j] = _mm256_fmadd_ps(p[j], reduced[j], splat(coefficient));
             }

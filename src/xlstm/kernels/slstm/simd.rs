@@ -314,6 +314,7 @@ pub(super) mod avx2 {
     //! the length checks of its caller in `Kernels`.
     use super::super::fused_cpu::{TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_Z};
     use super::{BackwardStep, UnitState};
+    use crate::xlstm::kernels::vmath::EXP_POLYNOMIAL;
     use std::arch::x86_64::*;
 
     const LANES: usize = 8;
@@ -401,14 +402,8 @@ pub(super) mod avx2 {
         let x: [__m256; N] = each!(|j| _mm256_fnmadd_ps(fx[j], _mm256_set1_ps(0.693_359_4), x[j]));
         let x: [__m256; N] =
             each!(|j| _mm256_fnmadd_ps(fx[j], _mm256_set1_ps(-2.121_944_4e-4), x[j]));
-        let mut y = [_mm256_set1_ps(1.987_569_1e-4); N];
-        for coefficient in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        let mut y = [_mm256_set1_ps(EXP_POLYNOMIAL[0]); N];
+        for &coefficient in &EXP_POLYNOMIAL[1..] {
             y = each!(|j| _mm256_fmadd_ps(y[j], x[j], _mm256_set1_ps(coefficient)));
         }
         let y: [__m256; N] = each!(|j| _mm256_fmadd_ps(
