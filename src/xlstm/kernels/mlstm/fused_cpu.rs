@@ -556,14 +556,7 @@ mod avx2 {
         // ln 2 split so that n · LN2_HI is exact in f32.
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
-        const POLY: [f32; 6] = [
-            1.987_569_1e-4,
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ];
+        const POLY: [f32; 6] = crate::xlstm::kernels::vmath::EXP_POLYNOMIAL;
         // SAFETY: the caller guarantees AVX2 and FMA.
         unsafe {
             let lowest = _mm256_set1_ps(-87.336_55);
