@@ -382,11 +382,12 @@ pub fn scale_features(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
 }
 
 /// The GeLU gate's forward in AVX2 + FMA, four vectors at a time with their operations
-/// interleaved (two: 15 % faster than the compiled loop, four: 22 %). Each value's Φ is one long chain of dependent operations (a division, a
-/// polynomial, an exponential); the compiled loop of [`vmath::with_wide_vectors`] took them
-/// one vector after the other and ran at half the speed of its AVX-512 copy, whose vectors hold
-/// twice the values for the same chain. Same operations in the same order as
-/// [`vmath::erf_and_gaussian`] and [`vmath::exp`], so the same bits.
+/// interleaved (two: 15 % faster than the compiled loop, four: 22 %). Each value's Φ is one
+/// long chain of dependent operations (a division, a polynomial, an exponential); the compiled
+/// loop of [`vmath::with_wide_vectors`] took them one vector after the other and ran at half
+/// the speed of its AVX-512 copy, whose vectors hold twice the values for the same chain. Same
+/// operations in the same order as [`vmath::erf_and_gaussian`] and [`vmath::exp`], so the same
+/// bits.
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx2 {
     use std::arch::x86_64::*;
@@ -396,13 +397,9 @@ mod gelu_avx2 {
     /// Whether this path runs: AVX2 and FMA without AVX-512, where the compiled wide loop is
     /// already one 16-value vector per chain.
     pub(super) fn preferred() -> bool {
-        use std::sync::OnceLock;
-        static PREFERRED: OnceLock<bool> = OnceLock::new();
-        *PREFERRED.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && !is_x86_feature_detected!("avx512f")
-        })
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && !is_x86_feature_detected!("avx512f")
     }
 
     /// `y = g·Φ(g)·u` over one row.
@@ -447,14 +444,13 @@ mod gelu_avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn gelu_gate_n<const N: usize>(g: [__m256; N], u: [__m256; N]) -> [__m256; N] {
         let splat = _mm256_set1_ps;
-        let mut v = [_mm256_setzero_ps(); N];
-        // x = g/√2, a = |x|, t = 1 / (0.3275911·a + 1).
-        let mut a = v;
-        let mut t = v;
+        let zeros = [_mm256_setzero_ps(); N];
+        // x = g/√2 (`scaled`), a = |x|, t = 1 / (0.3275911·a + 1).
+        let (mut scaled, mut a, mut t) = (zeros, zeros, zeros);
         for j in 0..N {
             let x = _mm256_mul_ps(g[j], splat(std::f32::consts::FRAC_1_SQRT_2));
             a[j] = _mm256_andnot_ps(splat(-0.0), x);
-            v[j] = x;
+            scaled[j] = x;
         }
         for j in 0..N {
             t[j] = _mm256_div_ps(
@@ -463,8 +459,7 @@ mod gelu_avx2 {
             );
         }
         // e^{−a²}, as vmath::exp: n = ⌊x·log₂e + ½⌋, the reduced argument, a polynomial.
-        let mut reduced = v;
-        let mut n = v;
+        let (mut reduced, mut n) = (zeros, zeros);
         for j in 0..N {
             let x = _mm256_mul_ps(_mm256_xor_ps(a[j], splat(-0.0)), a[j]);
             let x = _mm256_max_ps(splat(-88.376_26), _mm256_min_ps(splat(88.376_26), x));
@@ -487,7 +482,7 @@ mod gelu_avx2 {
                 poly[j] = _mm256_fmadd_ps(poly[j], t[j], splat(coefficient));
             }
         }
-        let mut out = v;
+        let mut out = zeros;
         for j in 0..N {
             let r = reduced[j];
             let y = _mm256_add_ps(_mm256_fmadd_ps(p[j], _mm256_mul_ps(r, r), r), splat(1.0));
@@ -501,7 +496,7 @@ mod gelu_avx2 {
             let erf_abs = _mm256_fnmadd_ps(poly, gaussian, splat(1.0));
             let erf = _mm256_or_ps(
                 _mm256_andnot_ps(splat(-0.0), erf_abs),
-                _mm256_and_ps(splat(-0.0), v[j]),
+                _mm256_and_ps(splat(-0.0), scaled[j]),
             );
             let cdf = _mm256_mul_ps(splat(0.5), _mm256_add_ps(splat(1.0), erf));
             out[j] = _mm256_mul_ps(_mm256_mul_ps(g[j], cdf), u[j]);

@@ -492,12 +492,10 @@ mod eight_rows {
 
     /// Whether rows of `len` values go through [`normalise`] on this CPU.
     pub(super) fn fits(len: usize) -> bool {
-        use std::sync::OnceLock;
-        static AVX2_FMA: OnceLock<bool> = OnceLock::new();
         len > 0
             && len.is_multiple_of(LANES)
-            && *AVX2_FMA
-                .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
     }
 
     /// `out = (x − mean)·rstd·scale (+ bias)` for eight rows.
