@@ -222,14 +222,16 @@ impl CustomOp1 for GeluGatedOp {
         let data = f32_data(GELU_NAME, "up", storage)?;
         let width = up.width / 2;
         let mut y = output_buffer(up.count * width);
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = gelu_avx2::preferred();
         y.par_chunks_mut(ROWS_PER_TASK * width)
             .enumerate()
             .for_each(|(task, y)| {
                 for (r, y_row) in y.chunks_exact_mut(width).enumerate() {
                     let (g, u) = up.row(data, task * ROWS_PER_TASK + r).split_at(width);
                     #[cfg(target_arch = "x86_64")]
-                    if gelu_avx2::preferred() {
-                        // SAFETY: preferred() checked AVX2 and FMA; g, u and y_row have one length.
+                    if avx2 {
+                        // SAFETY: preferred() found AVX2 and FMA; g, u and y_row have one length.
                         unsafe { gelu_avx2::gelu_gate(g, u, y_row) };
                         continue;
                     }
