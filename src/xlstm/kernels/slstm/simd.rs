@@ -307,6 +307,24 @@ mod portable {
     }
 }
 
+/// `[T; N]` from an expression of the index `j`: one operation applied to N independent
+/// vectors, so that neighbouring instructions belong to different dependency chains. Used by
+/// the AVX2 step here and the AVX-512 row groups (`rows::avx512`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! each {
+    (|$j:ident| $e:expr) => {{
+        // SAFETY: plain vectors (or structs of them), all overwritten below; a loop rather
+        // than `array::from_fn`, whose closures were not inlined into these functions.
+        let mut out = [unsafe { std::mem::zeroed() }; N];
+        for $j in 0..N {
+            out[$j] = $e;
+        }
+        out
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use each;
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     //! Written with raw pointers and plain locals (no iterator adaptors, no arrays of vectors)
@@ -368,20 +386,6 @@ pub(super) mod avx2 {
         let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
         let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
         _mm_cvtss_f32(sum1)
-    }
-
-    /// `[T; N]` from an expression of the index `j`: one operation applied to N independent
-    /// vectors, so that neighbouring instructions belong to different dependency chains.
-    macro_rules! each {
-        (|$j:ident| $e:expr) => {{
-            // SAFETY: plain vectors (or structs of them), all overwritten below; a loop rather
-            // than `array::from_fn`, whose closures were not inlined into these functions.
-            let mut out = [unsafe { std::mem::zeroed() }; N];
-            for $j in 0..N {
-                out[$j] = $e;
-            }
-            out
-        }};
     }
 
     /// e^x (Cephes `expf`) of N vectors, one operation at a time across them; NaN stays NaN,

@@ -9,7 +9,9 @@ use super::super::NUM_GATES;
 use super::super::fused_cpu::{
     TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_VALUES, TAPE_Z,
 };
+use super::super::simd::each;
 use super::{HeadScan, RowScan, ScanRows, prefetch_ahead};
+use crate::xlstm::kernels::vmath::EXP_POLYNOMIAL;
 use std::arch::x86_64::*;
 
 const LANES: usize = 16;
@@ -121,33 +123,38 @@ unsafe fn scan_rows<const K: usize, const V: usize, const Q: usize>(
                     }
                 }
             }
-            for r in 0..K {
-                let h_out = out[r].add(t * dh);
-                let tape_t = tape[r].map(|p| p.add(t * TAPE_VALUES * dh));
+            // The gates two vectors at a time, as in the AVX2 row groups: of two rows (K is 1,
+            // 2 or 4), or of one row's two vectors.
+            if K >= 2 {
                 for v in 0..V {
-                    let gates = Gates {
-                        i_pre: pre[r][v],
-                        f_pre: pre[r][V + v],
-                        z_pre: pre[r][2 * V + v],
-                        o_pre: pre[r][3 * V + v],
-                    };
-                    let step = step(gates, c[r][v], n[r][v], m[r][v]);
-                    _mm512_storeu_ps(h_out.add(v * LANES), step.h);
-                    if let Some(tape_t) = tape_t {
-                        let at = |slot: usize| tape_t.add(slot * dh + v * LANES);
-                        _mm512_storeu_ps(at(TAPE_C), step.c);
-                        _mm512_storeu_ps(at(TAPE_N), step.n);
-                        _mm512_storeu_ps(at(TAPE_I), step.i);
-                        _mm512_storeu_ps(at(TAPE_F), step.f);
-                        _mm512_storeu_ps(at(TAPE_Z), step.z);
-                        _mm512_storeu_ps(at(TAPE_O), step.o);
-                        _mm512_storeu_ps(at(TAPE_SIG_NEG_F), sig_neg(gates.f_pre, step.e_f));
+                    for first in (0..K).step_by(2) {
+                        let vectors = [first * V + v, (first + 1) * V + v];
+                        advance::<K, V, Q, 2>(
+                            &pre,
+                            [&mut c, &mut n, &mut m],
+                            vectors,
+                            &out,
+                            &tape,
+                            t,
+                        );
                     }
-                    c[r][v] = step.c;
-                    n[r][v] = step.n;
-                    m[r][v] = step.m;
                 }
-                h_prev[r] = h_out;
+            } else if V >= 2 {
+                for v in (0..V).step_by(2) {
+                    advance::<K, V, Q, 2>(
+                        &pre,
+                        [&mut c, &mut n, &mut m],
+                        [v, v + 1],
+                        &out,
+                        &tape,
+                        t,
+                    );
+                }
+            } else {
+                advance::<K, V, Q, 1>(&pre, [&mut c, &mut n, &mut m], [0], &out, &tape, t);
+            }
+            for r in 0..K {
+                h_prev[r] = out[r].add(t * dh);
             }
         }
         for r in 0..K {
@@ -171,6 +178,7 @@ struct Gates {
     o_pre: __m512,
 }
 
+#[derive(Clone, Copy)]
 struct Step {
     h: __m512,
     c: __m512,
@@ -184,61 +192,136 @@ struct Step {
     e_f: __m512,
 }
 
-/// One step of 16 units: the operations of `simd`'s AVX2 `forward_step`, lane for lane.
+/// Steps the N vectors `vectors` (each `row · V + vector`) of a row group at step `t`: their
+/// gates from `pre`, their c, n, m (`[row][vector]` each) in `state`; writes h (and the tape)
+/// of each.
+///
+/// # Safety
+/// As [`scan_rows`], with `t < seq_len` and every index below K·V.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn step(g: Gates, c: __m512, n: __m512, m: __m512) -> Step {
+unsafe fn advance<const K: usize, const V: usize, const Q: usize, const N: usize>(
+    pre: &[[__m512; Q]; K],
+    state: [&mut [[__m512; V]; K]; 3],
+    vectors: [usize; N],
+    out: &[*mut f32; K],
+    tape: &[Option<*mut f32>; K],
+    t: usize,
+) {
+    let dh = V * LANES;
+    let zero = _mm512_setzero_ps();
+    let mut gates = [Gates {
+        i_pre: zero,
+        f_pre: zero,
+        z_pre: zero,
+        o_pre: zero,
+    }; N];
+    let (mut c, mut n, mut m) = ([zero; N], [zero; N], [zero; N]);
+    for j in 0..N {
+        let (r, v) = (vectors[j] / V, vectors[j] % V);
+        gates[j] = Gates {
+            i_pre: pre[r][v],
+            f_pre: pre[r][V + v],
+            z_pre: pre[r][2 * V + v],
+            o_pre: pre[r][3 * V + v],
+        };
+        (c[j], n[j], m[j]) = (state[0][r][v], state[1][r][v], state[2][r][v]);
+    }
+    let steps = steps::<N>(gates, c, n, m);
+    for j in 0..N {
+        let (r, v) = (vectors[j] / V, vectors[j] % V);
+        let step = &steps[j];
+        // SAFETY: row r's output and tape hold step t's DH values (caller).
+        unsafe {
+            _mm512_storeu_ps(out[r].add(t * dh + v * LANES), step.h);
+            if let Some(tape_t) = tape[r].map(|p| p.add(t * TAPE_VALUES * dh)) {
+                let at = |slot: usize| tape_t.add(slot * dh + v * LANES);
+                _mm512_storeu_ps(at(TAPE_C), step.c);
+                _mm512_storeu_ps(at(TAPE_N), step.n);
+                _mm512_storeu_ps(at(TAPE_I), step.i);
+                _mm512_storeu_ps(at(TAPE_F), step.f);
+                _mm512_storeu_ps(at(TAPE_Z), step.z);
+                _mm512_storeu_ps(at(TAPE_O), step.o);
+                _mm512_storeu_ps(at(TAPE_SIG_NEG_F), sig_neg(gates[j].f_pre, step.e_f));
+            }
+        }
+        (state[0][r][v], state[1][r][v], state[2][r][v]) = (step.c, step.n, step.m);
+    }
+}
+
+/// N independent steps of 16 units, one operation at a time across the N (why: `simd`'s AVX2
+/// `steps`); each lane goes through the operations of that AVX2 step.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn steps<const N: usize>(
+    g: [Gates; N],
+    c: [__m512; N],
+    n: [__m512; N],
+    m: [__m512; N],
+) -> [Step; N] {
     let one = _mm512_set1_ps(1.0);
     let zero = _mm512_setzero_ps();
     // logσ(f̃) = min(f̃, 0) − ln(1 + e^{−|f̃|}).
-    let e_f = exp(_mm512_sub_ps(zero, _mm512_abs_ps(g.f_pre)));
-    let log_f = _mm512_sub_ps(
-        _mm512_min_ps(zero, g.f_pre),
-        ln_at_least_one(_mm512_add_ps(one, e_f)),
-    );
-    let log_f_plus_m = _mm512_add_ps(m, log_f);
-    // Per-element empty-state rule (see the module docs of `slstm`).
-    let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(n, zero);
-    // maxps returns its second operand when either is NaN: keep a NaN of either side.
-    let max = _mm512_max_ps(log_f_plus_m, g.i_pre);
-    let max = _mm512_mask_blend_ps(
-        _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(log_f_plus_m, log_f_plus_m),
-        max,
-        log_f_plus_m,
-    );
-    let m_new = _mm512_mask_blend_ps(empty, max, g.i_pre);
-    // One exponential for both gates (`portable::stabilised_input_and_forget`).
-    let d = _mm512_sub_ps(g.i_pre, log_f_plus_m);
-    let e = _mm512_min_ps(one, exp(_mm512_sub_ps(zero, _mm512_abs_ps(d))));
-    let i = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(d, zero) | empty, e, one);
-    let f = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(d, zero), e, one);
-
+    let e_f = exp::<N>(each!(|j| _mm512_sub_ps(zero, _mm512_abs_ps(g[j].f_pre))));
+    let ln_f = ln_at_least_one::<N>(each!(|j| _mm512_add_ps(one, e_f[j])));
+    let log_f: [__m512; N] = each!(|j| _mm512_sub_ps(_mm512_min_ps(zero, g[j].f_pre), ln_f[j]));
     // tanh(z̃) = sign(z̃)·(1 − e^{−2|z̃|}) / (1 + e^{−2|z̃|}).
-    let e_z = exp(_mm512_mul_ps(_mm512_set1_ps(-2.0), _mm512_abs_ps(g.z_pre)));
-    let tanh_abs = _mm512_div_ps(_mm512_sub_ps(one, e_z), _mm512_add_ps(one, e_z));
-    let z = or(tanh_abs, and(g.z_pre, _mm512_set1_ps(-0.0)));
+    let e_z = exp::<N>(each!(|j| _mm512_mul_ps(
+        _mm512_set1_ps(-2.0),
+        _mm512_abs_ps(g[j].z_pre)
+    )));
+    let e_o = exp::<N>(each!(|j| _mm512_sub_ps(zero, _mm512_abs_ps(g[j].o_pre))));
 
-    let e_o = exp(_mm512_sub_ps(zero, _mm512_abs_ps(g.o_pre)));
-    let o_non_negative = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(g.o_pre, zero);
-    let o = _mm512_div_ps(
-        _mm512_mask_blend_ps(o_non_negative, e_o, one),
-        _mm512_add_ps(one, e_o),
-    );
-
-    let c_new = _mm512_fmadd_ps(f, c, _mm512_mul_ps(i, z));
-    let n_new = _mm512_fmadd_ps(f, n, i);
-    let h_new = _mm512_div_ps(_mm512_mul_ps(o, c_new), n_new);
-    Step {
-        h: h_new,
-        c: c_new,
-        n: n_new,
-        m: m_new,
-        i,
-        f,
-        z,
-        o,
-        e_f,
-    }
+    let log_f_plus_m: [__m512; N] = each!(|j| _mm512_add_ps(m[j], log_f[j]));
+    // Per-element empty-state rule (see the module docs of `slstm`).
+    let empty: [__mmask16; N] = each!(|j| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(n[j], zero));
+    // maxps returns its second operand when either is NaN: keep a NaN of either side.
+    let m_new: [__m512; N] = each!(|j| {
+        let max = _mm512_max_ps(log_f_plus_m[j], g[j].i_pre);
+        let max = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(log_f_plus_m[j], log_f_plus_m[j]),
+            max,
+            log_f_plus_m[j],
+        );
+        _mm512_mask_blend_ps(empty[j], max, g[j].i_pre)
+    });
+    // One exponential for both gates (`portable::stabilised_input_and_forget`).
+    let d: [__m512; N] = each!(|j| _mm512_sub_ps(g[j].i_pre, log_f_plus_m[j]));
+    let e = exp::<N>(each!(|j| _mm512_sub_ps(zero, _mm512_abs_ps(d[j]))));
+    let z: [__m512; N] = each!(|j| {
+        let tanh_abs = _mm512_div_ps(_mm512_sub_ps(one, e_z[j]), _mm512_add_ps(one, e_z[j]));
+        or(tanh_abs, and(g[j].z_pre, _mm512_set1_ps(-0.0)))
+    });
+    let o: [__m512; N] = each!(|j| {
+        let o_non_negative = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(g[j].o_pre, zero);
+        _mm512_div_ps(
+            _mm512_mask_blend_ps(o_non_negative, e_o[j], one),
+            _mm512_add_ps(one, e_o[j]),
+        )
+    });
+    each!(|j| {
+        let e = _mm512_min_ps(one, e[j]);
+        let i = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(d[j], zero) | empty[j],
+            e,
+            one,
+        );
+        let f = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(d[j], zero), e, one);
+        let c_new = _mm512_fmadd_ps(f, c[j], _mm512_mul_ps(i, z[j]));
+        let n_new = _mm512_fmadd_ps(f, n[j], i);
+        let h_new = _mm512_div_ps(_mm512_mul_ps(o[j], c_new), n_new);
+        Step {
+            h: h_new,
+            c: c_new,
+            n: n_new,
+            m: m_new[j],
+            i,
+            f,
+            z: z[j],
+            o: o[j],
+            e_f: e_f[j],
+        }
+    })
 }
 
 /// σ(−f̃) for the tape, from the step's e^{−|f̃|}; only training needs it.
@@ -271,71 +354,79 @@ fn or(a: __m512, b: __m512) -> __m512 {
     ))
 }
 
-/// e^x (Cephes `expf`), the AVX2 `exp` of `simd` in 16 lanes.
+/// e^x (Cephes `expf`) of N vectors: the AVX2 `exp` of `simd` in 16 lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn exp(x: __m512) -> __m512 {
+fn exp<const N: usize>(x: [__m512; N]) -> [__m512; N] {
     // NaN is the second operand of min/max, so it passes through.
-    let x = _mm512_max_ps(
+    let x: [__m512; N] = each!(|j| _mm512_max_ps(
         _mm512_set1_ps(-88.376_26),
-        _mm512_min_ps(_mm512_set1_ps(88.376_26), x),
-    );
+        _mm512_min_ps(_mm512_set1_ps(88.376_26), x[j]),
+    ));
     // Round toward −∞, exceptions suppressed: floor.
-    let fx = _mm512_roundscale_ps::<0x09>(_mm512_fmadd_ps(
-        x,
+    let fx: [__m512; N] = each!(|j| _mm512_roundscale_ps::<0x09>(_mm512_fmadd_ps(
+        x[j],
         _mm512_set1_ps(std::f32::consts::LOG2_E),
         _mm512_set1_ps(0.5),
+    )));
+    let x: [__m512; N] = each!(|j| _mm512_fnmadd_ps(fx[j], _mm512_set1_ps(0.693_359_4), x[j]));
+    let x: [__m512; N] = each!(|j| _mm512_fnmadd_ps(fx[j], _mm512_set1_ps(-2.121_944_4e-4), x[j]));
+    let mut y = [_mm512_set1_ps(EXP_POLYNOMIAL[0]); N];
+    for &coefficient in &EXP_POLYNOMIAL[1..] {
+        y = each!(|j| _mm512_fmadd_ps(y[j], x[j], _mm512_set1_ps(coefficient)));
+    }
+    let y: [__m512; N] = each!(|j| _mm512_fmadd_ps(
+        y[j],
+        _mm512_mul_ps(x[j], x[j]),
+        _mm512_add_ps(x[j], _mm512_set1_ps(1.0)),
     ));
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
-    let y = _mm512_set1_ps(1.987_569_1e-4);
-    let y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.398_199_9e-3));
-    let y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.333_452e-3));
-    let y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.166_579_6e-2));
-    let y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.166_666_65));
-    let y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.5));
-    let y = _mm512_fmadd_ps(
-        y,
-        _mm512_mul_ps(x, x),
-        _mm512_add_ps(x, _mm512_set1_ps(1.0)),
-    );
-    let exponent = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(exponent)))
+    each!(|j| {
+        let exponent = _mm512_add_epi32(_mm512_cvttps_epi32(fx[j]), _mm512_set1_epi32(127));
+        _mm512_mul_ps(y[j], _mm512_castsi512_ps(_mm512_slli_epi32::<23>(exponent)))
+    })
 }
 
-/// ln x for x ≥ 1 (Cephes `logf`), the AVX2 `ln_at_least_one` of `simd` in 16 lanes.
+/// ln x for x ≥ 1 (Cephes `logf`) of N vectors: the AVX2 `ln_at_least_one` of `simd` in 16
+/// lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn ln_at_least_one(x: __m512) -> __m512 {
-    let bits = _mm512_castps_si512(x);
-    let e = _mm512_cvtepi32_ps(_mm512_sub_epi32(
-        _mm512_srli_epi32::<23>(bits),
+fn ln_at_least_one<const N: usize>(x: [__m512; N]) -> [__m512; N] {
+    let bits: [__m512i; N] = each!(|j| _mm512_castps_si512(x[j]));
+    let e: [__m512; N] = each!(|j| _mm512_cvtepi32_ps(_mm512_sub_epi32(
+        _mm512_srli_epi32::<23>(bits[j]),
         _mm512_set1_epi32(126),
-    ));
+    )));
     // Mantissa in [0.5, 1).
-    let mantissa = _mm512_castsi512_ps(_mm512_or_si512(
-        _mm512_and_si512(bits, _mm512_set1_epi32(0x007f_ffff)),
+    let mantissa: [__m512; N] = each!(|j| _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_and_si512(bits[j], _mm512_set1_epi32(0x007f_ffff)),
         _mm512_set1_epi32(0x3f00_0000),
+    )));
+    let below: [__mmask16; N] = each!(|j| _mm512_cmp_ps_mask::<_CMP_LT_OQ>(
+        mantissa[j],
+        _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
     ));
-    let below =
-        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(mantissa, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-    let m = _mm512_add_ps(
-        _mm512_sub_ps(mantissa, _mm512_set1_ps(1.0)),
-        _mm512_maskz_mov_ps(below, mantissa),
-    );
-    let e = _mm512_sub_ps(e, _mm512_maskz_mov_ps(below, _mm512_set1_ps(1.0)));
-    let z = _mm512_mul_ps(m, m);
-    let y = _mm512_set1_ps(7.037_683_6e-2);
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-1.151_461e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(1.167_699_9e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-1.242_014_1e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(1.424_932_3e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-1.666_805_8e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(2.000_071_4e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-2.499_999_4e-1));
-    let y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(3.333_333e-1));
-    let y = _mm512_mul_ps(_mm512_mul_ps(y, m), z);
-    let y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.121_944_4e-4), y);
-    let y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
-    _mm512_fmadd_ps(e, _mm512_set1_ps(0.693_359_4), _mm512_add_ps(m, y))
+    let m: [__m512; N] = each!(|j| _mm512_add_ps(
+        _mm512_sub_ps(mantissa[j], _mm512_set1_ps(1.0)),
+        _mm512_maskz_mov_ps(below[j], mantissa[j]),
+    ));
+    let e: [__m512; N] =
+        each!(|j| _mm512_sub_ps(e[j], _mm512_maskz_mov_ps(below[j], _mm512_set1_ps(1.0))));
+    let z: [__m512; N] = each!(|j| _mm512_mul_ps(m[j], m[j]));
+    let mut y = [_mm512_set1_ps(7.037_683_6e-2); N];
+    for coefficient in [
+        -1.151_461e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_4e-1,
+        -2.499_999_4e-1,
+        3.333_333e-1,
+    ] {
+        y = each!(|j| _mm512_fmadd_ps(y[j], m[j], _mm512_set1_ps(coefficient)));
+    }
+    let y: [__m512; N] = each!(|j| _mm512_mul_ps(_mm512_mul_ps(y[j], m[j]), z[j]));
+    let y: [__m512; N] = each!(|j| _mm512_fmadd_ps(e[j], _mm512_set1_ps(-2.121_944_4e-4), y[j]));
+    let y: [__m512; N] = each!(|j| _mm512_fnmadd_ps(z[j], _mm512_set1_ps(0.5), y[j]));
+    each!(|j| _mm512_fmadd_ps(e[j], _mm512_set1_ps(0.693_359_4), _mm512_add_ps(m[j], y[j])))
 }
