@@ -41,7 +41,8 @@ pub struct KernelBenchArgs {
     /// Print one JSON object per case.
     #[arg(long)]
     pub json: bool,
-    /// Timed iterations per case (after at least 0.3 s of warm-up runs); the median is reported.
+    /// Timed iterations per case, at least: our cases also run until 2 s have been timed (after
+    /// at least 0.3 s of warm-up runs). The median is reported.
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
     /// A tiny subset at small sizes (a smoke test of every code path, seconds).
@@ -227,7 +228,17 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
         }
         sizes.shards = Some(shards);
     }
-    let iters = if args.quick { 1 } else { args.iters };
+    let runs = if args.quick {
+        Runs {
+            iters: 1,
+            span: Duration::ZERO,
+        }
+    } else {
+        Runs {
+            iters: args.iters,
+            span: TIMED_SPAN,
+        }
+    };
     let wants = |g: CaseGroup| args.only.is_empty() || args.only.contains(&g);
     let device = args.device.open().context("--device")?;
     if !device.is_cpu() && (wants(CaseGroup::Kernels) || wants(CaseGroup::Memory)) {
@@ -246,7 +257,7 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
                 .map(|name| Kernel::parse(name))
                 .collect::<anyhow::Result<_>>()?
         };
-        kernel_cases(&kernels, &sizes, iters, &report)?;
+        kernel_cases(&kernels, &sizes, runs, &report)?;
     }
     if wants(CaseGroup::Memory) {
         memory_cases(&sizes, &report)?;
@@ -254,14 +265,14 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     if wants(CaseGroup::Layers) {
         // On a pool thread, as in the stack's shards: an op called from outside the pool
         // would time handing its tasks over to the pool as well.
-        rayon::join(|| layer_cases(&sizes, iters, &report), || ()).0?;
+        rayon::join(|| layer_cases(&sizes, runs, &report), || ()).0?;
     }
     if wants(CaseGroup::Stack) {
         let peer = args.peer.as_ref().map(|python| Peer {
             python,
             script: &args.peer_script,
         });
-        stack_cases(&sizes, &device, iters, peer.as_ref(), &report)?;
+        stack_cases(&sizes, &device, runs, peer.as_ref(), &report)?;
     }
     Ok(())
 }
@@ -311,17 +322,38 @@ impl Reporter {
 /// (BENCHMARKS.md, tenth speed pass).
 const WARM_UP: Duration = Duration::from_millis(300);
 
-/// Median and minimum wall time in ms of `iters` runs after the warm-up ([`WARM_UP`]).
-fn time_ms(iters: usize, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
-    time_runs(Some(WARM_UP), iters, f)
+/// Timed wall time our cases run for at least, besides `--iters` runs. The VMs here have slow
+/// spells of a second or more: the median of 15 runs of a 10 ms case, 0.15 s in all, was the
+/// spell's whenever one fell on the case, while the peer's runs of the same case span seconds.
+const TIMED_SPAN: Duration = Duration::from_secs(2);
+
+/// How many timed runs a case gets.
+#[derive(Clone, Copy, Debug)]
+struct Runs {
+    /// At least this many.
+    iters: usize,
+    /// And as many as fit in this much wall time.
+    span: Duration,
 }
 
-/// Median and minimum of `iters` timed runs, after the warm-up if one is given.
+/// What the timed runs of one case measured.
+struct Timed {
+    median_ms: f64,
+    min_ms: f64,
+    runs: usize,
+}
+
+/// Times one of our cases: the runs `runs` asks for, after the warm-up ([`WARM_UP`]).
+fn time_ms(runs: Runs, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Timed> {
+    time_runs(Some(WARM_UP), runs, f)
+}
+
+/// Times the runs `runs` asks for, after the warm-up if one is given.
 fn time_runs(
     warm_up: Option<Duration>,
-    iters: usize,
+    runs: Runs,
     mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Timed> {
     if let Some(warm_up) = warm_up {
         let start = Instant::now();
         loop {
@@ -331,14 +363,19 @@ fn time_runs(
             }
         }
     }
-    let mut times: Vec<f64> = (0..iters)
-        .map(|_| {
-            let start = Instant::now();
-            f().map(|()| start.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let start = Instant::now();
+    let mut times = Vec::with_capacity(runs.iters);
+    while times.len() < runs.iters || start.elapsed() < runs.span {
+        let run_start = Instant::now();
+        f()?;
+        times.push(run_start.elapsed().as_secs_f64() * 1e3);
+    }
     times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times[0]))
+    Ok(Timed {
+        median_ms: times[times.len() / 2],
+        min_ms: times[0],
+        runs: times.len(),
+    })
 }
 
 fn round2(x: f64) -> f64 {
@@ -509,7 +546,7 @@ impl Kernel {
 fn kernel_cases(
     kernels: &[Kernel],
     sizes: &Sizes,
-    iters: usize,
+    runs: Runs,
     report: &Reporter,
 ) -> anyhow::Result<()> {
     for &kernel in kernels {
@@ -519,12 +556,13 @@ fn kernel_cases(
                 let tracked = untracked.tracked()?;
                 for (mode, backward) in [("forward", false), ("forward_backward", true)] {
                     let inputs = if backward { &tracked } else { &untracked };
-                    let (median, min) =
-                        time_ms(iters, || Ok(kernel.run(inputs, false, backward)?))?;
+                    let fused = time_ms(runs, || Ok(kernel.run(inputs, false, backward)?))?;
+                    let median = fused.median_ms;
                     let mut case = json!({
                         "case": kernel.name(), "mode": mode, "seq_len": seq_len, "batch": sizes.batch,
-                        "heads": HEADS, "head_dim": head_dim, "median_ms": round2(median), "min_ms": round2(min),
-                        "iters": iters, "threads": rayon::current_num_threads(),
+                        "heads": HEADS, "head_dim": head_dim, "median_ms": round2(median),
+                        "min_ms": round2(fused.min_ms), "iters": fused.runs,
+                        "threads": rayon::current_num_threads(),
                     });
                     if kernel == Kernel::MlstmChunkwise {
                         case["chunk_size"] = json!(CHUNK_SIZE);
@@ -536,10 +574,16 @@ fn kernel_cases(
                     } else {
                         // The references are slow (the sLSTM one steps S times through candle
                         // ops): fewer runs and no warm-up keep the benchmark short.
-                        let runs = iters.min(REFERENCE_MAX_ITERS);
-                        let (reference, _) =
-                            time_runs(None, runs, || Ok(kernel.run(inputs, true, backward)?))?;
+                        let reference_runs = Runs {
+                            iters: runs.iters.min(REFERENCE_MAX_ITERS),
+                            span: Duration::ZERO,
+                        };
+                        let reference = time_runs(None, reference_runs, || {
+                            Ok(kernel.run(inputs, true, backward)?)
+                        })?
+                        .median_ms;
                         case["reference_median_ms"] = json!(round2(reference));
+                        case["reference_iters"] = json!(reference_runs.iters);
                         case["speedup_vs_reference"] = json!(round2(reference / median));
                     }
                     report.emit(&case);
@@ -619,7 +663,7 @@ fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
 fn stack_cases(
     sizes: &Sizes,
     dev: &Device,
-    iters: usize,
+    runs: Runs,
     peer: Option<&Peer>,
     report: &Reporter,
 ) -> anyhow::Result<()> {
@@ -651,11 +695,11 @@ fn stack_cases(
             let base = json!({
                 "case": "stack", "variant": variant.name(), "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
-                "num_blocks": 4, "params": params, "iters": iters, "threads": rayon::current_num_threads(),
+                "num_blocks": 4, "params": params, "threads": rayon::current_num_threads(),
                 "shards": shards.len(), "device": device_name,
             });
 
-            let (forward, _) = time_ms(iters, || {
+            let forward = time_ms(runs, || {
                 forward_sharded(&shards, |rows| {
                     stack.forward(&x.narrow(0, rows.start, rows.len())?)
                 })?
@@ -665,7 +709,8 @@ fn stack_cases(
             })?;
             let mut case = base.clone();
             case["mode"] = json!("forward");
-            case["median_ms"] = json!(round2(forward));
+            case["median_ms"] = json!(round2(forward.median_ms));
+            case["iters"] = json!(forward.runs);
             report.emit(&case);
 
             let mut opt = AdamW::new(
@@ -676,7 +721,7 @@ fn stack_cases(
                     ..ParamsAdamW::default()
                 },
             )?;
-            let (train, _) = time_ms(iters, || {
+            let train = time_ms(runs, || {
                 let cells = target.elem_count() as f64;
                 let (_, grads) = backward_sharded(&shards, |_, rows| {
                     let x = x.narrow(0, rows.start, rows.len())?;
@@ -690,12 +735,20 @@ fn stack_cases(
             })?;
             let mut case = base.clone();
             case["mode"] = json!("train_step");
-            case["median_ms"] = json!(round2(train));
+            case["median_ms"] = json!(round2(train.median_ms));
+            case["iters"] = json!(train.runs);
             report.emit(&case);
             // The peer runs this case right after ours: the machine's speed drifts by tens of
             // percent over minutes, and a ratio is only fair between neighbouring measurements.
             if let Some(peer) = peer {
-                peer.compare(sizes, iters, variant, context, [forward, train], report)?;
+                peer.compare(
+                    sizes,
+                    runs.iters,
+                    variant,
+                    context,
+                    [forward.median_ms, train.median_ms],
+                    report,
+                )?;
             }
 
             // The recurrent step is the same for every context; measure it once per variant.
@@ -735,7 +788,7 @@ type LayerOp<'a> = (
 
 /// The sLSTM block's ops, forward, on one shard of the stack cases' batch: the rows a core
 /// runs in the stack's inference forward.
-fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result<()> {
+fn layer_cases(sizes: &Sizes, runs: Runs, report: &Reporter) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let cfg = XlstmConfig::with_ratio(EMBEDDING, 4, 0, 1)?;
     let (e, ffn) = (EMBEDDING, cfg.ffn_dim());
@@ -790,15 +843,15 @@ fn layer_cases(sizes: &Sizes, iters: usize, report: &Reporter) -> anyhow::Result
             ),
         ];
         for (op, run) in ops {
-            let (median, min) = time_ms(iters, || {
+            let timed = time_ms(runs, || {
                 run()?;
                 Ok(())
             })?;
             report.emit(&json!({
                 "case": "layer", "op": op, "mode": "forward", "seq_len": context, "batch": rows,
                 "heads": HEADS, "head_dim": dh, "embedding_dim": e, "ffn_dim": ffn,
-                "iters": iters, "threads": rayon::current_num_threads(),
-                "median_ms": round3(median), "min_ms": round3(min),
+                "iters": timed.runs, "threads": rayon::current_num_threads(),
+                "median_ms": round3(timed.median_ms), "min_ms": round3(timed.min_ms),
             }));
         }
     }
