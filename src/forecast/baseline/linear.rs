@@ -177,14 +177,20 @@ impl Fit for LinearBaseline {
                         if cells.clone().any(|cell| targets.missing[cell]) {
                             continue;
                         }
+                        // Each row weighted by its window's scale²: the squared error is then
+                        // the error after undoing the instance normalisation, the scale the
+                        // forecast is judged on. Unweighted, a nearly constant lookback (scale
+                        // down to sqrt(eps)) turns any later change into a target in the
+                        // hundreds, and a few such windows decide the fit.
                         let stat = window * channels + channel;
-                        y.extend(cells.map(|cell| {
-                            f64::from(
-                                (targets.values[cell] - stats.centre[stat]) / stats.scale[stat],
-                            )
-                        }));
+                        let (centre, scale) = (stats.centre[stat], stats.scale[stat]);
+                        y.extend(cells.map(|cell| f64::from(targets.values[cell] - centre)));
                         let row = window * channels + channel;
-                        x.extend_from_slice(&design[row * features..(row + 1) * features]);
+                        x.extend(
+                            design[row * features..(row + 1) * features]
+                                .iter()
+                                .map(|v| v * f64::from(scale)),
+                        );
                         rows += 1;
                     }
                 }
