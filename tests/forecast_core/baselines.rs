@@ -139,6 +139,46 @@ fn linear_model_recovers_an_exact_linear_autoregression() {
 }
 
 #[test]
+fn linear_model_is_not_thrown_by_changes_after_a_flat_lookback() {
+    // Channel 0 is the exact autoregression above; channel 1 is flat with a short pulse every
+    // 100 rows, as rain or night-time radiation are. A window whose lookback is flat has a scale
+    // of sqrt(eps), so a pulse in its horizon is a normalised target in the thousands: fitted
+    // unweighted, those rows alone set the intercept and channel 0's forecasts were off by up
+    // to 35. Weighted by scale², they weigh what their error on the series' scale weighs; the
+    // weights shared with the pulses still cost channel 0 its exact fit (0.66 at most).
+    let series = matrix(1200, 2, |row, channel| {
+        let t = row as f64;
+        match channel {
+            0 => 3.0 + (TAU * t / 17.0).sin() + 0.5 * (TAU * t / 7.0).cos(),
+            _ => f64::from(row % 100 >= 95) * 5.0,
+        }
+    });
+    let split = SplitRows {
+        train: 800,
+        validation: 200,
+        test: 200,
+    };
+    let fitted = LinearBaseline::default()
+        .fit(&training_data(&series, &split, 32, 8))
+        .unwrap();
+    let model = &fitted.model;
+    let test = split.test_windows(32, 8).unwrap();
+    let (inputs, targets) = test.extract(&series, 0..test.count, 32, 8).unwrap();
+    let forecast = model.predict(&inputs).unwrap();
+    let channel_0_error = forecast
+        .mean
+        .iter()
+        .zip(&targets.values)
+        .step_by(2)
+        .map(|(predicted, actual)| (predicted - actual).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        channel_0_error < 1.0,
+        "largest test error on the autoregressive channel {channel_0_error}"
+    );
+}
+
+#[test]
 fn baseline_quantiles_never_cross_and_cover_about_eighty_percent() {
     let spec = SyntheticSpec::new(SyntheticKind::Hourly, 3000, 3, 7);
     let series = generate(&spec).unwrap().matrix;

@@ -1,6 +1,7 @@
 //! RLinear: one ridge regression from the L lookback values (plus an intercept) to the H
 //! horizon values, shared by all channels (channel-independent), fitted in closed form on
-//! instance-normalised windows.
+//! instance-normalised windows, each window weighted by its scale² so that the fit minimises
+//! the error after the normalisation is undone (RLinear's loss).
 //!
 //! The normal equations `XᵀX` `[(L+1)²]` and `XᵀY` `[(L+1) × H]` are accumulated in one
 //! streaming pass over the training windows, so the windows are never all in memory. The
