@@ -41,6 +41,21 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Cephes `logf`'s polynomial in the reduced mantissa m, highest degree first (ln(1 + m) ≈ m −
+/// m²/2 + m³·p(m)); both vector copies of `ln_at_least_one` (the sLSTM step in AVX2 and in
+/// AVX-512) evaluate it by Horner's rule from these.
+pub(crate) const LN_POLYNOMIAL: [f32; 9] = [
+    7.037_683_6e-2,
+    -1.151_461e-1,
+    1.167_699_9e-1,
+    -1.242_014_1e-1,
+    1.424_932_3e-1,
+    -1.666_805_8e-1,
+    2.000_071_4e-1,
+    -2.499_999_4e-1,
+    3.333_333e-1,
+];
+
 /// Cephes `expf`'s polynomial in the reduced argument r, highest degree first (e^r ≈ 1 + r +
 /// r²·p(r)); every copy of the exponential, scalar or in intrinsics, evaluates it by Horner's
 /// rule from these.

@@ -332,7 +332,7 @@ pub(super) mod avx2 {
     //! the length checks of its caller in `Kernels`.
     use super::super::fused_cpu::{TAPE_C, TAPE_F, TAPE_I, TAPE_N, TAPE_O, TAPE_SIG_NEG_F, TAPE_Z};
     use super::{BackwardStep, UnitState};
-    use crate::xlstm::kernels::vmath::EXP_POLYNOMIAL;
+    use crate::xlstm::kernels::vmath::{EXP_POLYNOMIAL, LN_POLYNOMIAL};
     use std::arch::x86_64::*;
 
     const LANES: usize = 8;
@@ -448,17 +448,8 @@ pub(super) mod avx2 {
         let e: [__m256; N] =
             each!(|j| _mm256_sub_ps(e[j], _mm256_and_ps(_mm256_set1_ps(1.0), below[j])));
         let z: [__m256; N] = each!(|j| _mm256_mul_ps(m[j], m[j]));
-        let mut y = [_mm256_set1_ps(7.037_683_6e-2); N];
-        for coefficient in [
-            -1.151_461e-1,
-            1.167_699_9e-1,
-            -1.242_014_1e-1,
-            1.424_932_3e-1,
-            -1.666_805_8e-1,
-            2.000_071_4e-1,
-            -2.499_999_4e-1,
-            3.333_333e-1,
-        ] {
+        let mut y = [_mm256_set1_ps(LN_POLYNOMIAL[0]); N];
+        for &coefficient in &LN_POLYNOMIAL[1..] {
             y = each!(|j| _mm256_fmadd_ps(y[j], m[j], _mm256_set1_ps(coefficient)));
         }
         let y: [__m256; N] = each!(|j| _mm256_mul_ps(_mm256_mul_ps(y[j], m[j]), z[j]));

@@ -11,7 +11,7 @@ use super::super::fused_cpu::{
 };
 use super::super::simd::each;
 use super::{HeadScan, RowScan, ScanRows, prefetch_ahead};
-use crate::xlstm::kernels::vmath::EXP_POLYNOMIAL;
+use crate::xlstm::kernels::vmath::{EXP_POLYNOMIAL, LN_POLYNOMIAL};
 use std::arch::x86_64::*;
 
 const LANES: usize = 16;
@@ -412,17 +412,8 @@ fn ln_at_least_one<const N: usize>(x: [__m512; N]) -> [__m512; N] {
     let e: [__m512; N] =
         each!(|j| _mm512_sub_ps(e[j], _mm512_maskz_mov_ps(below[j], _mm512_set1_ps(1.0))));
     let z: [__m512; N] = each!(|j| _mm512_mul_ps(m[j], m[j]));
-    let mut y = [_mm512_set1_ps(7.037_683_6e-2); N];
-    for coefficient in [
-        -1.151_461e-1,
-        1.167_699_9e-1,
-        -1.242_014_1e-1,
-        1.424_932_3e-1,
-        -1.666_805_8e-1,
-        2.000_071_4e-1,
-        -2.499_999_4e-1,
-        3.333_333e-1,
-    ] {
+    let mut y = [_mm512_set1_ps(LN_POLYNOMIAL[0]); N];
+    for &coefficient in &LN_POLYNOMIAL[1..] {
         y = each!(|j| _mm512_fmadd_ps(y[j], m[j], _mm512_set1_ps(coefficient)));
     }
     let y: [__m512; N] = each!(|j| _mm512_mul_ps(_mm512_mul_ps(y[j], m[j]), z[j]));
