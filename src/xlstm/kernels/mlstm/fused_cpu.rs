@@ -104,12 +104,20 @@ impl<'a> StateView<'a> {
 /// Vector primitives of the inner loops. Kernels are generic over this so that the
 /// same code is compiled once portably and once with AVX2+FMA.
 trait Lanes: Copy {
+    /// Values per vector: slices of a multiple of this length need no scalar tail.
+    const WIDTH: usize;
     /// `x · y` over the common length.
     fn dot(self, x: &[f32], y: &[f32]) -> f32;
+    /// `Σ x`, in partial sums (one running sum is a chain of dependent additions).
+    fn sum(self, x: &[f32]) -> f32;
     /// `y += alpha · x` over the common length.
     fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]);
     /// `x = exp(x − shift)` elementwise.
     fn exp_shifted(self, x: &mut [f32], shift: f32);
+    /// `x.iter().fold(init, f32::max)`: the largest of `init` and the values, NaNs among the
+    /// values ignored. One running maximum is a chain of dependent comparisons, each waiting
+    /// for the last: the row stabilisers' folds were a tenth of the chunkwise forward.
+    fn max_from(self, init: f32, x: &[f32]) -> f32;
     /// `out = x · scale · y` elementwise over the length of `out`.
     fn scaled_product(self, out: &mut [f32], x: &[f32], y: &[f32], scale: f32);
     /// `C[i, j] += Σ_p A[i, p] · B[p, j]` for `dims = (m, n, k)`: i < m, j < n, p < k; B and C have
@@ -247,6 +255,8 @@ fn check_gemm_bounds(
 struct Portable;
 
 impl Lanes for Portable {
+    const WIDTH: usize = 1;
+
     #[inline(always)]
     fn dot(self, x: &[f32], y: &[f32]) -> f32 {
         // Four partial sums break the add dependency chain.
@@ -268,6 +278,19 @@ impl Lanes for Portable {
     }
 
     #[inline(always)]
+    fn sum(self, x: &[f32]) -> f32 {
+        let mut acc = [0f32; 4];
+        let mut xs = x.chunks_exact(4);
+        for xc in &mut xs {
+            for j in 0..4 {
+                acc[j] += xc[j];
+            }
+        }
+        let tail: f32 = xs.remainder().iter().sum();
+        (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    }
+
+    #[inline(always)]
     fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]) {
         for (yi, xi) in y.iter_mut().zip(x) {
             *yi += alpha * xi;
@@ -279,6 +302,11 @@ impl Lanes for Portable {
         for xi in x.iter_mut() {
             *xi = (*xi - shift).exp();
         }
+    }
+
+    #[inline(always)]
+    fn max_from(self, init: f32, x: &[f32]) -> f32 {
+        x.iter().fold(init, |m, v| m.max(*v))
     }
 
     #[inline(always)]
@@ -332,6 +360,8 @@ mod avx2 {
     // 16-float row costs more than the row. Inlined into the `#[target_feature]`
     // kernel entry points, the intrinsics compile to plain AVX2/FMA instructions.
     impl Lanes for Avx2Fma {
+        const WIDTH: usize = 8;
+
         #[inline(always)]
         fn dot(self, x: &[f32], y: &[f32]) -> f32 {
             let len = x.len().min(y.len());
@@ -369,6 +399,29 @@ mod avx2 {
                 let mut total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
                 while i < len {
                     total += x[i] * y[i];
+                    i += 1;
+                }
+                total
+            }
+        }
+
+        #[inline(always)]
+        fn sum(self, x: &[f32]) -> f32 {
+            let len = x.len();
+            let xp = x.as_ptr();
+            let mut i = 0;
+            // SAFETY: as in `dot`; every load reads lanes i..i + 8 < len.
+            unsafe {
+                let mut acc = _mm256_setzero_ps();
+                while i + 8 <= len {
+                    acc = _mm256_add_ps(acc, _mm256_loadu_ps(xp.add(i)));
+                    i += 8;
+                }
+                let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+                let mut total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+                while i < len {
+                    total += x[i];
                     i += 1;
                 }
                 total
@@ -417,6 +470,35 @@ mod avx2 {
                 x[i] = (x[i] - shift).exp();
                 i += 1;
             }
+        }
+
+        #[inline(always)]
+        fn max_from(self, init: f32, x: &[f32]) -> f32 {
+            let len = x.len();
+            let xp = x.as_ptr();
+            let mut i = 0;
+            let mut best = init;
+            // SAFETY: as in `dot`; every load reads lanes i..i + 8 < len.
+            unsafe {
+                if len >= 8 {
+                    // maxps returns its second operand when either is NaN: with the running
+                    // maxima second (never NaN but from a NaN `init`), NaN values drop out as
+                    // in `f32::max`.
+                    let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+                    while i + 8 <= len {
+                        acc = _mm256_max_ps(_mm256_loadu_ps(xp.add(i)), acc);
+                        i += 8;
+                    }
+                    let quad =
+                        _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                    let pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+                    best = best.max(_mm_cvtss_f32(_mm_max_ss(
+                        pair,
+                        _mm_shuffle_ps(pair, pair, 1),
+                    )));
+                }
+            }
+            x[i..].iter().fold(best, |m, v| m.max(*v))
         }
 
         #[inline(always)]
@@ -743,7 +825,11 @@ impl HeadScratch {
         let d = geometry.head_dim;
         for tau in 0..len {
             let row = &mut self.decay[tau * len..(tau + 1) * len];
-            lanes.exp_shifted(&mut row[..=tau], self.row_stabiliser[tau]);
+            // Up to a whole vector past the diagonal (values there are overwritten with 0
+            // below): the scalar tail of `exp_shifted` is a libm call per value, and a
+            // row's tail averaged half a vector, most of the chunk's exponentials.
+            let exponentiated = (tau + 1).next_multiple_of(L::WIDTH).min(len);
+            lanes.exp_shifted(&mut row[..exponentiated], self.row_stabiliser[tau]);
             row[tau + 1..].fill(0.0);
         }
         let square = &mut self.square[..len * len];
@@ -838,9 +924,10 @@ fn chunk_rows_forward<L: Lanes>(
     let len = qkv.len() / qkv_width;
     scratch.fill_log_decay(len);
     for tau in 0..len {
-        let row_max = scratch.decay[tau * len..tau * len + tau + 1]
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+        let row_max = lanes.max_from(
+            f32::NEG_INFINITY,
+            &scratch.decay[tau * len..tau * len + tau + 1],
+        );
         let log_inter = prev.map_or(f32::NEG_INFINITY, |prev| scratch.cum[tau] + prev.m);
         scratch.row_stabiliser[tau] = row_max.max(log_inter);
     }
@@ -874,7 +961,7 @@ fn chunk_rows_forward<L: Lanes>(
         let m_row = scratch.row_stabiliser[tau];
         let (h, stats) = row.split_at_mut(d);
         h.copy_from_slice(&scratch.rows_a[tau * d..(tau + 1) * d]);
-        let mut normaliser: f32 = scratch.weights[tau * len..tau * len + tau + 1].iter().sum();
+        let mut normaliser = lanes.sum(&scratch.weights[tau * len..tau * len + tau + 1]);
         if let Some(prev) = prev {
             let inter_weight = ((scratch.cum[tau] + prev.m) - m_row).exp();
             lanes.axpy(h, inter_weight, &scratch.rows_b[tau * d..(tau + 1) * d]);
@@ -904,7 +991,7 @@ fn chunk_state_forward<L: Lanes>(
     let d = geometry.head_dim;
     let len = qkv.len() / geometry.qkv_width();
     let total = scratch.cum[len - 1];
-    let m_next = input_weights(scratch, len, prev.m, None);
+    let m_next = input_weights(lanes, scratch, len, prev.m, None);
     let carry = ((total + prev.m) - m_next).exp();
     let (c_next, rest) = next.split_at_mut(d * d);
     let (n_next, m_slot) = rest.split_at_mut(d);
@@ -920,7 +1007,7 @@ fn chunk_state_forward<L: Lanes>(
         d,
     );
     for (a, (n, n_prev)) in n_next.iter_mut().zip(prev.n).enumerate() {
-        let keys: f32 = scratch.weighted_keys_t[a * len..(a + 1) * len].iter().sum();
+        let keys = lanes.sum(&scratch.weighted_keys_t[a * len..(a + 1) * len]);
         *n = carry * n_prev + keys;
     }
     m_slot[0] = m_next;
@@ -930,21 +1017,21 @@ fn chunk_state_forward<L: Lanes>(
 /// `a_τ = (g − cum[τ]) + igate[τ]`, and `weighted_keys_t[a, τ] = k_τ[a]·row[τ]/√DH`.
 /// Returns `m_next` (computed unless given).
 #[inline(always)]
-fn input_weights(scratch: &mut HeadScratch, len: usize, m_prev: f32, m_next: Option<f32>) -> f32 {
+fn input_weights<L: Lanes>(
+    lanes: L,
+    scratch: &mut HeadScratch,
+    len: usize,
+    m_prev: f32,
+    m_next: Option<f32>,
+) -> f32 {
     let total = scratch.cum[len - 1];
     let d = scratch.keys_t.len() / scratch.cum.len();
     for tau in 0..len {
         scratch.row[tau] = (total - scratch.cum[tau]) + scratch.igate[tau];
     }
-    let m_next = m_next.unwrap_or_else(|| {
-        scratch.row[..len]
-            .iter()
-            .fold(total + m_prev, |m, x| m.max(*x))
-    });
+    let m_next = m_next.unwrap_or_else(|| lanes.max_from(total + m_prev, &scratch.row[..len]));
     let key_scale = 1.0 / (d as f32).sqrt();
-    for tau in 0..len {
-        scratch.row[tau] = (scratch.row[tau] - m_next).exp();
-    }
+    lanes.exp_shifted(&mut scratch.row[..len], m_next);
     for a in 0..d {
         for tau in 0..len {
             scratch.weighted_keys_t[a * len + tau] =
@@ -1112,7 +1199,7 @@ fn chunk_state_backward<L: Lanes>(
     let key_scale = geometry.key_scale();
     let len = qkv.len() / qkv_width;
     let total = scratch.cum[len - 1];
-    input_weights(scratch, len, prev.m, Some(m_next));
+    input_weights(lanes, scratch, len, prev.m, Some(m_next));
     let carry = ((total + prev.m) - m_next).exp();
     let grad_carry = lanes.dot(carry_c, prev.c) + lanes.dot(carry_n, prev.n);
     lanes.axpy(next_c, carry, carry_c);
@@ -1246,7 +1333,7 @@ fn chunk_rows_backward<L: Lanes>(
             &weights[tau * len..tau * len + n],
             1.0,
         );
-        let grad_cum_tau: f32 = grad_log_decay.iter().sum();
+        let grad_cum_tau = lanes.sum(grad_log_decay);
         lanes.axpy(&mut scratch.grad_cum[..n], -1.0, grad_log_decay);
         lanes.axpy(&mut scratch.grad_igate[..n], 1.0, grad_log_decay);
         scratch.grad_cum[tau] += grad_cum_tau;
