@@ -489,8 +489,8 @@ mod avx2 {
             unsafe {
                 if len >= 8 {
                     // maxps returns its second operand when either is NaN: with the running
-                    // maxima second (never NaN but from a NaN `init`), NaN values drop out as
-                    // in `f32::max`.
+                    // maxima second (never NaN: they start at −∞), NaN values drop out as in
+                    // `f32::max`.
                     let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
                     while i + 8 <= len {
                         acc = _mm256_max_ps(_mm256_loadu_ps(xp.add(i)), acc);
