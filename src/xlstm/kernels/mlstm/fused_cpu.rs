@@ -24,7 +24,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::super::cpu_data::{contiguous_data, with_contiguous};
+use super::super::cpu_data::{contiguous_data, output_buffer, with_contiguous};
+use super::super::vmath;
 use super::{
     DENOMINATOR_EPS, MlstmState, check_chunk_size, check_sequence_inputs, check_state,
     check_step_inputs, pack_gates, pack_qkv, pack_state, state_record_len, unpack_state,
@@ -33,13 +34,10 @@ use super::{
 /// Values stored after h in every output row: the row stabiliser and the signed normaliser.
 const ROW_STATS: usize = 2;
 
-fn log_sigmoid(x: f32) -> f32 {
-    x.min(0.0) - (-x.abs()).exp().ln_1p()
-}
-
 /// d logσ(x) / dx = σ(−x).
+#[inline(always)]
 fn log_sigmoid_derivative(x: f32) -> f32 {
-    1.0 / (1.0 + x.exp())
+    1.0 / (1.0 + vmath::exp(x))
 }
 
 /// Sizes of the per-head problem.
@@ -127,6 +125,9 @@ trait Lanes: Copy {
     fn max_from(self, init: f32, x: &[f32]) -> f32;
     /// `out = x · scale · y` elementwise over the length of `out`.
     fn scaled_product(self, out: &mut [f32], x: &[f32], y: &[f32], scale: f32);
+    /// Columns `first..first + width` of the row-major `rows` (row stride `stride`), transposed:
+    /// `out[a·n + σ] = rows[σ·stride + first + a]` for the n = `out.len() / width` rows.
+    fn transpose(self, rows: &[f32], stride: usize, first: usize, width: usize, out: &mut [f32]);
     /// `C[i, j] += Σ_p A[i, p] · B[p, j]` for `dims = (m, n, k)`: i < m, j < n, p < k; B and C have
     /// contiguous rows (`B[p, j] = b[p·ldb + j]`, `C[i, j] = c[i·ldc + j]`).
     #[allow(clippy::too_many_arguments)]
@@ -324,6 +325,12 @@ impl Lanes for Portable {
     }
 
     #[inline(always)]
+    fn transpose(self, rows: &[f32], stride: usize, first: usize, width: usize, out: &mut [f32]) {
+        let n = check_transpose_bounds(rows, stride, first, width, out);
+        transpose_block(rows, stride, first, n, (0..n, 0..width), out);
+    }
+
+    #[inline(always)]
     fn gemm_acc(
         self,
         (m, n, k): (usize, usize, usize),
@@ -347,7 +354,7 @@ impl Lanes for Portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Lanes, Strided, check_gemm_bounds};
+    use super::{Lanes, Strided, check_gemm_bounds, check_transpose_bounds, transpose_block};
 
     /// Proof that the running CPU has AVX2 and FMA; only [`Avx2Fma::detect`] makes one.
     #[derive(Clone, Copy)]
@@ -530,6 +537,64 @@ mod avx2 {
                 out[i] = x[i] * scale * y[i];
                 i += 1;
             }
+        }
+
+        #[inline(always)]
+        fn transpose(
+            self,
+            rows: &[f32],
+            stride: usize,
+            first: usize,
+            width: usize,
+            out: &mut [f32],
+        ) {
+            let n = check_transpose_bounds(rows, stride, first, width, out);
+            let (full_rows, full_columns) = (n / 8 * 8, width / 8 * 8);
+            let (rp, op) = (rows.as_ptr(), out.as_mut_ptr());
+            // SAFETY: AVX2 is present (an `Avx2Fma` exists); every 8×8 block reads rows
+            // σ0..σ0 + 8 ≤ n at columns first + a0..first + a0 + 8 ≤ first + width and writes
+            // rows a0..a0 + 8 ≤ width of `out` at σ0..σ0 + 8 ≤ n, in bounds by the check.
+            unsafe {
+                for sigma0 in (0..full_rows).step_by(8) {
+                    for a0 in (0..full_columns).step_by(8) {
+                        let load =
+                            |i: usize| _mm256_loadu_ps(rp.add((sigma0 + i) * stride + first + a0));
+                        let (r0, r1, r2, r3) = (load(0), load(1), load(2), load(3));
+                        let (r4, r5, r6, r7) = (load(4), load(5), load(6), load(7));
+                        // Pairs of rows interleaved, then pairs of pairs: each 128-bit half
+                        // holds one output row's four values from rows 0–3 or 4–7.
+                        let t0 = _mm256_unpacklo_ps(r0, r1);
+                        let t1 = _mm256_unpackhi_ps(r0, r1);
+                        let t2 = _mm256_unpacklo_ps(r2, r3);
+                        let t3 = _mm256_unpackhi_ps(r2, r3);
+                        let t4 = _mm256_unpacklo_ps(r4, r5);
+                        let t5 = _mm256_unpackhi_ps(r4, r5);
+                        let t6 = _mm256_unpacklo_ps(r6, r7);
+                        let t7 = _mm256_unpackhi_ps(r6, r7);
+                        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                        let store = |i: usize, v: __m256| {
+                            _mm256_storeu_ps(op.add((a0 + i) * n + sigma0), v)
+                        };
+                        store(0, _mm256_permute2f128_ps::<0x20>(u0, u4));
+                        store(1, _mm256_permute2f128_ps::<0x20>(u1, u5));
+                        store(2, _mm256_permute2f128_ps::<0x20>(u2, u6));
+                        store(3, _mm256_permute2f128_ps::<0x20>(u3, u7));
+                        store(4, _mm256_permute2f128_ps::<0x31>(u0, u4));
+                        store(5, _mm256_permute2f128_ps::<0x31>(u1, u5));
+                        store(6, _mm256_permute2f128_ps::<0x31>(u2, u6));
+                        store(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
+                    }
+                }
+            }
+            transpose_block(rows, stride, first, n, (0..n, full_columns..width), out);
+            transpose_block(rows, stride, first, n, (full_rows..n, 0..full_columns), out);
         }
 
         #[inline(always)]
@@ -813,17 +878,34 @@ impl HeadScratch {
     /// Gate terms and transposed keys of a chunk of `gates.len() / 2` rows; with
     /// `values`, the transposed values too (only the backward pass reads them).
     #[inline(always)]
-    fn load_chunk(&mut self, d: usize, qkv: &[f32], gates: &[f32], values: bool) {
+    fn load_chunk<L: Lanes>(
+        &mut self,
+        lanes: L,
+        d: usize,
+        qkv: &[f32],
+        gates: &[f32],
+        values: bool,
+    ) {
         let len = gates.len() / 2;
-        let mut total = 0.0;
-        for (tau, g) in gates.chunks_exact(2).enumerate() {
-            total += log_sigmoid(g[1]);
-            self.cum[tau] = total;
-            self.igate[tau] = g[0];
+        // The log-sigmoids first, in a loop of their own that vectorises, then their
+        // running sum.
+        for ((cum, igate), g) in self
+            .cum
+            .iter_mut()
+            .zip(&mut self.igate)
+            .zip(gates.chunks_exact(2))
+        {
+            *cum = vmath::log_sigmoid(g[1]);
+            *igate = g[0];
         }
-        transpose_columns(qkv, 3 * d, d, d, &mut self.keys_t[..d * len]);
+        let mut total = 0.0;
+        for cum in &mut self.cum[..len] {
+            total += *cum;
+            *cum = total;
+        }
+        lanes.transpose(qkv, 3 * d, d, d, &mut self.keys_t[..d * len]);
         if values {
-            transpose_columns(qkv, 3 * d, 2 * d, d, &mut self.values_t[..d * len]);
+            lanes.transpose(qkv, 3 * d, 2 * d, d, &mut self.values_t[..d * len]);
         }
     }
 
@@ -832,8 +914,9 @@ impl HeadScratch {
     fn fill_log_decay(&mut self, len: usize) {
         for tau in 0..len {
             let row = &mut self.decay[tau * len..tau * len + tau + 1];
-            for (sigma, log_d) in row.iter_mut().enumerate() {
-                *log_d = (self.cum[tau] - self.cum[sigma]) + self.igate[sigma];
+            let total = self.cum[tau];
+            for ((log_d, cum), igate) in row.iter_mut().zip(&self.cum).zip(&self.igate) {
+                *log_d = (total - cum) + igate;
             }
         }
     }
@@ -918,7 +1001,13 @@ fn forward_head<L: Lanes>(
         if chunk + 1 < geometry.num_chunks() {
             prefetch(geometry.chunk_rows(qkv, qkv_width, chunk + 1));
         }
-        scratch.load_chunk(d, chunk_qkv, &gates[start * 2..(start + len) * 2], false);
+        scratch.load_chunk(
+            lanes,
+            d,
+            chunk_qkv,
+            &gates[start * 2..(start + len) * 2],
+            false,
+        );
         let chunk_rows = &mut rows[start * row_width..(start + len) * row_width];
         if initial.is_some() {
             let (before, after) = states.split_at_mut((chunk + 1) * state_len);
@@ -1061,11 +1150,11 @@ fn input_weights<L: Lanes>(
     let m_next = m_next.unwrap_or_else(|| lanes.max_from(total + m_prev, &scratch.row[..len]));
     let key_scale = 1.0 / (d as f32).sqrt();
     lanes.exp_shifted(&mut scratch.row[..len], m_next);
-    for a in 0..d {
-        for tau in 0..len {
-            scratch.weighted_keys_t[a * len + tau] =
-                scratch.keys_t[a * len + tau] * scratch.row[tau] * key_scale;
-        }
+    for (weighted, keys) in scratch.weighted_keys_t[..d * len]
+        .chunks_exact_mut(len)
+        .zip(scratch.keys_t.chunks_exact(len))
+    {
+        lanes.scaled_product(weighted, keys, &scratch.row[..len], key_scale);
     }
     m_next
 }
@@ -1122,7 +1211,7 @@ fn backward_head<L: Lanes>(
             prefetch(geometry.chunk_rows(qkv, qkv_width, chunk - 1));
         }
         let chunk_gates = &gates[start * 2..(start + len) * 2];
-        scratch.load_chunk(d, chunk_qkv, chunk_gates, true);
+        scratch.load_chunk(lanes, d, chunk_qkv, chunk_gates, true);
         scratch.grad_cum[..len].fill(0.0);
         scratch.grad_igate[..len].fill(0.0);
         scratch.grad_k[..len * d].fill(0.0);
@@ -1183,32 +1272,50 @@ fn backward_head<L: Lanes>(
     }
 }
 
-/// Columns `first..first + width` of the row-major `rows` (row stride `stride`), transposed:
-/// `out[a·n + σ] = rows[σ·stride + first + a]` for the n = `out.len() / width` rows.
+/// Panics unless [`Lanes::transpose`]'s arguments are in bounds; returns the row count n.
 #[inline(always)]
-fn transpose_columns(rows: &[f32], stride: usize, first: usize, width: usize, out: &mut [f32]) {
-    let n = out.len() / width;
-    if n == 0 {
-        return;
-    }
+fn check_transpose_bounds(
+    rows: &[f32],
+    stride: usize,
+    first: usize,
+    width: usize,
+    out: &[f32],
+) -> usize {
+    let n = out.len().checked_div(width).unwrap_or(0);
     assert!(
-        out.len() == n * width
-            && first + width <= stride
-            && (n - 1) * stride + first + width <= rows.len(),
-        "transpose_columns: out of bounds"
+        n == 0
+            || (out.len() == n * width
+                && first + width <= stride
+                && (n - 1) * stride + first + width <= rows.len()),
+        "transpose: out of bounds"
     );
-    for (sigma, row) in rows.chunks(stride).take(n).enumerate() {
-        for (a, x) in row[first..first + width].iter().enumerate() {
-            // SAFETY: a < width and σ < n, so a·n + σ < width·n = out.len() (asserted above).
-            unsafe { *out.get_unchecked_mut(a * n + sigma) = *x };
+    n
+}
+
+/// The part `sigmas × columns` of [`Lanes::transpose`], one value at a time (bounds checked by
+/// [`check_transpose_bounds`]).
+#[inline(always)]
+fn transpose_block(
+    rows: &[f32],
+    stride: usize,
+    first: usize,
+    n: usize,
+    (sigmas, columns): (std::ops::Range<usize>, std::ops::Range<usize>),
+    out: &mut [f32],
+) {
+    for sigma in sigmas {
+        let row = &rows[sigma * stride + first..];
+        for a in columns.clone() {
+            // SAFETY: a < width and σ < n, so a·n + σ < width·n = out.len() (checked).
+            unsafe { *out.get_unchecked_mut(a * n + sigma) = *row.get_unchecked(a) };
         }
     }
 }
 
 /// `out[j·d + i] = m[i·d + j]` for a d×d matrix.
 #[inline(always)]
-fn transpose_square(m: &[f32], d: usize, out: &mut [f32]) {
-    transpose_columns(m, d, 0, d, &mut out[..d * d]);
+fn transpose_square<L: Lanes>(lanes: L, m: &[f32], d: usize, out: &mut [f32]) {
+    lanes.transpose(m, d, 0, d, &mut out[..d * d]);
 }
 
 /// Backward of the state update of one chunk: writes into the k, v gradient buffers,
@@ -1238,7 +1345,7 @@ fn chunk_state_backward<L: Lanes>(
     lanes.axpy(next_n, carry, carry_n);
     let mut grad_total = grad_carry * carry;
     // rows_b[τ] = dC v_τ + dn: the gradient w.r.t. the weighted key of row τ.
-    transpose_square(carry_c, d, &mut scratch.small_t);
+    transpose_square(lanes, carry_c, d, &mut scratch.small_t);
     let projected = &mut scratch.rows_b[..len * d];
     for row in projected.chunks_exact_mut(d) {
         row.copy_from_slice(carry_n);
@@ -1395,7 +1502,7 @@ fn chunk_rows_backward<L: Lanes>(
     );
     if let Some(prev) = prev {
         // rows_b[τ] = C_prev · grad_num_τ
-        transpose_square(prev.c, d, &mut scratch.small_t);
+        transpose_square(lanes, prev.c, d, &mut scratch.small_t);
         let projected = &mut scratch.rows_b[..len * d];
         projected.fill(0.0);
         lanes.gemm_acc(
@@ -1484,8 +1591,8 @@ impl CustomOp2 for ParallelOp {
         let gates = contiguous_data(op, "gates", gates_storage, gates_layout)?;
         let (batch, heads) = (qkv_layout.dims()[0], qkv_layout.dims()[1]);
         let h_len = g.seq_len * g.head_dim;
-        let mut rows = vec![0f32; batch * heads * g.rows_len()];
-        let mut h = vec![0f32; batch * heads * h_len];
+        let mut rows = output_buffer(batch * heads * g.rows_len());
+        let mut h = output_buffer(batch * heads * h_len);
         rows.par_chunks_mut(g.rows_len())
             .zip(h.par_chunks_mut(h_len))
             .enumerate()
@@ -1520,8 +1627,8 @@ impl CustomOp2 for ParallelOp {
         let op = self.name();
         let g = self.geometry;
         let rows = recorded(op, &self.tape)?;
-        let mut grad_qkv = vec![0f32; qkv.elem_count()];
-        let mut grad_gates = vec![0f32; gates.elem_count()];
+        let mut grad_qkv = output_buffer(qkv.elem_count());
+        let mut grad_gates = output_buffer(gates.elem_count());
         let qkv_len = g.seq_len * g.qkv_width();
         let h_len = g.seq_len * g.head_dim;
         with_contiguous(op, "qkv", qkv, |qkv_data| {
@@ -1639,7 +1746,7 @@ impl CustomOp3 for ChunkwiseOp {
                 &initial[head * state_len..][..state_len],
             )
         };
-        let mut out = vec![0f32; heads * (h_len + state_len)];
+        let mut out = output_buffer(heads * (h_len + state_len));
         let (h, final_states) = out.split_at_mut(heads * h_len);
         let outputs = h
             .par_chunks_mut(h_len)
@@ -1648,7 +1755,7 @@ impl CustomOp3 for ChunkwiseOp {
         match &self.tape {
             // Training: every head's records stay for the backward pass.
             Some(tape) => {
-                let mut records = vec![0f32; heads * record_len];
+                let mut records = output_buffer(heads * record_len);
                 outputs
                     .zip(records.par_chunks_mut(record_len))
                     .for_each_init(
@@ -1684,9 +1791,9 @@ impl CustomOp3 for ChunkwiseOp {
         let op = self.name();
         let g = self.geometry;
         let records = recorded(op, &self.tape)?;
-        let mut grad_qkv = vec![0f32; qkv.elem_count()];
-        let mut grad_gates = vec![0f32; gates.elem_count()];
-        let mut grad_initial = vec![0f32; initial.elem_count()];
+        let mut grad_qkv = output_buffer(qkv.elem_count());
+        let mut grad_gates = output_buffer(gates.elem_count());
+        let mut grad_initial = output_buffer(initial.elem_count());
         let qkv_len = g.seq_len * g.qkv_width();
         let record_len = g.chunkwise_record_len();
         let state_len = g.state_len();
@@ -1786,7 +1893,7 @@ impl CustomOp3 for StepOp {
                 let prev = StateView::new(state, d);
                 let (q, kv) = qkv.split_at(d);
                 let (k, v) = kv.split_at(d);
-                let log_forget = log_sigmoid(gates[1]) + prev.m;
+                let log_forget = vmath::log_sigmoid(gates[1]) + prev.m;
                 let m = log_forget.max(gates[0]);
                 let forget = (log_forget - m).exp();
                 let input = (gates[0] - m).exp() * key_scale;
