@@ -53,9 +53,13 @@ impl TrainingProgressPrinter {
                 let at = record.mid_epoch_step.map_or(String::new(), |step| {
                     format!("  step {step}/{}", progress.steps_per_epoch)
                 });
+                // The weight of the deep correction that scored `val`.
+                let scale = record
+                    .deep_scale
+                    .map_or(String::new(), |scale| format!(" (deep ×{scale:.2})"));
                 let _ = writeln!(
                     stderr,
-                    "{clear}epoch {}/{}{at}  train {train}  val {:.4}  best {:.4}  ({:.1} s)",
+                    "{clear}epoch {}/{}{at}  train {train}  val {:.4}{scale}  best {:.4}  ({:.1} s)",
                     record.epoch,
                     progress.max_epochs,
                     record.val_loss,

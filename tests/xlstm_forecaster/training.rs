@@ -1,7 +1,9 @@
 use std::ops::ControlFlow;
 
 use xlstm_forecast::forecast::xlstm::{ChannelMode, TrainingProgress};
-use xlstm_forecast::forecast::{Fit, ForecastError, LinearBaseline, Predict, WindowBatch};
+use xlstm_forecast::forecast::{
+    Fit, ForecastError, LinearBaseline, MetricsAccumulator, Predict, WindowBatch,
+};
 
 use super::common::{HORIZON, LOOKBACK, Prepared, forecaster, quick_preset};
 
@@ -203,6 +205,51 @@ fn validation_checks_within_epochs_keep_the_best_check() {
         (best.epoch, best.mid_epoch_step)
     );
     assert_eq!(training.epochs, 2);
+}
+
+#[test]
+fn the_kept_model_weighs_its_deep_correction_as_its_best_check_did() {
+    let prepared = Prepared::new(700, 2, 0.0);
+    let data = prepared.data();
+    let mut preset = quick_preset();
+    preset.training.max_validation_windows = None;
+    preset.training.validations_per_epoch = 2;
+    preset.training.patience = 10;
+    let model = forecaster(preset).fit(&data).unwrap().model;
+    let training = &model.manifest.training;
+    for record in &training.history {
+        let scale = record
+            .deep_scale
+            .expect("a linear path weighs its deep correction");
+        assert!((0.0..=1.0).contains(&scale), "deep scale {scale}");
+    }
+    // The untrained correction is zero: every weight scores the same, and the tie keeps 1.
+    assert_eq!(training.history[0].deep_scale, Some(1.0));
+    let kept = training
+        .history
+        .iter()
+        .find(|r| {
+            (r.epoch, r.mid_epoch_step) == (training.best_epoch, training.best_mid_epoch_step)
+        })
+        .unwrap();
+    assert_eq!(training.deep_scale, kept.deep_scale);
+    // The saved model forecasts with that weight: its validation MSE is the kept check's.
+    let mut metrics = MetricsAccumulator::new(vec![1.0; 2]);
+    data.validation
+        .for_each_block(
+            &prepared.matrix,
+            LOOKBACK,
+            HORIZON,
+            64,
+            |inputs, targets| metrics.add(&model.predict(&inputs)?, &targets),
+        )
+        .unwrap();
+    let mse = metrics.finish().mse;
+    assert!(
+        (mse - training.best_val_loss).abs() <= 1e-4 * training.best_val_loss,
+        "validation mse {mse} against the kept check's {}",
+        training.best_val_loss
+    );
 }
 
 #[test]

@@ -77,7 +77,18 @@ pub struct ForecastNetwork {
     stack: XlstmStack,
     point_head: PointHead,
     quantile_head: Linear,
-    linear_path: Option<Linear>,
+    linear_path: Option<LinearPath>,
+}
+
+/// The linear lookback→horizon path and the weight the deep correction gets beside it.
+#[derive(Debug, Clone)]
+struct LinearPath {
+    map: Linear,
+    /// `[1]`: forecast = linear + deep_scale · deep. 1 while training; afterwards the value in
+    /// [0, 1] that scored best on the validation windows at the kept check (see `train`): a
+    /// deep correction that only partly carries over to unseen windows is shrunk toward the
+    /// linear forecast instead of being kept whole or dropped.
+    deep_scale: Tensor,
 }
 
 /// The point head over the flattened tokens `[S, tokens·E]`.
@@ -114,10 +125,12 @@ impl Module for PointHead {
     }
 }
 
-/// Network outputs on the RevIN scale: `point` `[B, H, C]`, `quantiles` `[B, H, C, Q]`.
+/// Network outputs on the RevIN scale: `point` `[B, H, C]`, `quantiles` `[B, H, C, Q]`;
+/// `linear` `[B, H, C]` is the linear path's share of `point` (None without one).
 pub struct NetworkOutput {
     pub point: Tensor,
     pub quantiles: Tensor,
+    pub linear: Option<Tensor>,
 }
 
 impl ForecastNetwork {
@@ -158,11 +171,10 @@ impl ForecastNetwork {
             })?;
         let quantile_head = Linear::new(quantile_weight, Some(quantile_bias));
         let linear_path = if cfg.linear_path {
-            Some(zero_linear(
-                shape.lookback,
-                shape.horizon,
-                vb.pp("linear_path"),
-            )?)
+            Some(LinearPath {
+                map: zero_linear(shape.lookback, shape.horizon, vb.pp("linear_path"))?,
+                deep_scale: vb.get_with_hints(1, DEEP_SCALE, Init::Const(1.0))?,
+            })
         } else {
             None
         };
@@ -190,9 +202,12 @@ impl ForecastNetwork {
 
     /// The linear path's weight `[H, L]` and bias `[H]`, when the network has one.
     pub fn linear_path(&self) -> Option<(&Tensor, &Tensor)> {
-        self.linear_path
-            .as_ref()
-            .map(|linear| (linear.weight(), linear.bias().expect("built with a bias")))
+        self.linear_path.as_ref().map(|path| {
+            (
+                path.map.weight(),
+                path.map.bias().expect("built with a bias"),
+            )
+        })
     }
 
     /// [`Self::forward`] without dropout and without recording ops for backpropagation, the
@@ -209,9 +224,11 @@ impl ForecastNetwork {
         }
         let points: Vec<&Tensor> = outputs.iter().map(|o| &o.point).collect();
         let quantiles: Vec<&Tensor> = outputs.iter().map(|o| &o.quantiles).collect();
+        let linear: Option<Vec<&Tensor>> = outputs.iter().map(|o| o.linear.as_ref()).collect();
         Ok(NetworkOutput {
             point: Tensor::cat(&points, 0)?,
             quantiles: Tensor::cat(&quantiles, 0)?,
+            linear: linear.map(|parts| Tensor::cat(&parts, 0)).transpose()?,
         })
     }
 
@@ -291,18 +308,21 @@ impl ForecastNetwork {
             )?;
             point = Tensor::cat(&[point, rest], 1)?;
         }
-        if let Some(linear) = &self.linear_path {
+        let mut linear = None;
+        if let Some(path) = &self.linear_path {
             // `[S, H·out]` in (step, channel) order, like the head.
-            let path = match self.cfg.channel_mode {
-                ChannelMode::Independent => {
-                    linear.forward(&seq_values.reshape((sequences, lookback))?)?
-                }
-                ChannelMode::Mixing => linear
+            let forecast = match self.cfg.channel_mode {
+                ChannelMode::Independent => path
+                    .map
+                    .forward(&seq_values.reshape((sequences, lookback))?)?,
+                ChannelMode::Mixing => path
+                    .map
                     .forward(&seq_values.transpose(1, 2)?.contiguous()?)?
                     .transpose(1, 2)?
                     .reshape((sequences, horizon * channels))?,
             };
-            point = (point + path)?;
+            point = (point.broadcast_mul(&path.deep_scale)? + &forecast)?;
+            linear = Some(forecast);
         }
         let levels = self.cfg.quantile_levels.len();
         let raw = self.quantile_head.forward(&hidden.mean(1)?)?.reshape((
@@ -322,25 +342,31 @@ impl ForecastNetwork {
             raw
         };
         let quantiles = point.unsqueeze(2)?.broadcast_add(&increments.cumsum(2)?)?;
-        let (point, quantiles) = match self.cfg.channel_mode {
-            ChannelMode::Independent => (
-                point
-                    .reshape((batch, channels, horizon))?
-                    .transpose(1, 2)?
-                    .contiguous()?,
-                quantiles
-                    .reshape((batch, channels, horizon, levels))?
-                    .permute((0, 2, 1, 3))?
-                    .contiguous()?,
-            ),
-            ChannelMode::Mixing => (
-                point.reshape((batch, horizon, channels))?,
-                quantiles.reshape((batch, horizon, channels, levels))?,
-            ),
+        // `[S, H·out]` → `[B, H, C]`.
+        let windows_first = |t: Tensor| match self.cfg.channel_mode {
+            ChannelMode::Independent => t
+                .reshape((batch, channels, horizon))?
+                .transpose(1, 2)?
+                .contiguous(),
+            ChannelMode::Mixing => t.reshape((batch, horizon, channels)),
         };
-        Ok(NetworkOutput { point, quantiles })
+        let quantiles = match self.cfg.channel_mode {
+            ChannelMode::Independent => quantiles
+                .reshape((batch, channels, horizon, levels))?
+                .permute((0, 2, 1, 3))?
+                .contiguous()?,
+            ChannelMode::Mixing => quantiles.reshape((batch, horizon, channels, levels))?,
+        };
+        Ok(NetworkOutput {
+            point: windows_first(point)?,
+            quantiles,
+            linear: linear.map(windows_first).transpose()?,
+        })
     }
 }
+
+/// Name of the deep correction's weight beside the linear path (not trained by gradient).
+pub const DEEP_SCALE: &str = "deep_scale";
 
 /// Leading horizon steps the deep path's point head forecasts (all of them unless the
 /// preset's `deep_horizon` is shorter).

@@ -74,7 +74,8 @@ pub struct ForecasterConfig {
     pub deep_horizon: Option<usize>,
     /// A linear map from the lookback to the horizon beside the deep path: the closed-form
     /// ridge fit, kept fixed, so training starts from the linear baseline and the deep path
-    /// learns what it misses.
+    /// learns what it misses. The deep correction's weight beside it (0 to 1) is chosen on
+    /// the validation windows at every check and saved with the model.
     pub linear_path: bool,
     #[serde(default = "default_quantile_levels")]
     pub quantile_levels: Vec<f32>,

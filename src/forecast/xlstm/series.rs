@@ -217,6 +217,7 @@ fn record_metrics(
         ("val_windows", serde_json::json!(metrics.windows)),
         ("epochs", serde_json::json!(summary.epochs)),
         ("best_epoch", serde_json::json!(summary.best_epoch)),
+        ("deep_scale", serde_json::json!(summary.deep_scale)),
         ("train_seconds", serde_json::json!(summary.train_seconds)),
         ("params", serde_json::json!(model.parameter_count())),
     ];

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::super::error::ForecastError;
 use super::super::model::{Targets, TrainingData, WindowBatch};
 use super::super::revin::{InstanceNorm, InstanceStats};
-use super::network::{DropoutMasks, ForecastNetwork, NetworkOutput};
+use super::network::{DEEP_SCALE, DropoutMasks, ForecastNetwork, NetworkOutput};
 use super::preset::{PointLoss, TrainingConfig};
 use crate::xlstm::shards::{backward_sharded, shard_ranges};
 
@@ -25,8 +25,14 @@ use crate::xlstm::shards::{backward_sharded, shard_ranges};
 /// the run exploded.
 const EXPLODED_LOSS: f64 = 1e6;
 
-/// Parameters under this prefix are not trained (the ridge-initialised linear path).
-const FROZEN_PREFIX: &str = "linear_path.";
+/// Parameters not trained by gradient: the ridge-initialised linear path, and the deep
+/// correction's weight beside it (chosen on the validation windows at every check).
+fn is_frozen(name: &str) -> bool {
+    name.starts_with("linear_path.") || name == DEEP_SCALE
+}
+
+/// The deep correction's weights tried at every check: 0, 0.05, …, 1.
+const DEEP_SCALE_STEPS: usize = 20;
 
 /// Windows per validation forward pass.
 const VALIDATION_BLOCK: usize = 256;
@@ -42,8 +48,13 @@ pub struct EpochRecord {
     /// Mean training loss (point + weighted pinball) over the epoch's steps so far; `None`
     /// for epoch 0, the validation of the initial weights.
     pub train_loss: Option<f64>,
-    /// Validation point loss (MSE or MAE on the z-scored scale).
+    /// Validation point loss (MSE or MAE on the z-scored scale), with the deep correction
+    /// weighted by `deep_scale`.
     pub val_loss: f64,
+    /// The weight of the deep correction beside the linear path that scored `val_loss`
+    /// (None without a linear path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deep_scale: Option<f64>,
     pub seconds: f64,
 }
 
@@ -78,6 +89,9 @@ pub struct TrainingSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_mid_epoch_step: Option<usize>,
     pub best_val_loss: f64,
+    /// The deep correction's weight in the kept model (None without a linear path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deep_scale: Option<f64>,
     pub stopped_early: bool,
     pub train_seconds: f64,
     pub history: Vec<EpochRecord>,
@@ -133,15 +147,19 @@ impl TensorBatch {
 
     /// Network outputs mapped back to the input scale: `[B, H, C]` and `[B, H, C, Q]`.
     pub fn denormalise(&self, output: &NetworkOutput) -> candle_core::Result<(Tensor, Tensor)> {
-        let point = output
-            .point
-            .broadcast_mul(&self.scale)?
-            .broadcast_add(&self.centre)?;
+        let point = self.denormalise_point(&output.point)?;
         let quantiles = output
             .quantiles
             .broadcast_mul(&self.scale.unsqueeze(3)?)?
             .broadcast_add(&self.centre.unsqueeze(3)?)?;
         Ok((point, quantiles))
+    }
+
+    /// A `[B, H, C]` forecast mapped back to the input scale.
+    fn denormalise_point(&self, point: &Tensor) -> candle_core::Result<Tensor> {
+        point
+            .broadcast_mul(&self.scale)?
+            .broadcast_add(&self.centre)
     }
 }
 
@@ -178,12 +196,7 @@ fn loss_sums(
     point_loss: PointLoss,
     levels: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let error = (point - &targets.values)?;
-    let point_cells = match point_loss {
-        PointLoss::Mse => error.sqr()?,
-        PointLoss::Mae => error.abs()?,
-    };
-    let point_sum = (point_cells * &targets.observed)?.sum_all()?;
+    let point_sum = point_cells_sum(point, targets, point_loss)?;
     // Pinball: τ·max(y − q, 0) + (1 − τ)·max(q − y, 0), averaged over the levels.
     let above = targets.values.unsqueeze(3)?.broadcast_sub(quantiles)?;
     let pinball = (above.relu()?.broadcast_mul(levels)?
@@ -191,6 +204,24 @@ fn loss_sums(
     .mean(3)?;
     let pinball_sum = (pinball * &targets.observed)?.sum_all()?;
     Ok((point_sum, pinball_sum))
+}
+
+/// The point loss summed over the observed target values.
+fn point_cells_sum(
+    point: &Tensor,
+    targets: &TargetTensors,
+    point_loss: PointLoss,
+) -> candle_core::Result<Tensor> {
+    let error = (point - &targets.values)?;
+    let cells = match point_loss {
+        PointLoss::Mse => error.sqr()?,
+        PointLoss::Mae => error.abs()?,
+    };
+    (cells * &targets.observed)?.sum_all()
+}
+
+fn loss_value(sum: Tensor) -> candle_core::Result<f64> {
+    Ok(f64::from(sum.to_scalar::<f32>()?))
 }
 
 struct SeededDropout {
@@ -257,6 +288,17 @@ fn learning_rate_at(step: usize, total: usize, warmup: usize, peak: f64, min_rat
     floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
+/// One validation check's score.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ValidationScore {
+    /// Mean point loss per observed target value.
+    pub loss: f64,
+    /// With a linear path: the weight of the deep correction (0, 0.05, …, 1) that scored
+    /// `loss`, the lowest over the weights tried; ties go to the larger weight, so an
+    /// untrained (zero) correction keeps 1. The network must hold weight 1 while scored.
+    pub deep_scale: Option<f64>,
+}
+
 /// Mean validation point loss of `network` over `windows` (indices of `data.validation`).
 pub(super) fn validation_loss(
     network: &ForecastNetwork,
@@ -264,10 +306,20 @@ pub(super) fn validation_loss(
     data: &TrainingData<'_>,
     windows: &[usize],
     point_loss: PointLoss,
-    levels: &Tensor,
     device: &Device,
-) -> Result<f64, ForecastError> {
-    let (mut sum, mut count) = (0.0_f64, 0.0_f64);
+) -> Result<ValidationScore, ForecastError> {
+    // Largest weight first, so that `min_by` (which keeps the first of equal values) breaks
+    // ties toward it.
+    let scales: Vec<f64> = if network.linear_path().is_some() {
+        (0..=DEEP_SCALE_STEPS)
+            .rev()
+            .map(|i| i as f64 / DEEP_SCALE_STEPS as f64)
+            .collect()
+    } else {
+        vec![1.0]
+    };
+    let mut sums = vec![0.0_f64; scales.len()];
+    let mut count = 0.0_f64;
     for block in windows.chunks(VALIDATION_BLOCK) {
         let (inputs, targets) =
             data.validation
@@ -275,9 +327,18 @@ pub(super) fn validation_loss(
         let batch = TensorBatch::new(norm, &inputs, device)?;
         let targets = TargetTensors::new(&targets, device)?;
         let output = network.forward_inference(&batch.values, &batch.observed)?;
-        let (point, quantiles) = batch.denormalise(&output)?;
-        let (point_sum, _) = loss_sums(&point, &quantiles, &targets, point_loss, levels)?;
-        sum += f64::from(point_sum.to_scalar::<f32>()?);
+        let point = batch.denormalise_point(&output.point)?;
+        match &output.linear {
+            Some(linear) => {
+                let linear = batch.denormalise_point(linear)?;
+                let correction = (&point - &linear)?;
+                for (sum, scale) in sums.iter_mut().zip(&scales) {
+                    let forecast = (&linear + (&correction * *scale)?)?;
+                    *sum += loss_value(point_cells_sum(&forecast, &targets, point_loss)?)?;
+                }
+            }
+            None => sums[0] += loss_value(point_cells_sum(&point, &targets, point_loss)?)?,
+        }
         count += targets.count;
     }
     if count == 0.0 {
@@ -286,7 +347,15 @@ pub(super) fn validation_loss(
             "the validation windows hold no observed target value",
         ));
     }
-    Ok(sum / count)
+    let (best, sum) = sums
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .expect("at least one weight is tried");
+    Ok(ValidationScore {
+        loss: sum / count,
+        deep_scale: network.linear_path().map(|_| scales[best]),
+    })
 }
 
 /// The input and target tensors of each shard of `windows` (training window indices).
@@ -352,8 +421,13 @@ pub(super) fn train(
     // residual around them instead.
     let vars: Vec<(String, Var)> = sorted_vars(varmap)
         .into_iter()
-        .filter(|(name, _)| !name.starts_with(FROZEN_PREFIX))
+        .filter(|(name, _)| !is_frozen(name))
         .collect();
+    // The checks score the whole deep correction and weigh it themselves (a fine-tune's
+    // parent may hold a smaller weight).
+    if network.linear_path().is_some() {
+        set_deep_scale(varmap, 1.0, device)?;
+    }
     let mut optimiser = AdamW::new(
         vars.iter().map(|(_, var)| var.clone()).collect(),
         ParamsAdamW {
@@ -383,14 +457,14 @@ pub(super) fn train(
         data,
         &validation_windows,
         schedule.point_loss,
-        &levels,
         device,
     )?;
     let mut history = vec![EpochRecord {
         epoch: 0,
         mid_epoch_step: None,
         train_loss: None,
-        val_loss: initial,
+        val_loss: initial.loss,
+        deep_scale: initial.deep_scale,
         seconds: initial_started.elapsed().as_secs_f64(),
     }];
     // Steps between validation checks; the last check of an epoch is at its end.
@@ -400,8 +474,8 @@ pub(super) fn train(
     let check_every = steps_per_epoch.div_ceil(checks_per_epoch);
     let patience_checks = training.patience.max(1) * checks_per_epoch;
     let mut checks_since_best = 0_usize;
-    // (epoch, mid-epoch step, validation loss) of the best check so far.
-    let mut best: (usize, Option<usize>, f64) = (0, None, initial);
+    // (epoch, mid-epoch step, score) of the best check so far.
+    let mut best: (usize, Option<usize>, ValidationScore) = (0, None, initial);
     let mut best_weights = snapshot(&vars)?;
     let mut order: Vec<usize> = (0..data.train.count).collect();
     let mut global_step = 0;
@@ -412,8 +486,8 @@ pub(super) fn train(
         step: 0,
         steps_per_epoch,
         train_loss: None,
-        val_loss: Some(initial),
-        best_val_loss: Some(initial),
+        val_loss: Some(initial.loss),
+        best_val_loss: Some(initial.loss),
         eta_seconds: None,
         history: history.clone(),
     };
@@ -497,15 +571,15 @@ pub(super) fn train(
             }
             let at_epoch_end = steps_done == steps_per_epoch;
             let train_loss = (loss_steps > 0).then(|| loss_sum / loss_steps as f64);
-            let val_loss = validation_loss(
+            let score = validation_loss(
                 network,
                 norm,
                 data,
                 &validation_windows,
                 schedule.point_loss,
-                &levels,
                 device,
             )?;
+            let val_loss = score.loss;
             if !val_loss.is_finite() {
                 return Err(diverged(
                     epoch,
@@ -519,17 +593,18 @@ pub(super) fn train(
                 mid_epoch_step,
                 train_loss,
                 val_loss,
+                deep_scale: score.deep_scale,
                 seconds: epoch_started.elapsed().as_secs_f64(),
             });
-            if val_loss < best.2 {
-                best = (epoch, mid_epoch_step, val_loss);
+            if val_loss < best.2.loss {
+                best = (epoch, mid_epoch_step, score);
                 best_weights = snapshot(&vars)?;
                 checks_since_best = 0;
             } else {
                 checks_since_best += 1;
             }
             report.val_loss = Some(val_loss);
-            report.best_val_loss = Some(best.2);
+            report.best_val_loss = Some(best.2.loss);
             report.history = history.clone();
             if let Some(callback) = progress.as_mut()
                 && callback(&report).is_break()
@@ -553,15 +628,27 @@ pub(super) fn train(
     for ((_, var), weights) in vars.iter().zip(&best_weights) {
         var.set(weights)?;
     }
+    if let Some(scale) = best.2.deep_scale {
+        set_deep_scale(varmap, scale, device)?;
+    }
     Ok(TrainingSummary {
         epochs,
         best_epoch: best.0,
         best_mid_epoch_step: best.1,
-        best_val_loss: best.2,
+        best_val_loss: best.2.loss,
+        deep_scale: best.2.deep_scale,
         stopped_early,
         train_seconds: started.elapsed().as_secs_f64(),
         history,
     })
+}
+
+fn set_deep_scale(varmap: &VarMap, scale: f64, device: &Device) -> candle_core::Result<()> {
+    let data = varmap.data().lock().expect("var map lock poisoned");
+    let var = data
+        .get(DEEP_SCALE)
+        .ok_or_else(|| candle_core::Error::Msg(format!("no {DEEP_SCALE} variable")))?;
+    var.set(&Tensor::new(&[scale as f32], device)?)
 }
 
 fn snapshot(vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
