@@ -351,6 +351,9 @@ impl Lanes for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
@@ -743,14 +746,17 @@ mod avx2 {
     }
 }
 
-/// Runs `$generic(lanes, args...)` with the fastest [`Lanes`] the CPU supports. The
-/// AVX2 instance is a `#[target_feature]` function so the `#[inline(always)]` kernel
-/// body and the intrinsics inline into it.
+/// Runs `$generic(lanes, args...)` with the fastest [`Lanes`] the CPU supports (AVX-512,
+/// AVX2 + FMA, portable). The vector instances are `#[target_feature]` functions so the
+/// `#[inline(always)]` kernel body and the intrinsics inline into them.
 macro_rules! with_best_lanes {
-    ($avx2_entry:ident, $generic:ident($($arg:expr),* $(,)?)) => {{
+    ($avx512_entry:ident, $avx2_entry:ident, $generic:ident($($arg:expr),* $(,)?)) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            if let Some(lanes) = avx2::Avx2Fma::detect() {
+            if let Some(lanes) = avx512::Avx512::detect() {
+                // SAFETY: `detect` confirmed AVX-512F, AVX2 and FMA.
+                unsafe { $avx512_entry(lanes, $($arg),*) }
+            } else if let Some(lanes) = avx2::Avx2Fma::detect() {
                 // SAFETY: `detect` confirmed AVX2 and FMA.
                 unsafe { $avx2_entry(lanes, $($arg),*) }
             } else {
@@ -838,9 +844,6 @@ struct HeadScratch {
     rows_a: Vec<f32>,
     rows_b: Vec<f32>,
     rows_c: Vec<f32>,
-    grad_q: Vec<f32>,
-    grad_k: Vec<f32>,
-    grad_v: Vec<f32>,
     /// `[DH, DH]`: a transposed state matrix.
     small_t: Vec<f32>,
     /// `[L]`: one row of log-decay gradients.
@@ -867,9 +870,6 @@ impl HeadScratch {
             rows_a: vec![0.0; l * d],
             rows_b: vec![0.0; l * d],
             rows_c: vec![0.0; l * d],
-            grad_q: vec![0.0; l * d],
-            grad_k: vec![0.0; l * d],
-            grad_v: vec![0.0; l * d],
             small_t: vec![0.0; d * d],
             row: vec![0.0; l],
         }
@@ -960,6 +960,17 @@ impl HeadScratch {
             geometry.key_scale(),
         );
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn forward_head_avx512(
+    lanes: avx512::Avx512,
+    geometry: HeadGeometry,
+    head: HeadForward<'_>,
+    scratch: &mut HeadScratch,
+) {
+    forward_head(lanes, geometry, head, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1160,6 +1171,17 @@ fn input_weights<L: Lanes>(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn backward_head_avx512(
+    lanes: avx512::Avx512,
+    geometry: HeadGeometry,
+    head: HeadBackward<'_>,
+    scratch: &mut HeadScratch,
+) {
+    backward_head(lanes, geometry, head, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn backward_head_avx2(
     lanes: avx2::Avx2Fma,
@@ -1214,8 +1236,9 @@ fn backward_head<L: Lanes>(
         scratch.load_chunk(lanes, d, chunk_qkv, chunk_gates, true);
         scratch.grad_cum[..len].fill(0.0);
         scratch.grad_igate[..len].fill(0.0);
-        scratch.grad_k[..len * d].fill(0.0);
-        scratch.grad_v[..len * d].fill(0.0);
+        // The chunk's q, k, v gradients are summed in place, in its rows of `grad_qkv`.
+        let chunk_grad_qkv = &mut grad_qkv[start * qkv_width..(start + len) * qkv_width];
+        chunk_grad_qkv.fill(0.0);
         let prev = initial.map(|_| StateView::new(&states[chunk * state_len..], d));
         next_c.fill(0.0);
         next_n.fill(0.0);
@@ -1229,6 +1252,7 @@ fn backward_head<L: Lanes>(
                 m_next,
                 (&carry_c, &carry_n),
                 (&mut next_c, &mut next_n),
+                chunk_grad_qkv,
                 scratch,
             );
         }
@@ -1241,15 +1265,9 @@ fn backward_head<L: Lanes>(
             &grad_rows[start * grad_h_width..(start + len) * grad_h_width],
             grad_h_width,
             (&mut next_c, &mut next_n),
+            chunk_grad_qkv,
             scratch,
         );
-        let chunk_grad_qkv = &mut grad_qkv[start * qkv_width..(start + len) * qkv_width];
-        for (tau, grad_row) in chunk_grad_qkv.chunks_exact_mut(qkv_width).enumerate() {
-            let span = tau * d..(tau + 1) * d;
-            grad_row[..d].copy_from_slice(&scratch.grad_q[span.clone()]);
-            grad_row[d..2 * d].copy_from_slice(&scratch.grad_k[span.clone()]);
-            grad_row[2 * d..].copy_from_slice(&scratch.grad_v[span]);
-        }
         // cum[τ] = Σ_{s≤τ} logσ(f̃_s), so dL/d logσ(f̃_s) = Σ_{τ≥s} dL/dcum[τ].
         let chunk_grad_gates = &mut grad_gates[start * 2..(start + len) * 2];
         let mut suffix = 0.0;
@@ -1318,9 +1336,9 @@ fn transpose_square<L: Lanes>(lanes: L, m: &[f32], d: usize, out: &mut [f32]) {
     lanes.transpose(m, d, 0, d, &mut out[..d * d]);
 }
 
-/// Backward of the state update of one chunk: writes into the k, v gradient buffers,
-/// adds to the igate and `cum` gradients and to the gradient of the state before the
-/// chunk (`next`).
+/// Backward of the state update of one chunk: adds to the k and v gradients in `grad_qkv`
+/// (the chunk's `[L, 3·DH]` rows), to the igate and `cum` gradients and to the gradient of the
+/// state before the chunk (`next`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_state_backward<L: Lanes>(
@@ -1331,6 +1349,7 @@ fn chunk_state_backward<L: Lanes>(
     m_next: f32,
     (carry_c, carry_n): (&[f32], &[f32]),
     (next_c, next_n): (&mut [f32], &mut [f32]),
+    grad_qkv: &mut [f32],
     scratch: &mut HeadScratch,
 ) {
     let d = geometry.head_dim;
@@ -1364,15 +1383,15 @@ fn chunk_state_backward<L: Lanes>(
         Strided::rows(&scratch.weighted_keys_t[..d * len], len).transposed(),
         carry_c,
         d,
-        &mut scratch.grad_v[..len * d],
-        d,
+        &mut grad_qkv[2 * d..],
+        qkv_width,
     );
     for tau in 0..len {
         let weight = scratch.row[tau];
         let k = &qkv[tau * qkv_width + d..tau * qkv_width + 2 * d];
         let projected = &scratch.rows_b[tau * d..(tau + 1) * d];
         lanes.axpy(
-            &mut scratch.grad_k[tau * d..(tau + 1) * d],
+            &mut grad_qkv[tau * qkv_width + d..tau * qkv_width + 2 * d],
             weight * key_scale,
             projected,
         );
@@ -1384,9 +1403,9 @@ fn chunk_state_backward<L: Lanes>(
     scratch.grad_cum[len - 1] += grad_total;
 }
 
-/// Backward of the output rows of one chunk: writes the q gradient buffer, adds to the
-/// k and v gradient buffers, the igate and `cum` gradients and to the gradient of the
-/// state before the chunk (`next`).
+/// Backward of the output rows of one chunk: adds to the q, k and v gradients in `grad_qkv`
+/// (the chunk's `[L, 3·DH]` rows), to the igate and `cum` gradients and to the gradient of
+/// the state before the chunk (`next`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn chunk_rows_backward<L: Lanes>(
@@ -1398,6 +1417,7 @@ fn chunk_rows_backward<L: Lanes>(
     grad_rows: &[f32],
     grad_h_width: usize,
     (next_c, next_n): (&mut [f32], &mut [f32]),
+    grad_qkv: &mut [f32],
     scratch: &mut HeadScratch,
 ) {
     let d = geometry.head_dim;
@@ -1454,8 +1474,8 @@ fn chunk_rows_backward<L: Lanes>(
         Strided::rows(weights, len).transposed(),
         grad_num,
         d,
-        &mut scratch.grad_v[..len * d],
-        d,
+        &mut grad_qkv[2 * d..],
+        qkv_width,
     );
     lanes.scaled_product(
         &mut scratch.grad_scores[..len * len],
@@ -1478,8 +1498,6 @@ fn chunk_rows_backward<L: Lanes>(
         scratch.grad_cum[tau] += grad_cum_tau;
     }
     let grad_scores = &scratch.grad_scores[..len * len];
-    let grad_q = &mut scratch.grad_q[..len * d];
-    grad_q.fill(0.0);
     causal_gemm_acc(
         lanes,
         Causal::LowerA,
@@ -1487,8 +1505,8 @@ fn chunk_rows_backward<L: Lanes>(
         Strided::rows(grad_scores, len),
         &qkv[d..],
         qkv_width,
-        grad_q,
-        d,
+        grad_qkv,
+        qkv_width,
     );
     causal_gemm_acc(
         lanes,
@@ -1497,8 +1515,8 @@ fn chunk_rows_backward<L: Lanes>(
         Strided::rows(grad_scores, len).transposed(),
         qkv,
         qkv_width,
-        &mut scratch.grad_k[..len * d],
-        d,
+        &mut grad_qkv[d..],
+        qkv_width,
     );
     if let Some(prev) = prev {
         // rows_b[τ] = C_prev · grad_num_τ
@@ -1519,7 +1537,7 @@ fn chunk_rows_backward<L: Lanes>(
             let inter_weight = ((scratch.cum[tau] + prev.m) - scratch.row_stabiliser[tau]).exp();
             let projected = &scratch.rows_b[tau * d..(tau + 1) * d];
             let grad_inter_weight = lanes.dot(q, projected) + grad_b * lanes.dot(prev.n, q);
-            let grad_q = &mut scratch.grad_q[tau * d..(tau + 1) * d];
+            let grad_q = &mut grad_qkv[tau * qkv_width..tau * qkv_width + d];
             lanes.axpy(grad_q, inter_weight, projected);
             lanes.axpy(grad_q, inter_weight * grad_b, prev.n);
             scratch.grad_cum[tau] += grad_inter_weight * inter_weight;
@@ -1606,7 +1624,11 @@ impl CustomOp2 for ParallelOp {
                         rows,
                         states: &mut [],
                     };
-                    with_best_lanes!(forward_head_avx2, forward_head(g, forward, scratch));
+                    with_best_lanes!(
+                        forward_head_avx512,
+                        forward_head_avx2,
+                        forward_head(g, forward, scratch)
+                    );
                     copy_h(g, rows, h);
                 },
             );
@@ -1655,6 +1677,7 @@ impl CustomOp2 for ParallelOp {
                                     grad_initial: None,
                                 };
                                 with_best_lanes!(
+                                    backward_head_avx512,
                                     backward_head_avx2,
                                     backward_head(g, backward, scratch)
                                 );
@@ -1708,7 +1731,11 @@ impl ChunkwiseOp {
             rows,
             states,
         };
-        with_best_lanes!(forward_head_avx2, forward_head(g, forward, scratch));
+        with_best_lanes!(
+            forward_head_avx512,
+            forward_head_avx2,
+            forward_head(g, forward, scratch)
+        );
         copy_h(g, rows, h);
         final_state.copy_from_slice(&states[g.num_chunks() * g.state_len()..]);
     }
@@ -1832,6 +1859,7 @@ impl CustomOp3 for ChunkwiseOp {
                                         grad_initial: Some(grad_initial),
                                     };
                                     with_best_lanes!(
+                                        backward_head_avx512,
                                         backward_head_avx2,
                                         backward_head(g, backward, scratch)
                                     );
