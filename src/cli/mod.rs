@@ -70,6 +70,9 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing();
+    // The kernels read the cap lazily and fall back to the CPU's widest set on a bad value;
+    // refuse it here instead, before any work.
+    crate::xlstm::kernels::simd::configured_cap().map_err(anyhow::Error::msg)?;
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Config(args) => config_cmd::run(args, &settings),

@@ -17,7 +17,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde_json::{Value, json};
 
 use crate::device::DeviceChoice;
-use crate::xlstm::kernels::{conv, gate, headwise, mlstm, norm, slstm};
+use crate::xlstm::kernels::{conv, gate, headwise, mlstm, norm, simd, slstm};
 use crate::xlstm::shards::{backward_sharded, forward_sharded, shard_count, split_rows};
 use crate::xlstm::{MlstmKernel, StackState, XlstmConfig, XlstmStack};
 
@@ -554,6 +554,7 @@ fn kernel_cases(
                         "heads": HEADS, "head_dim": head_dim, "median_ms": round2(median),
                         "min_ms": round2(fused.min_ms), "iters": fused.runs,
                         "threads": rayon::current_num_threads(),
+                        "cpu_simd": simd::level().name(),
                     });
                     if kernel == Kernel::MlstmChunkwise {
                         case["chunk_size"] = json!(CHUNK_SIZE);
@@ -686,7 +687,7 @@ fn stack_cases(
                 "case": "stack", "variant": variant.name(), "seq_len": context, "batch": sizes.batch,
                 "heads": HEADS, "head_dim": head_dim, "embedding_dim": EMBEDDING,
                 "num_blocks": 4, "params": params, "threads": rayon::current_num_threads(),
-                "shards": shards.len(), "device": device_name,
+                "cpu_simd": simd::level().name(), "shards": shards.len(), "device": device_name,
             });
 
             let forward = time_ms(runs, || {

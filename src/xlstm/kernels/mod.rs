@@ -11,6 +11,7 @@ pub mod headwise;
 pub mod mlstm;
 pub mod norm;
 pub mod pack;
+pub mod simd;
 pub mod slstm;
 mod vmath;
 

@@ -28,12 +28,11 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
         fn widest<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if super::simd::avx512() {
             // SAFETY: the CPU supports the features `widest` is compiled for.
             return unsafe { widest(f) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::simd::avx2_fma() {
             // SAFETY: the CPU supports the features `wide` is compiled for.
             return unsafe { wide(f) };
         }

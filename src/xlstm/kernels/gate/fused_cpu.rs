@@ -399,9 +399,7 @@ mod gelu_avx2 {
     /// Whether this path runs: AVX2 and FMA without AVX-512, where the compiled wide loop is
     /// already one 16-value vector per chain.
     pub(super) fn preferred() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && !is_x86_feature_detected!("avx512f")
+        crate::xlstm::kernels::simd::level() == crate::xlstm::kernels::simd::SimdLevel::Avx2
     }
 
     /// `y = g·Φ(g)·u` over one row.

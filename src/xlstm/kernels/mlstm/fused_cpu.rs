@@ -367,8 +367,7 @@ mod avx2 {
 
     impl Avx2Fma {
         pub(super) fn detect() -> Option<Self> {
-            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-                .then_some(Self { _detected: () })
+            crate::xlstm::kernels::simd::avx2_fma().then_some(Self { _detected: () })
         }
     }
 

@@ -492,10 +492,7 @@ mod eight_rows {
 
     /// Whether rows of `len` values go through [`normalise`] on this CPU.
     pub(super) fn fits(len: usize) -> bool {
-        len > 0
-            && len.is_multiple_of(LANES)
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
+        len > 0 && len.is_multiple_of(LANES) && crate::xlstm::kernels::simd::avx2_fma()
     }
 
     /// `out = (x − mean)·rstd·scale (+ bias)` for eight rows.

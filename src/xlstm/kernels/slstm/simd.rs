@@ -45,7 +45,7 @@ pub(super) enum Kernels {
 impl Kernels {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if crate::xlstm::kernels::simd::avx2_fma() {
             return Kernels::Avx2Fma;
         }
         Kernels::Portable

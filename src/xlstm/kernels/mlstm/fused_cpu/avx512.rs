@@ -18,7 +18,7 @@ pub(super) struct Avx512 {
 impl Avx512 {
     pub(super) fn detect() -> Option<Self> {
         let avx2 = Avx2Fma::detect()?;
-        is_x86_feature_detected!("avx512f").then_some(Self { avx2 })
+        crate::xlstm::kernels::simd::avx512().then_some(Self { avx2 })
     }
 
     /// One row block of `gemm_acc`: `ROWS` (1 or 4) rows of C from column 0 to n, 32 columns

@@ -31,7 +31,7 @@ impl ScanRows for Avx2 {
 
 /// Whether this CPU runs these row groups.
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    crate::xlstm::kernels::simd::avx2_fma()
 }
 
 /// Scans K rows of one head with V·8 units per head.

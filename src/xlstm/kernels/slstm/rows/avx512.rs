@@ -44,7 +44,7 @@ impl ScanRows for Avx512 {
 
 /// Whether this CPU runs these row groups.
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx512f")
+    crate::xlstm::kernels::simd::avx512()
 }
 
 /// Scans K rows of one head with V·16 units per head.
