@@ -53,10 +53,11 @@ impl TrainingProgressPrinter {
                 let at = record.mid_epoch_step.map_or(String::new(), |step| {
                     format!("  step {step}/{}", progress.steps_per_epoch)
                 });
-                // The weight of the deep correction that scored `val`.
-                let scale = record
-                    .deep_scale
-                    .map_or(String::new(), |scale| format!(" (deep ×{scale:.2})"));
+                // The weights of the deep correction that scored `val`, nearest steps first.
+                let scale = record.deep_scale.as_ref().map_or(String::new(), |weights| {
+                    let weights: Vec<String> = weights.iter().map(|w| format!("{w:.2}")).collect();
+                    format!(" (deep ×{})", weights.join(" "))
+                });
                 let _ = writeln!(
                     stderr,
                     "{clear}epoch {}/{}{at}  train {train}  val {:.4}{scale}  best {:.4}  ({:.1} s)",

@@ -1,4 +1,4 @@
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use xlstm_forecast::forecast::Predict;
 use xlstm_forecast::forecast::xlstm::artefact::{MANIFEST_FILE, read_dir, write_dir};
 use xlstm_forecast::forecast::xlstm::{
@@ -193,6 +193,29 @@ fn format_1_manifests_load_with_their_shifts() {
             }
         }
     }
+}
+
+#[test]
+fn models_saved_with_one_deep_weight_use_it_at_every_step() {
+    let model = trained();
+    let data = series_data(600, 3, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let with_deep_scale = |deep_scale: Tensor| {
+        let mut tensors =
+            candle_core::safetensors::load_buffer(&model.weights_bytes().unwrap(), &Device::Cpu)
+                .unwrap();
+        tensors.insert("deep_scale".to_string(), deep_scale);
+        let path = dir.path().join("weights.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let weights = std::fs::read(&path).unwrap();
+        XlstmModel::from_parts(&weights, model.manifest.clone(), &Device::Cpu).unwrap()
+    };
+    let one = with_deep_scale(Tensor::new(&[0.25f32], &Device::Cpu).unwrap());
+    let per_step = with_deep_scale(Tensor::new(&[0.25f32; HORIZON], &Device::Cpu).unwrap());
+    let whole = with_deep_scale(Tensor::new(&[1f32; HORIZON], &Device::Cpu).unwrap());
+    let forecast = |model: &XlstmModel| forecast_latest(model, &data, HORIZON).unwrap().mean;
+    assert_eq!(forecast(&one), forecast(&per_step));
+    assert_ne!(forecast(&one), forecast(&whole));
 }
 
 #[test]

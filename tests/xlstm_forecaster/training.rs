@@ -218,13 +218,19 @@ fn the_kept_model_weighs_its_deep_correction_as_its_best_check_did() {
     let model = forecaster(preset).fit(&data).unwrap().model;
     let training = &model.manifest.training;
     for record in &training.history {
-        let scale = record
+        let weights = record
             .deep_scale
+            .as_ref()
             .expect("a linear path weighs its deep correction");
-        assert!((0.0..=1.0).contains(&scale), "deep scale {scale}");
+        // One weight per group of horizon steps: the 12 steps in 8 groups.
+        assert_eq!(weights.len(), 8, "{weights:?}");
+        assert!(
+            weights.iter().all(|w| (0.0..=1.0).contains(w)),
+            "deep scale {weights:?}"
+        );
     }
     // The untrained correction is zero: every weight scores the same, and the tie keeps 1.
-    assert_eq!(training.history[0].deep_scale, Some(1.0));
+    assert_eq!(training.history[0].deep_scale, Some(vec![1.0; 8]));
     let kept = training
         .history
         .iter()
@@ -233,7 +239,7 @@ fn the_kept_model_weighs_its_deep_correction_as_its_best_check_did() {
         })
         .unwrap();
     assert_eq!(training.deep_scale, kept.deep_scale);
-    // The saved model forecasts with that weight: its validation MSE is the kept check's.
+    // The saved model forecasts with those weights: its validation MSE is the kept check's.
     let mut metrics = MetricsAccumulator::new(vec![1.0; 2]);
     data.validation
         .for_each_block(

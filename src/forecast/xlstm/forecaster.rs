@@ -12,7 +12,7 @@ use super::super::model::{Fit, Fitted, Forecast, Predict, TrainingData, WindowBa
 use super::super::revin::InstanceNorm;
 use super::artefact::{ARTEFACT_FORMAT, ModelManifest, ParentModel, QuantileCalibration};
 use super::init::SeededVarMap;
-use super::network::{ForecastNetwork, NetworkShape};
+use super::network::{DEEP_SCALE, ForecastNetwork, NetworkShape};
 use super::preset::{CalibrationMethod, Preset};
 use super::train::{self, ProgressCallback, Schedule, TensorBatch, TrainingSummary};
 
@@ -395,6 +395,12 @@ impl XlstmModel {
                     ),
                 )
             })?;
+            // Models saved before the weight was chosen per horizon step hold one for all.
+            let tensor = if name == DEEP_SCALE && tensor.elem_count() == 1 {
+                tensor.reshape(())?.broadcast_as(var.dims())?.contiguous()?
+            } else {
+                tensor
+            };
             if tensor.dims() != var.dims() {
                 return Err(ForecastError::invalid(
                     "model",

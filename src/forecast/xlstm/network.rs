@@ -84,10 +84,11 @@ pub struct ForecastNetwork {
 #[derive(Debug, Clone)]
 struct LinearPath {
     map: Linear,
-    /// `[1]`: forecast = linear + deep_scale · deep. 1 while training; afterwards the value in
-    /// [0, 1] that scored best on the validation windows at the kept check (see `train`): a
-    /// deep correction that only partly carries over to unseen windows is shrunk toward the
-    /// linear forecast instead of being kept whole or dropped.
+    /// `[H]`: forecast = linear + deep_scale · deep, per horizon step. 1 while training;
+    /// afterwards the values in [0, 1] that scored best on the validation windows at the kept
+    /// check (see `train`): a deep correction that only partly carries over to unseen windows
+    /// is shrunk toward the linear forecast instead of being kept whole or dropped, and how
+    /// much carries over changes with the lead time.
     deep_scale: Tensor,
 }
 
@@ -173,7 +174,7 @@ impl ForecastNetwork {
         let linear_path = if cfg.linear_path {
             Some(LinearPath {
                 map: zero_linear(shape.lookback, shape.horizon, vb.pp("linear_path"))?,
-                deep_scale: vb.get_with_hints(1, DEEP_SCALE, Init::Const(1.0))?,
+                deep_scale: vb.get_with_hints(shape.horizon, DEEP_SCALE, Init::Const(1.0))?,
             })
         } else {
             None
@@ -198,6 +199,11 @@ impl ForecastNetwork {
 
     pub fn config(&self) -> &ForecasterConfig {
         &self.cfg
+    }
+
+    /// Horizon steps the deep path forecasts (the first ones; the rest are the linear path's).
+    pub fn deep_steps(&self) -> usize {
+        deep_steps(&self.cfg, self.shape.horizon)
     }
 
     /// The linear path's weight `[H, L]` and bias `[H]`, when the network has one.
@@ -321,7 +327,11 @@ impl ForecastNetwork {
                     .transpose(1, 2)?
                     .reshape((sequences, horizon * channels))?,
             };
-            point = (point.broadcast_mul(&path.deep_scale)? + &forecast)?;
+            let scaled = point
+                .reshape((sequences, horizon, out_channels))?
+                .broadcast_mul(&path.deep_scale.unsqueeze(1)?)?
+                .reshape((sequences, horizon * out_channels))?;
+            point = (scaled + &forecast)?;
             linear = Some(forecast);
         }
         let levels = self.cfg.quantile_levels.len();

@@ -34,6 +34,41 @@ fn is_frozen(name: &str) -> bool {
 /// The deep correction's weights tried at every check: 0, 0.05, …, 1.
 const DEEP_SCALE_STEPS: usize = 20;
 
+/// The deep correction's weight is chosen per group of consecutive horizon steps: at most
+/// this many groups over the steps the deep path forecasts.
+const DEEP_SCALE_GROUPS: usize = 8;
+
+/// The weight group of each horizon step: the first `deep` steps (the deep path's) in up to
+/// [`DEEP_SCALE_GROUPS`] runs of equal length, later steps with the last run (the correction
+/// is zero there, so every weight scores them alike).
+fn deep_scale_groups(horizon: usize, deep: usize) -> Vec<usize> {
+    let groups = DEEP_SCALE_GROUPS.min(deep).max(1);
+    let deep = deep.max(1);
+    (0..horizon)
+        .map(|step| (step * groups / deep).min(groups - 1))
+        .collect()
+}
+
+/// Reads a per-group weight list, or the single weight of models saved before there were
+/// groups (it applied to every step: one group).
+fn one_or_many_weights<'de, D>(deserializer: D) -> Result<Option<Vec<f64>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Weights {
+        One(f64),
+        Many(Vec<f64>),
+    }
+    Ok(
+        Option::<Weights>::deserialize(deserializer)?.map(|weights| match weights {
+            Weights::One(weight) => vec![weight],
+            Weights::Many(weights) => weights,
+        }),
+    )
+}
+
 /// Windows per validation forward pass.
 const VALIDATION_BLOCK: usize = 256;
 
@@ -51,10 +86,14 @@ pub struct EpochRecord {
     /// Validation point loss (MSE or MAE on the z-scored scale), with the deep correction
     /// weighted by `deep_scale`.
     pub val_loss: f64,
-    /// The weight of the deep correction beside the linear path that scored `val_loss`
-    /// (None without a linear path).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deep_scale: Option<f64>,
+    /// The weights of the deep correction beside the linear path that scored `val_loss`, one
+    /// per group of horizon steps, nearest first (None without a linear path).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "one_or_many_weights"
+    )]
+    pub deep_scale: Option<Vec<f64>>,
     pub seconds: f64,
 }
 
@@ -89,9 +128,14 @@ pub struct TrainingSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_mid_epoch_step: Option<usize>,
     pub best_val_loss: f64,
-    /// The deep correction's weight in the kept model (None without a linear path).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deep_scale: Option<f64>,
+    /// The deep correction's weights in the kept model, per group of horizon steps (None
+    /// without a linear path).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "one_or_many_weights"
+    )]
+    pub deep_scale: Option<Vec<f64>>,
     pub stopped_early: bool,
     pub train_seconds: f64,
     pub history: Vec<EpochRecord>,
@@ -196,7 +240,7 @@ fn loss_sums(
     point_loss: PointLoss,
     levels: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let point_sum = point_cells_sum(point, targets, point_loss)?;
+    let point_sum = point_cell_losses(point, targets, point_loss)?.sum_all()?;
     // Pinball: τ·max(y − q, 0) + (1 − τ)·max(q − y, 0), averaged over the levels.
     let above = targets.values.unsqueeze(3)?.broadcast_sub(quantiles)?;
     let pinball = (above.relu()?.broadcast_mul(levels)?
@@ -206,8 +250,8 @@ fn loss_sums(
     Ok((point_sum, pinball_sum))
 }
 
-/// The point loss summed over the observed target values.
-fn point_cells_sum(
+/// The point loss of every target cell, `[B, H, C]`, 0 where the target is missing.
+fn point_cell_losses(
     point: &Tensor,
     targets: &TargetTensors,
     point_loss: PointLoss,
@@ -217,11 +261,19 @@ fn point_cells_sum(
         PointLoss::Mse => error.sqr()?,
         PointLoss::Mae => error.abs()?,
     };
-    (cells * &targets.observed)?.sum_all()
+    cells * &targets.observed
 }
 
-fn loss_value(sum: Tensor) -> candle_core::Result<f64> {
-    Ok(f64::from(sum.to_scalar::<f32>()?))
+/// The point loss summed per horizon step over the observed target values: `[H]` values.
+fn step_sums(
+    point: &Tensor,
+    targets: &TargetTensors,
+    point_loss: PointLoss,
+) -> candle_core::Result<Vec<f32>> {
+    point_cell_losses(point, targets, point_loss)?
+        .sum(2)?
+        .sum(0)?
+        .to_vec1()
 }
 
 struct SeededDropout {
@@ -289,14 +341,15 @@ fn learning_rate_at(step: usize, total: usize, warmup: usize, peak: f64, min_rat
 }
 
 /// One validation check's score.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct ValidationScore {
     /// Mean point loss per observed target value.
     pub loss: f64,
-    /// With a linear path: the weight of the deep correction (0, 0.05, …, 1) that scored
-    /// `loss`, the lowest over the weights tried; ties go to the larger weight, so an
-    /// untrained (zero) correction keeps 1. The network must hold weight 1 while scored.
-    pub deep_scale: Option<f64>,
+    /// With a linear path: per group of horizon steps ([`deep_scale_groups`]), the weight of
+    /// the deep correction (0, 0.05, …, 1) that scored lowest there; `loss` is with these.
+    /// Ties go to the larger weight, so an untrained (zero) correction keeps 1. The network
+    /// must hold weight 1 while scored.
+    pub deep_scale: Option<Vec<f64>>,
 }
 
 /// Mean validation point loss of `network` over `windows` (indices of `data.validation`).
@@ -318,7 +371,15 @@ pub(super) fn validation_loss(
     } else {
         vec![1.0]
     };
-    let mut sums = vec![0.0_f64; scales.len()];
+    let groups = deep_scale_groups(data.horizon, network.deep_steps());
+    let group_count = groups.iter().max().map_or(1, |last| last + 1);
+    // sums[weight][group]
+    let mut sums = vec![vec![0.0_f64; group_count]; scales.len()];
+    let add_per_step = |sums: &mut Vec<f64>, per_step: Vec<f32>| {
+        for (step, sum) in per_step.into_iter().enumerate() {
+            sums[groups[step]] += f64::from(sum);
+        }
+    };
     let mut count = 0.0_f64;
     for block in windows.chunks(VALIDATION_BLOCK) {
         let (inputs, targets) =
@@ -332,12 +393,12 @@ pub(super) fn validation_loss(
             Some(linear) => {
                 let linear = batch.denormalise_point(linear)?;
                 let correction = (&point - &linear)?;
-                for (sum, scale) in sums.iter_mut().zip(&scales) {
+                for (sums, scale) in sums.iter_mut().zip(&scales) {
                     let forecast = (&linear + (&correction * *scale)?)?;
-                    *sum += loss_value(point_cells_sum(&forecast, &targets, point_loss)?)?;
+                    add_per_step(sums, step_sums(&forecast, &targets, point_loss)?);
                 }
             }
-            None => sums[0] += loss_value(point_cells_sum(&point, &targets, point_loss)?)?,
+            None => add_per_step(&mut sums[0], step_sums(&point, &targets, point_loss)?),
         }
         count += targets.count;
     }
@@ -347,15 +408,30 @@ pub(super) fn validation_loss(
             "the validation windows hold no observed target value",
         ));
     }
-    let (best, sum) = sums
-        .iter()
-        .enumerate()
-        .min_by(|a, b| a.1.total_cmp(b.1))
-        .expect("at least one weight is tried");
+    let (loss_sum, weights) = weigh_deep_correction(&sums, &scales);
     Ok(ValidationScore {
-        loss: sum / count,
-        deep_scale: network.linear_path().map(|_| scales[best]),
+        loss: loss_sum / count,
+        deep_scale: network.linear_path().map(|_| weights),
     })
+}
+
+/// Per group of horizon steps, the weight of the deep correction that scores lowest there (the
+/// first, i.e. largest, of equals), and the loss summed over the groups with those weights.
+/// `sums[weight][group]` are loss sums, `weights` descending.
+fn weigh_deep_correction(sums: &[Vec<f64>], weights: &[f64]) -> (f64, Vec<f64>) {
+    let groups = sums.first().map_or(0, Vec::len);
+    let (mut loss_sum, mut chosen) = (0.0, Vec::with_capacity(groups));
+    for group in 0..groups {
+        let (best, sum) = sums
+            .iter()
+            .map(|per_group| per_group[group])
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("at least one weight is tried");
+        loss_sum += sum;
+        chosen.push(weights[best]);
+    }
+    (loss_sum, chosen)
 }
 
 /// The input and target tensors of each shard of `windows` (training window indices).
@@ -425,8 +501,9 @@ pub(super) fn train(
         .collect();
     // The checks score the whole deep correction and weigh it themselves (a fine-tune's
     // parent may hold a smaller weight).
+    let groups = deep_scale_groups(data.horizon, network.deep_steps());
     if network.linear_path().is_some() {
-        set_deep_scale(varmap, 1.0, device)?;
+        set_deep_scale(varmap, &groups, &[1.0], device)?;
     }
     let mut optimiser = AdamW::new(
         vars.iter().map(|(_, var)| var.clone()).collect(),
@@ -464,7 +541,7 @@ pub(super) fn train(
         mid_epoch_step: None,
         train_loss: None,
         val_loss: initial.loss,
-        deep_scale: initial.deep_scale,
+        deep_scale: initial.deep_scale.clone(),
         seconds: initial_started.elapsed().as_secs_f64(),
     }];
     // Steps between validation checks; the last check of an epoch is at its end.
@@ -475,6 +552,7 @@ pub(super) fn train(
     let patience_checks = training.patience.max(1) * checks_per_epoch;
     let mut checks_since_best = 0_usize;
     // (epoch, mid-epoch step, score) of the best check so far.
+    let initial_loss = initial.loss;
     let mut best: (usize, Option<usize>, ValidationScore) = (0, None, initial);
     let mut best_weights = snapshot(&vars)?;
     let mut order: Vec<usize> = (0..data.train.count).collect();
@@ -486,8 +564,8 @@ pub(super) fn train(
         step: 0,
         steps_per_epoch,
         train_loss: None,
-        val_loss: Some(initial.loss),
-        best_val_loss: Some(initial.loss),
+        val_loss: Some(initial_loss),
+        best_val_loss: Some(initial_loss),
         eta_seconds: None,
         history: history.clone(),
     };
@@ -593,7 +671,7 @@ pub(super) fn train(
                 mid_epoch_step,
                 train_loss,
                 val_loss,
-                deep_scale: score.deep_scale,
+                deep_scale: score.deep_scale.clone(),
                 seconds: epoch_started.elapsed().as_secs_f64(),
             });
             if val_loss < best.2.loss {
@@ -628,8 +706,8 @@ pub(super) fn train(
     for ((_, var), weights) in vars.iter().zip(&best_weights) {
         var.set(weights)?;
     }
-    if let Some(scale) = best.2.deep_scale {
-        set_deep_scale(varmap, scale, device)?;
+    if let Some(weights) = &best.2.deep_scale {
+        set_deep_scale(varmap, &groups, weights, device)?;
     }
     Ok(TrainingSummary {
         epochs,
@@ -643,12 +721,22 @@ pub(super) fn train(
     })
 }
 
-fn set_deep_scale(varmap: &VarMap, scale: f64, device: &Device) -> candle_core::Result<()> {
+/// Sets each horizon step's weight to its group's (`weights` of one value: every step's).
+fn set_deep_scale(
+    varmap: &VarMap,
+    groups: &[usize],
+    weights: &[f64],
+    device: &Device,
+) -> candle_core::Result<()> {
     let data = varmap.data().lock().expect("var map lock poisoned");
     let var = data
         .get(DEEP_SCALE)
         .ok_or_else(|| candle_core::Error::Msg(format!("no {DEEP_SCALE} variable")))?;
-    var.set(&Tensor::new(&[scale as f32], device)?)
+    let per_step: Vec<f32> = groups
+        .iter()
+        .map(|group| weights[(*group).min(weights.len() - 1)] as f32)
+        .collect();
+    var.set(&Tensor::new(per_step, device)?)
 }
 
 fn snapshot(vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
@@ -681,6 +769,49 @@ mod tests {
         assert!((lr(10) - 1.0).abs() < 1e-12);
         assert!(lr(50) < lr(20));
         assert!((lr(100) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn weight_groups_split_the_deep_steps_and_give_later_steps_the_last() {
+        assert_eq!(
+            deep_scale_groups(12, 12),
+            vec![0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7]
+        );
+        assert_eq!(deep_scale_groups(6, 3), vec![0, 1, 2, 2, 2, 2]);
+        let groups = deep_scale_groups(720, 96);
+        assert!(groups[..12].iter().all(|group| *group == 0));
+        assert_eq!(groups[12], 1);
+        assert!(groups[95..].iter().all(|group| *group == 7));
+    }
+
+    #[test]
+    fn each_group_keeps_the_largest_of_its_lowest_scoring_weights() {
+        let weights = [1.0, 0.5, 0.0];
+        // sums[weight][group]: group 0 is best without the correction, group 1 with half of
+        // it, group 2 is untrained (every weight scores the same).
+        let sums = vec![vec![12.0, 9.0, 3.0], vec![11.0, 8.0, 3.0], vec![10.0, 10.0, 3.0]];
+        let (loss, chosen) = weigh_deep_correction(&sums, &weights);
+        assert_eq!(chosen, vec![0.0, 0.5, 1.0]);
+        assert_eq!(loss, 10.0 + 8.0 + 3.0);
+    }
+
+    #[test]
+    fn a_single_saved_weight_reads_as_one_group() {
+        let record: EpochRecord = serde_json::from_str(
+            r#"{"epoch": 1, "train_loss": 0.4, "val_loss": 0.5, "deep_scale": 0.6, "seconds": 1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(record.deep_scale, Some(vec![0.6]));
+        let record: EpochRecord = serde_json::from_str(
+            r#"{"epoch": 1, "train_loss": 0.4, "val_loss": 0.5, "deep_scale": [0.6, 0.2], "seconds": 1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(record.deep_scale, Some(vec![0.6, 0.2]));
+        let record: EpochRecord = serde_json::from_str(
+            r#"{"epoch": 0, "train_loss": null, "val_loss": 0.5, "seconds": 1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(record.deep_scale, None);
     }
 
     #[test]
