@@ -25,7 +25,9 @@ pub enum MlstmKernel {
 
 impl Default for MlstmKernel {
     fn default() -> Self {
-        MlstmKernel::Chunkwise { chunk_size: 64 }
+        MlstmKernel::Chunkwise {
+            chunk_size: crate::xlstm::kernels::mlstm::DEFAULT_CHUNK_SIZE,
+        }
     }
 }
 
