@@ -789,7 +789,11 @@ mod tests {
         let weights = [1.0, 0.5, 0.0];
         // sums[weight][group]: group 0 is best without the correction, group 1 with half of
         // it, group 2 is untrained (every weight scores the same).
-        let sums = vec![vec![12.0, 9.0, 3.0], vec![11.0, 8.0, 3.0], vec![10.0, 10.0, 3.0]];
+        let sums = vec![
+            vec![12.0, 9.0, 3.0],
+            vec![11.0, 8.0, 3.0],
+            vec![10.0, 10.0, 3.0],
+        ];
         let (loss, chosen) = weigh_deep_correction(&sums, &weights);
         assert_eq!(chosen, vec![0.0, 0.5, 1.0]);
         assert_eq!(loss, 10.0 + 8.0 + 3.0);
