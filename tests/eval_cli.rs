@@ -150,6 +150,26 @@ fn repeat_last_value_is_scored_exactly_as_by_hand() {
     };
     close("mse", squared / cells);
     close("mae", (absolute[0] + absolute[1]) / cells);
+    let per_channel = report["per_channel"].as_array().expect("per_channel list");
+    assert_eq!(per_channel.len(), 2);
+    for (channel, (entry, name)) in per_channel.iter().zip(["load", "temp"]).enumerate() {
+        assert_eq!(entry["channel"], name);
+        assert_eq!(entry["cells"], 4);
+        let found = entry["mae"].as_f64().unwrap();
+        let expected = absolute[channel] / 4.0;
+        assert!(
+            (found - expected).abs() < 1e-5,
+            "{name} mae: {found} vs {expected}"
+        );
+    }
+    let channel_mse: f64 = per_channel
+        .iter()
+        .map(|entry| entry["mse"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (channel_mse / 2.0 - squared / cells).abs() < 1e-5,
+        "channel mse mean"
+    );
     close(
         "mase",
         (absolute[0] / 4.0 / scale[0] + absolute[1] / 4.0 / scale[1]) / 2.0,

@@ -148,11 +148,25 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let report = evaluate_with_progress(matrix, &options, Some(&mut |p| progress.show(p)))?;
     progress.finish();
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!(
+            "{}",
+            serde_json::to_string(&json_report(&report, &channels)?)?
+        );
     } else {
         print_text(&report, &channels);
     }
     Ok(())
+}
+
+/// The report with each `per_channel` entry named by its column.
+fn json_report(report: &EvalReport, channels: &[String]) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(report)?;
+    if let Some(entries) = value["per_channel"].as_array_mut() {
+        for (entry, name) in entries.iter_mut().zip(channels) {
+            entry["channel"] = serde_json::Value::from(name.as_str());
+        }
+    }
+    Ok(value)
 }
 
 fn print_text(report: &EvalReport, channels: &[String]) {
@@ -179,4 +193,10 @@ fn print_text(report: &EvalReport, channels: &[String]) {
         report.validation_rows,
         report.test_rows
     );
+    for (name, channel) in channels.iter().zip(&report.per_channel) {
+        println!(
+            "  {name}: mse {:.6}  mae {:.6}  mase {:.6}",
+            channel.mse, channel.mae, channel.mase
+        );
+    }
 }

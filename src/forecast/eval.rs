@@ -13,7 +13,7 @@ use crate::data::{ChannelMatrix, Frequency};
 
 use super::baseline::{LinearBaseline, SeasonalNaive};
 use super::error::ForecastError;
-use super::metrics::{Metrics, MetricsAccumulator, seasonal_naive_scale};
+use super::metrics::{ChannelMetrics, Metrics, MetricsAccumulator, seasonal_naive_scale};
 use super::model::{Fit, Fitted, Predict, TrainingData};
 use super::window::{SplitRows, SplitSpec, ZScore};
 use super::xlstm::{Preset, ProgressCallback, XlstmForecaster};
@@ -113,6 +113,8 @@ pub struct EvalReport {
     pub train_rows: usize,
     pub validation_rows: usize,
     pub test_rows: usize,
+    /// Each channel's point accuracy on the test windows, in the series' channel order.
+    pub per_channel: Vec<ChannelMetrics>,
 }
 
 /// Runs the protocol on `series` (raw values, `[time, channel]`, rows in time order).
@@ -223,6 +225,7 @@ fn score<M: Predict>(
     )?;
     Ok(EvalReport {
         metrics: accumulator.finish(),
+        per_channel: accumulator.per_channel(),
         params: fitted.model.parameter_count(),
         epochs: fitted.epochs,
         train_seconds,

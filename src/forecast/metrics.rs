@@ -11,6 +11,9 @@
 //!   loss `ρ_τ(y, q) = max(τ (y − q), (τ − 1)(y − q))` (GluonTS' mean weighted quantile loss).
 //! - `coverage_80`: share of observed actuals with `q_0.1 ≤ y ≤ q_0.9`; NaN when the forecast
 //!   lacks either level.
+//!
+//! [`MetricsAccumulator::per_channel`] gives `mse`, `mae` and `mase` of each channel alone: an
+//! average over channels hides the one channel a model gets wrong.
 
 use std::ops::Range;
 
@@ -28,6 +31,17 @@ pub struct Metrics {
     pub coverage_80: f64,
     /// Windows scored.
     pub windows: usize,
+}
+
+/// One channel's point accuracy, on the same scale as [`Metrics`]; NaN for a channel without
+/// an observed actual.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ChannelMetrics {
+    pub mse: f64,
+    pub mae: f64,
+    pub mase: f64,
+    /// Observed actual cells scored.
+    pub cells: usize,
 }
 
 /// The seasonal naive in-sample MAE per channel over `rows` of `series`: the MASE scale.
@@ -79,7 +93,7 @@ pub fn seasonal_naive_scale(
 #[derive(Debug, Clone)]
 pub struct MetricsAccumulator {
     mase_scale: Vec<f64>,
-    squared_error: f64,
+    squared_error_per_channel: Vec<f64>,
     observed: usize,
     absolute_error_per_channel: Vec<f64>,
     observed_per_channel: Vec<usize>,
@@ -98,7 +112,7 @@ impl MetricsAccumulator {
         let channels = mase_scale.len();
         Self {
             mase_scale,
-            squared_error: 0.0,
+            squared_error_per_channel: vec![0.0; channels],
             observed: 0,
             absolute_error_per_channel: vec![0.0; channels],
             observed_per_channel: vec![0; channels],
@@ -154,7 +168,7 @@ impl MetricsAccumulator {
             let channel = cell % channels;
             let y = f64::from(y);
             let error = y - f64::from(forecast.mean[cell]);
-            self.squared_error += error * error;
+            self.squared_error_per_channel[channel] += error * error;
             self.absolute_error_per_channel[channel] += error.abs();
             self.observed_per_channel[channel] += 1;
             self.observed += 1;
@@ -175,26 +189,32 @@ impl MetricsAccumulator {
         Ok(())
     }
 
+    /// Each channel's accuracy, in channel order.
+    pub fn per_channel(&self) -> Vec<ChannelMetrics> {
+        (0..self.mase_scale.len())
+            .map(|channel| {
+                let cells = self.observed_per_channel[channel];
+                let mae = self.absolute_error_per_channel[channel] / cells as f64;
+                let scale = self.mase_scale[channel];
+                ChannelMetrics {
+                    mse: self.squared_error_per_channel[channel] / cells as f64,
+                    mae,
+                    mase: if scale > 0.0 { mae / scale } else { f64::NAN },
+                    cells,
+                }
+            })
+            .collect()
+    }
+
     pub fn finish(&self) -> Metrics {
         let observed = self.observed as f64;
         let mae = self.absolute_error_per_channel.iter().sum::<f64>() / observed;
-        let scored_channels: Vec<usize> = (0..self.mase_scale.len())
-            .filter(|channel| self.observed_per_channel[*channel] > 0)
+        let scored: Vec<ChannelMetrics> = self
+            .per_channel()
+            .into_iter()
+            .filter(|channel| channel.cells > 0)
             .collect();
-        let mase = scored_channels
-            .iter()
-            .map(|&channel| {
-                let channel_mae = self.absolute_error_per_channel[channel]
-                    / self.observed_per_channel[channel] as f64;
-                let scale = self.mase_scale[channel];
-                if scale > 0.0 {
-                    channel_mae / scale
-                } else {
-                    f64::NAN
-                }
-            })
-            .sum::<f64>()
-            / scored_channels.len() as f64;
+        let mase = scored.iter().map(|channel| channel.mase).sum::<f64>() / scored.len() as f64;
         let level_count = self.quantile_levels.as_ref().map_or(0, Vec::len) as f64;
         let has_band = self.quantile_levels.as_ref().is_some_and(|levels| {
             [0.1_f32, 0.9].iter().all(|wanted| {
@@ -204,7 +224,7 @@ impl MetricsAccumulator {
             })
         });
         Metrics {
-            mse: self.squared_error / observed,
+            mse: self.squared_error_per_channel.iter().sum::<f64>() / observed,
             mae,
             mase,
             wql: 2.0 * self.pinball / self.absolute_actual / level_count,

@@ -20,7 +20,7 @@ pub use eval::{
     DEFAULT_PRESET, EvalOptions, EvalReport, ModelChoice, evaluate, evaluate_with_progress,
     seasonal_period_for,
 };
-pub use metrics::{Metrics, MetricsAccumulator};
+pub use metrics::{ChannelMetrics, Metrics, MetricsAccumulator};
 pub use model::{
     DEFAULT_QUANTILE_LEVELS, Fit, Fitted, Forecast, Predict, Targets, TrainingData, WindowBatch,
 };

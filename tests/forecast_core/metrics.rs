@@ -89,6 +89,13 @@ fn mase_averages_per_channel_ratios_and_missing_actuals_are_skipped() {
     close(metrics.mae, (1.0 + 4.0 + 1.0) / 3.0);
     // Channel 0: MAE 1 / scale 1; channel 1: MAE 4 / scale 2.
     close(metrics.mase, (1.0 + 2.0) / 2.0);
+    let channels = accumulator.per_channel();
+    // Channel 0: errors 1 and −1; channel 1: 4 (the missing actual is not a cell).
+    assert_eq!((channels[0].cells, channels[1].cells), (2, 1));
+    close(channels[0].mse, 1.0);
+    close(channels[1].mse, 16.0);
+    close(channels[0].mase, 1.0);
+    close(channels[1].mase, 2.0);
     // Only the 0.5 level: pinball .5·|y| each, so wql = 2 · .5 · 6 / 6 = 1.
     close(metrics.wql, 1.0);
     assert!(
