@@ -94,7 +94,6 @@ pub fn seasonal_naive_scale(
 pub struct MetricsAccumulator {
     mase_scale: Vec<f64>,
     squared_error_per_channel: Vec<f64>,
-    observed: usize,
     absolute_error_per_channel: Vec<f64>,
     observed_per_channel: Vec<usize>,
     pinball: f64,
@@ -113,7 +112,6 @@ impl MetricsAccumulator {
         Self {
             mase_scale,
             squared_error_per_channel: vec![0.0; channels],
-            observed: 0,
             absolute_error_per_channel: vec![0.0; channels],
             observed_per_channel: vec![0; channels],
             pinball: 0.0,
@@ -171,7 +169,6 @@ impl MetricsAccumulator {
             self.squared_error_per_channel[channel] += error * error;
             self.absolute_error_per_channel[channel] += error.abs();
             self.observed_per_channel[channel] += 1;
-            self.observed += 1;
             self.absolute_actual += y.abs();
             let quantiles = &forecast.quantiles[cell * level_count..(cell + 1) * level_count];
             for (level, quantile) in levels.iter().zip(quantiles) {
@@ -207,7 +204,7 @@ impl MetricsAccumulator {
     }
 
     pub fn finish(&self) -> Metrics {
-        let observed = self.observed as f64;
+        let observed = self.observed_per_channel.iter().sum::<usize>() as f64;
         let mae = self.absolute_error_per_channel.iter().sum::<f64>() / observed;
         let scored: Vec<ChannelMetrics> = self
             .per_channel()
