@@ -4,6 +4,7 @@
 
 mod xlstm_forecaster {
     mod artefacts;
+    mod calendar;
     mod cli;
     mod common;
     mod training;

@@ -391,7 +391,7 @@ async fn recent_rows(
         &series.name,
         from,
         None,
-        &FrameOptions::default(),
+        &FrameOptions::for_forecasting(),
     )
     .await?;
     Ok(SeriesData::from_frame(&frame)?)

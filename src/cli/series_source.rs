@@ -38,7 +38,14 @@ impl SeriesSourceArgs {
             .as_deref()
             .expect("clap requires --csv or --series");
         let store = store::connect(&settings.database_url()).await?;
-        let frame = load_frame(store.as_ref(), name, None, None, &FrameOptions::default()).await?;
+        let frame = load_frame(
+            store.as_ref(),
+            name,
+            None,
+            None,
+            &FrameOptions::for_forecasting(),
+        )
+        .await?;
         Ok(SeriesData::from_frame(&frame)?)
     }
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use polars::prelude::{CsvReadOptions, SerReader};
 
-use crate::data::ChannelMatrix;
 use crate::data::timestamp::parse_timestamp_micros;
+use crate::data::{ChannelMatrix, calendar_rows};
 
 /// A wide CSV read whole: timestamps and the channel matrix.
 pub struct WideTable {
@@ -37,6 +37,7 @@ impl WideTable {
             channels: 1,
             values: cells.clone().map(|cell| matrix.values[cell]).collect(),
             missing: cells.map(|cell| matrix.missing[cell]).collect(),
+            calendar: matrix.calendar.clone(),
         }
     }
 }
@@ -114,6 +115,8 @@ pub fn read_wide_csv(path: &Path) -> anyhow::Result<WideTable> {
             missing[row * channel_count + channel] = false;
         }
     }
+    // Zone-less times are read as UTC, so the calendar is UTC's.
+    let calendar = Some(calendar_rows(&ts_micros, chrono_tz::UTC));
     Ok(WideTable {
         channels,
         ts_micros,
@@ -122,6 +125,7 @@ pub fn read_wide_csv(path: &Path) -> anyhow::Result<WideTable> {
             channels: channel_count,
             values,
             missing,
+            calendar,
         },
     })
 }

@@ -30,10 +30,13 @@ use crate::store::{LongObservations, Store, StoreError};
 /// range fails clearly instead of exhausting memory.
 pub const MAX_FRAME_CELLS: usize = 200_000_000;
 
+/// Calendar features per instant (the length of [`CALENDAR_COLUMNS`]).
+pub const CALENDAR_FEATURES: usize = 6;
+
 /// Calendar feature columns, in order, each in [-1, 1]: hour of day (with minutes and
 /// seconds as a fraction), day of week (Monday = 0) and day of year (1 January = 0, over the
 /// length of that year), as sine/cosine pairs so that the cycle wraps smoothly.
-pub const CALENDAR_COLUMNS: [&str; 6] = [
+pub const CALENDAR_COLUMNS: [&str; CALENDAR_FEATURES] = [
     "hour_sin",
     "hour_cos",
     "weekday_sin",
@@ -53,6 +56,17 @@ pub struct FrameOptions {
     pub calendar_features: bool,
     /// Only these channels, in this order; default: all, in the series' order.
     pub channels: Option<Vec<String>>,
+}
+
+impl FrameOptions {
+    /// The frame a forecaster trains on and forecasts from: the defaults, with the calendar
+    /// features (a model may take them as covariates).
+    pub fn for_forecasting() -> Self {
+        Self {
+            calendar_features: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for FrameOptions {
@@ -89,6 +103,9 @@ pub struct ChannelMatrix {
     pub values: Vec<f32>,
     /// Row-major `[step, channel]`; `true` where the cell is missing.
     pub missing: Vec<bool>,
+    /// Row-major `[step, CALENDAR_FEATURES]`: each row's [`calendar_features`], when the rows'
+    /// times are known.
+    pub calendar: Option<Vec<f32>>,
 }
 
 impl SeriesFrame {
@@ -117,11 +134,29 @@ impl SeriesFrame {
                 }
             }
         }
+        let calendar = if self.data.column(CALENDAR_COLUMNS[0]).is_ok() {
+            let columns = CALENDAR_COLUMNS
+                .iter()
+                .map(|name| Ok(self.data.column(name)?.f64()?.clone()))
+                .collect::<Result<Vec<_>, DataError>>()?;
+            let mut rows = Vec::with_capacity(steps * CALENDAR_FEATURES);
+            for step in 0..steps {
+                rows.extend(
+                    columns
+                        .iter()
+                        .map(|column| column.get(step).unwrap_or(0.0) as f32),
+                );
+            }
+            Some(rows)
+        } else {
+            None
+        };
         Ok(ChannelMatrix {
             steps,
             channels: channel_count,
             values,
             missing,
+            calendar,
         })
     }
 }
@@ -362,37 +397,55 @@ fn interpolate_short_gaps(cells: &mut [Option<f64>], limit: usize) {
     }
 }
 
-fn calendar_columns(ts_micros: &[i64], timezone: Tz) -> Vec<Column> {
-    let mut features: [Vec<f64>; 6] = std::array::from_fn(|_| Vec::with_capacity(ts_micros.len()));
-    for &micros in ts_micros {
-        let local = timezone
-            .timestamp_micros(micros)
-            .single()
-            .expect("a UTC instant maps to exactly one local time");
-        let hour = f64::from(local.hour())
-            + f64::from(local.minute()) / 60.0
-            + f64::from(local.second()) / 3600.0;
-        let weekday = f64::from(local.weekday().num_days_from_monday());
-        let days_in_year = if local.date_naive().leap_year() {
-            366.0
-        } else {
-            365.0
-        };
-        let yearday = f64::from(local.ordinal0());
-        let angles = [
-            TAU * hour / 24.0,
-            TAU * weekday / 7.0,
-            TAU * yearday / days_in_year,
-        ];
-        for (pair, angle) in angles.into_iter().enumerate() {
-            features[2 * pair].push(angle.sin());
-            features[2 * pair + 1].push(angle.cos());
-        }
+/// The [`CALENDAR_COLUMNS`] of the instant `micros` (epoch microseconds) in `timezone`.
+pub fn calendar_features(micros: i64, timezone: Tz) -> [f64; CALENDAR_FEATURES] {
+    let local = timezone
+        .timestamp_micros(micros)
+        .single()
+        .expect("a UTC instant maps to exactly one local time");
+    let hour = f64::from(local.hour())
+        + f64::from(local.minute()) / 60.0
+        + f64::from(local.second()) / 3600.0;
+    let weekday = f64::from(local.weekday().num_days_from_monday());
+    let days_in_year = if local.date_naive().leap_year() {
+        366.0
+    } else {
+        365.0
+    };
+    let yearday = f64::from(local.ordinal0());
+    let angles = [
+        TAU * hour / 24.0,
+        TAU * weekday / 7.0,
+        TAU * yearday / days_in_year,
+    ];
+    let mut features = [0.0; CALENDAR_FEATURES];
+    for (pair, angle) in angles.into_iter().enumerate() {
+        features[2 * pair] = angle.sin();
+        features[2 * pair + 1] = angle.cos();
     }
+    features
+}
+
+/// [`calendar_features`] of each instant, row-major `[instant, CALENDAR_FEATURES]`.
+pub fn calendar_rows(ts_micros: &[i64], timezone: Tz) -> Vec<f32> {
+    ts_micros
+        .iter()
+        .flat_map(|&micros| calendar_features(micros, timezone).map(|value| value as f32))
+        .collect()
+}
+
+fn calendar_columns(ts_micros: &[i64], timezone: Tz) -> Vec<Column> {
+    let rows: Vec<[f64; CALENDAR_FEATURES]> = ts_micros
+        .iter()
+        .map(|&micros| calendar_features(micros, timezone))
+        .collect();
     CALENDAR_COLUMNS
         .iter()
-        .zip(features)
-        .map(|(name, values)| Float64Chunked::from_vec((*name).into(), values).into_column())
+        .enumerate()
+        .map(|(index, name)| {
+            let values: Vec<f64> = rows.iter().map(|row| row[index]).collect();
+            Float64Chunked::from_vec((*name).into(), values).into_column()
+        })
         .collect()
 }
 
@@ -662,6 +715,24 @@ mod tests {
             .unwrap()
             .atan2(column(&frame, "yearday_cos")[0].unwrap());
         assert!((yearday - TAU * 90.0 / 366.0).abs() < 1e-9);
+        // The tensor layout carries the same features, row by row.
+        let calendar = frame.channel_matrix().unwrap().calendar.unwrap();
+        assert_eq!(calendar.len(), 2 * CALENDAR_FEATURES);
+        for (feature, name) in CALENDAR_COLUMNS.iter().enumerate() {
+            for row in 0..2 {
+                let expected = column(&frame, name)[row].unwrap() as f32;
+                assert_eq!(calendar[row * CALENDAR_FEATURES + feature], expected);
+            }
+        }
+        let plain = build_frame(
+            "s",
+            Frequency::from_micros(HOUR),
+            chrono_tz::Europe::Berlin,
+            &observations,
+            &FrameOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(plain.channel_matrix().unwrap().calendar, None);
     }
 
     #[test]

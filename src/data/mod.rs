@@ -13,7 +13,8 @@ pub mod timestamp;
 pub use error::DataError;
 pub use export::write_frame_csv;
 pub use frame::{
-    CALENDAR_COLUMNS, ChannelMatrix, FrameOptions, SeriesFrame, build_frame, load_frame,
+    CALENDAR_COLUMNS, CALENDAR_FEATURES, ChannelMatrix, FrameOptions, SeriesFrame, build_frame,
+    calendar_rows, load_frame,
 };
 pub use frequency::{Frequency, FrequencyError, infer_frequency};
 pub use ingest::{ImportOptions, ImportReport, import_csv, import_csv_file};

@@ -5,7 +5,9 @@
 //! All tensors are flat row-major `Vec`s so that this layer stays independent of the tensor
 //! library; models convert at their boundary.
 
-use crate::data::ChannelMatrix;
+use std::ops::Range;
+
+use crate::data::{CALENDAR_FEATURES, ChannelMatrix};
 
 use super::error::ForecastError;
 use super::window::WindowSet;
@@ -22,6 +24,10 @@ pub struct WindowBatch {
     pub channels: usize,
     pub values: Vec<f32>,
     pub missing: Vec<bool>,
+    /// Row-major `[batch, CALENDAR_FEATURES]`: the calendar features of each window's last
+    /// lookback row (the rows are evenly spaced, so they place every lookback and horizon
+    /// step in the day, week and year), when the series' times are known.
+    pub calendar: Option<Vec<f32>>,
 }
 
 impl WindowBatch {
@@ -50,11 +56,46 @@ impl WindowBatch {
             channels,
             values,
             missing,
+            calendar: None,
+        })
+    }
+
+    /// The same windows with the calendar features of their last lookback rows.
+    pub fn with_calendar(self, calendar: Vec<f32>) -> Result<Self, ForecastError> {
+        if calendar.len() != self.batch * CALENDAR_FEATURES {
+            return Err(ForecastError::invalid(
+                "windows",
+                format!(
+                    "a batch of {} windows needs {} calendar values, found {}",
+                    self.batch,
+                    self.batch * CALENDAR_FEATURES,
+                    calendar.len()
+                ),
+            ));
+        }
+        Ok(Self {
+            calendar: Some(calendar),
+            ..self
         })
     }
 
     pub fn index(&self, window: usize, step: usize, channel: usize) -> usize {
         (window * self.lookback + step) * self.channels + channel
+    }
+
+    /// Windows `range` of this batch, with their calendar features.
+    pub fn select(&self, range: Range<usize>) -> Self {
+        let cells = self.lookback * self.channels;
+        Self {
+            batch: range.len(),
+            lookback: self.lookback,
+            channels: self.channels,
+            values: self.values[range.start * cells..range.end * cells].to_vec(),
+            missing: self.missing[range.start * cells..range.end * cells].to_vec(),
+            calendar: self.calendar.as_ref().map(|rows| {
+                rows[range.start * CALENDAR_FEATURES..range.end * CALENDAR_FEATURES].to_vec()
+            }),
+        }
     }
 }
 

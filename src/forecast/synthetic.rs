@@ -31,7 +31,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::data::{ChannelMatrix, Frequency};
+use crate::data::{ChannelMatrix, Frequency, calendar_rows};
 
 use super::error::ForecastError;
 
@@ -396,6 +396,12 @@ pub fn generate_with_latent(
             channels,
             values,
             missing,
+            calendar: Some(calendar_rows(
+                &(0..rows as i64)
+                    .map(|row| spec.start_micros + row * spec.kind.step_micros())
+                    .collect::<Vec<_>>(),
+                chrono_tz::UTC,
+            )),
         },
     };
     Ok((series, latent))

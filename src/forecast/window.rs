@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use crate::data::ChannelMatrix;
+use crate::data::{CALENDAR_FEATURES, ChannelMatrix};
 
 use super::error::ForecastError;
 use super::model::{Targets, WindowBatch};
@@ -327,7 +327,14 @@ impl WindowSet {
             target_values.extend_from_slice(&series.values[split..end]);
             target_missing.extend_from_slice(&series.missing[split..end]);
         }
-        let inputs = WindowBatch::new(batch, lookback, channels, values, missing)?;
+        let mut inputs = WindowBatch::new(batch, lookback, channels, values, missing)?;
+        if let Some(calendar) = &series.calendar {
+            let last_rows = indices.iter().flat_map(|&window| {
+                let row = self.start(window) + lookback - 1;
+                &calendar[row * CALENDAR_FEATURES..(row + 1) * CALENDAR_FEATURES]
+            });
+            inputs = inputs.with_calendar(last_rows.copied().collect())?;
+        }
         let targets = Targets {
             batch,
             horizon,

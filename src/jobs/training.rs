@@ -119,9 +119,15 @@ pub fn load_model_version(
 
 /// A series with its rows, as the forecaster takes it.
 pub async fn load_series_data(store: &dyn Store, series: &Series) -> Result<SeriesData, String> {
-    let frame = load_frame(store, &series.name, None, None, &FrameOptions::default())
-        .await
-        .map_err(|err| format!("loading the series failed: {err}"))?;
+    let frame = load_frame(
+        store,
+        &series.name,
+        None,
+        None,
+        &FrameOptions::for_forecasting(),
+    )
+    .await
+    .map_err(|err| format!("loading the series failed: {err}"))?;
     SeriesData::from_frame(&frame).map_err(|err| err.to_string())
 }
 

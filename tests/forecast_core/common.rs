@@ -13,5 +13,6 @@ pub fn matrix(rows: usize, channels: usize, value: impl Fn(usize, usize) -> f64)
         channels,
         values,
         missing: vec![false; rows * channels],
+        calendar: None,
     }
 }

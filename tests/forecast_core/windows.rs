@@ -1,5 +1,7 @@
 use xlstm_forecast::forecast::{ForecastError, SplitRows, SplitSpec, WindowSet, ZScore};
 
+use xlstm_forecast::data::CALENDAR_FEATURES;
+
 use super::common::matrix;
 
 fn message(error: ForecastError) -> String {
@@ -155,6 +157,30 @@ fn extracted_windows_hold_the_lookback_and_the_horizon_rows() {
     assert_eq!(targets.values[4..], [80.0, 81.0, 90.0, 91.0]);
     let past_the_end = windows.extract(&series, 0..4, 3, 2).unwrap_err();
     assert!(message(past_the_end).starts_with("windows:"));
+    assert_eq!(inputs.calendar, None);
+}
+
+#[test]
+fn windows_carry_the_calendar_of_their_last_lookback_row() {
+    let mut series = matrix(10, 2, |row, channel| (row * 10 + channel) as f64);
+    // Row r's features are r + 0.0, r + 0.1, …, r + 0.5.
+    series.calendar = Some(
+        (0..10)
+            .flat_map(|row| (0..CALENDAR_FEATURES).map(move |f| row as f32 + f as f32 / 10.0))
+            .collect(),
+    );
+    let windows = WindowSet {
+        first_start: 1,
+        count: 3,
+        stride: 2,
+    };
+    let (inputs, _) = windows.extract(&series, 1..3, 3, 2).unwrap();
+    let calendar = inputs.calendar.unwrap();
+    assert_eq!(calendar.len(), 2 * CALENDAR_FEATURES);
+    // Window 1's lookback is rows 3..6, window 2's rows 5..8.
+    assert_eq!(calendar[0], 5.0);
+    assert_eq!(calendar[CALENDAR_FEATURES], 7.0);
+    assert!((calendar[CALENDAR_FEATURES + 5] - 7.5).abs() < 1e-6);
 }
 
 #[test]

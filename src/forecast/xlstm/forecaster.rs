@@ -46,6 +46,7 @@ impl XlstmForecaster {
             channels: data.series.channels,
         };
         check_patch_fits(&self.preset, shape)?;
+        check_calendar(&self.preset, data.series.calendar.is_some())?;
         let mut varmap = VarMap::new();
         let network = ForecastNetwork::new(
             &self.preset.model,
@@ -103,6 +104,18 @@ impl Fit for XlstmForecaster {
     fn fit(&self, data: &TrainingData<'_>) -> Result<Fitted<XlstmModel>, ForecastError> {
         self.fit_with_progress(data, None)
     }
+}
+
+/// A preset with calendar covariates needs the rows' times.
+fn check_calendar(preset: &Preset, has_calendar: bool) -> Result<(), ForecastError> {
+    if preset.model.calendar_covariates && !has_calendar {
+        return Err(ForecastError::invalid(
+            "calendar_covariates",
+            "the model takes calendar covariates, and the windows carry no times (give a \
+             series or a CSV with a timestamp column)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_patch_fits(preset: &Preset, shape: NetworkShape) -> Result<(), ForecastError> {
@@ -188,6 +201,7 @@ impl XlstmModel {
         progress: Option<ProgressCallback<'_>>,
     ) -> Result<Fitted<XlstmModel>, ForecastError> {
         let shape = self.manifest.shape;
+        check_calendar(&self.manifest.preset, data.series.calendar.is_some())?;
         let offered = (data.lookback, data.horizon, data.series.channels);
         if offered != (shape.lookback, shape.horizon, shape.channels) {
             return Err(ForecastError::invalid(
@@ -344,10 +358,13 @@ impl XlstmModel {
         &self,
         windows: &WindowBatch,
     ) -> Result<(Vec<f32>, Vec<f32>, super::super::revin::InstanceStats), ForecastError> {
+        check_calendar(&self.manifest.preset, windows.calendar.is_some())?;
         let batch = TensorBatch::new(&self.norm, windows, &self.device)?;
-        let output = self
-            .network
-            .forward_inference(&batch.values, &batch.observed)?;
+        let output = self.network.forward_inference(
+            &batch.values,
+            &batch.observed,
+            batch.calendar.as_ref(),
+        )?;
         Ok((
             output.point.flatten_all()?.to_vec1::<f32>()?,
             output.quantiles.flatten_all()?.to_vec1::<f32>()?,
@@ -478,17 +495,10 @@ impl Predict for XlstmModel {
             quantile_levels: levels.clone(),
             quantiles: Vec::with_capacity(windows.batch * cells_per_window * levels.len()),
         };
-        let window_cells = shape.lookback * shape.channels;
         let mut first = 0;
         while first < windows.batch {
             let end = (first + PREDICT_BLOCK).min(windows.batch);
-            let block = WindowBatch::new(
-                end - first,
-                shape.lookback,
-                shape.channels,
-                windows.values[first * window_cells..end * window_cells].to_vec(),
-                windows.missing[first * window_cells..end * window_cells].to_vec(),
-            )?;
+            let block = windows.select(first..end);
             let (mean, mut quantiles, stats) = self.forward_normalised(&block)?;
             for (cell, (point, cell_quantiles)) in mean
                 .iter()

@@ -11,6 +11,8 @@ use crate::xlstm::XlstmStack;
 use crate::xlstm::layers::get_or_init_with;
 use crate::xlstm::shards::{infer_sharded, shard_ranges};
 
+use crate::data::CALENDAR_FEATURES;
+
 use super::preset::{ChannelMode, ForecasterConfig};
 
 /// Spread (on the RevIN scale) of the Gaussian the quantile head starts from.
@@ -73,6 +75,9 @@ pub struct ForecastNetwork {
     patching: Patching,
     patch_indices: Tensor,
     embed: Linear,
+    /// Calendar features `[CALENDAR_FEATURES]` → a token offset `[E]` (with
+    /// `calendar_covariates`).
+    calendar_embed: Option<Linear>,
     position: Tensor,
     stack: XlstmStack,
     point_head: PointHead,
@@ -152,6 +157,15 @@ impl ForecastNetwork {
                 stdev: 0.02,
             },
         )?;
+        let calendar_embed = if cfg.calendar_covariates {
+            Some(candle_nn::linear(
+                CALENDAR_FEATURES,
+                e,
+                vb.pp("calendar_embed"),
+            )?)
+        } else {
+            None
+        };
         let stack = XlstmStack::new(&cfg.xlstm, vb.pp("stack"))?;
         let head_outputs = shape.horizon * out_channels;
         // Zero heads: an untrained network forecasts exactly its linear path, and the
@@ -185,6 +199,7 @@ impl ForecastNetwork {
             patching,
             patch_indices: patching.indices(vb.device())?,
             embed,
+            calendar_embed,
             position,
             stack,
             point_head,
@@ -219,11 +234,22 @@ impl ForecastNetwork {
     /// [`Self::forward`] without dropout and without recording ops for backpropagation, the
     /// batch cut into one shard per core (`crate::xlstm::shards`): the forecasts are the same,
     /// computed side by side.
-    pub fn forward_inference(&self, values: &Tensor, observed: &Tensor) -> Result<NetworkOutput> {
+    pub fn forward_inference(
+        &self,
+        values: &Tensor,
+        observed: &Tensor,
+        calendar: Option<&Tensor>,
+    ) -> Result<NetworkOutput> {
         let shards = shard_ranges(values.device(), values.dim(0)?);
         let mut outputs = infer_sharded(&shards, |rows| {
             let rows_of = |t: &Tensor| t.narrow(0, rows.start, rows.len());
-            self.forward(&rows_of(values)?, &rows_of(observed)?, None)
+            let calendar = calendar.map(rows_of).transpose()?;
+            self.forward(
+                &rows_of(values)?,
+                &rows_of(observed)?,
+                calendar.as_ref(),
+                None,
+            )
         })?;
         if outputs.len() == 1 {
             return Ok(outputs.remove(0));
@@ -239,11 +265,14 @@ impl ForecastNetwork {
     }
 
     /// `values` and `observed` `[B, L, C]` (RevIN-normalised values, 0 where missing; 1.0 where
-    /// observed) → forecasts on the same scale. `dropout` is `Some` only while training.
+    /// observed), and with `calendar_covariates` `calendar` `[B, CALENDAR_FEATURES]` (each
+    /// window's last lookback row) → forecasts on the same scale. `dropout` is `Some` only
+    /// while training.
     pub fn forward(
         &self,
         values: &Tensor,
         observed: &Tensor,
+        calendar: Option<&Tensor>,
         dropout: Option<&mut dyn DropoutMasks>,
     ) -> Result<NetworkOutput> {
         let (batch, lookback, channels) = values.dims3()?;
@@ -294,7 +323,25 @@ impl ForecastNetwork {
             ))
         };
         let tokens = Tensor::cat(&[patches(&seq_values)?, patches(&seq_observed)?], D::Minus1)?;
-        let tokens = self.embed.forward(&tokens)?.broadcast_add(&self.position)?;
+        let mut tokens = self.embed.forward(&tokens)?.broadcast_add(&self.position)?;
+        if let Some(calendar_embed) = &self.calendar_embed {
+            let Some(calendar) = calendar else {
+                candle_core::bail!(
+                    "the model takes calendar covariates (calendar_covariates = true), and the \
+                     windows carry no times"
+                );
+            };
+            // `[B, E]` → one offset per sequence, shared by its tokens.
+            let offset = calendar_embed.forward(calendar)?;
+            let offset = match self.cfg.channel_mode {
+                ChannelMode::Independent => offset
+                    .unsqueeze(1)?
+                    .broadcast_as((batch, channels, offset.dim(1)?))?
+                    .reshape((sequences, 1, ()))?,
+                ChannelMode::Mixing => offset.unsqueeze(1)?,
+            };
+            tokens = tokens.broadcast_add(&offset)?;
+        }
         let hidden = self.stack.forward_t(&drop(tokens)?, training)?;
 
         let out_channels = match self.cfg.channel_mode {
@@ -456,13 +503,16 @@ mod tests {
         let network = ForecastNetwork::new(&preset.model, shape, vb)?;
         let values = Tensor::randn(0f32, 1.0, (7, 48, 3), &dev)?;
         let observed = Tensor::ones((7, 48, 3), candle_core::DType::F32, &dev)?;
-        let whole = network.forward(&values, &observed, None)?;
+        // `tiny` takes calendar covariates.
+        let calendar = Tensor::randn(0f32, 1.0, (7, CALENDAR_FEATURES), &dev)?;
+        let whole = network.forward(&values, &observed, Some(&calendar), None)?;
         // Three threads: shards of 3, 2 and 2 windows.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .expect("a thread pool");
-        let sharded = pool.install(|| network.forward_inference(&values, &observed))?;
+        let sharded =
+            pool.install(|| network.forward_inference(&values, &observed, Some(&calendar)))?;
         for (a, b) in [
             (&whole.point, &sharded.point),
             (&whole.quantiles, &sharded.quantiles),

@@ -6,7 +6,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::data::{ChannelMatrix, DataError, Frequency, SeriesFrame, infer_frequency};
+use crate::data::{
+    CALENDAR_FEATURES, ChannelMatrix, DataError, Frequency, SeriesFrame, infer_frequency,
+};
 
 use super::super::error::ForecastError;
 use super::super::eval::seasonal_period_for;
@@ -365,6 +367,7 @@ pub fn forecast_latest(
         channels,
         values: data.matrix.values[first..].to_vec(),
         missing: data.matrix.missing[first..].to_vec(),
+        calendar: None,
     };
     if window.missing.iter().all(|missing| *missing) {
         return Err(ForecastError::invalid(
@@ -377,13 +380,11 @@ pub fn forecast_latest(
         std: description.zscore_std.clone(),
     };
     zscore.apply(&mut window);
-    let forecast = model.predict(&WindowBatch::new(
-        1,
-        lookback,
-        channels,
-        window.values,
-        window.missing,
-    )?)?;
+    let mut windows = WindowBatch::new(1, lookback, channels, window.values, window.missing)?;
+    if let Some(calendar) = &data.matrix.calendar {
+        windows = windows.with_calendar(calendar[(rows - 1) * CALENDAR_FEATURES..].to_vec())?;
+    }
+    let forecast = model.predict(&windows)?;
     let levels = forecast.quantile_levels.len();
     let unscale = |value: f32, channel: usize| {
         (f64::from(value) * zscore.std[channel] + zscore.mean[channel]) as f32

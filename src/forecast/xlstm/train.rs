@@ -19,6 +19,7 @@ use super::super::model::{Targets, TrainingData, WindowBatch};
 use super::super::revin::{InstanceNorm, InstanceStats};
 use super::network::{DEEP_SCALE, DropoutMasks, ForecastNetwork, NetworkOutput};
 use super::preset::{PointLoss, TrainingConfig};
+use crate::data::CALENDAR_FEATURES;
 use crate::xlstm::shards::{backward_sharded, shard_ranges};
 
 /// A loss above this (on the z-scored scale, where a useless forecast scores about 1) means
@@ -155,6 +156,8 @@ pub(super) struct Schedule<'a> {
 pub(super) struct TensorBatch {
     pub values: Tensor,
     pub observed: Tensor,
+    /// `[B, CALENDAR_FEATURES]` when the windows carry their times.
+    pub calendar: Option<Tensor>,
     pub stats: InstanceStats,
     pub centre: Tensor,
     pub scale: Tensor,
@@ -180,9 +183,15 @@ impl TensorBatch {
             .map(|m| if *m { 0.0 } else { 1.0 })
             .collect();
         let stat_dims = (windows.batch, 1, windows.channels);
+        let calendar = windows
+            .calendar
+            .as_ref()
+            .map(|rows| Tensor::from_slice(rows, (windows.batch, CALENDAR_FEATURES), device))
+            .transpose()?;
         Ok(Self {
             values: Tensor::from_vec(normalised.values, dims, device)?,
             observed: Tensor::from_vec(observed, dims, device)?,
+            calendar,
             centre: Tensor::from_slice(&stats.centre, stat_dims, device)?,
             scale: Tensor::from_slice(&stats.scale, stat_dims, device)?,
             stats,
@@ -387,7 +396,8 @@ pub(super) fn validation_loss(
                 .extract_indices(data.series, block, data.lookback, data.horizon)?;
         let batch = TensorBatch::new(norm, &inputs, device)?;
         let targets = TargetTensors::new(&targets, device)?;
-        let output = network.forward_inference(&batch.values, &batch.observed)?;
+        let output =
+            network.forward_inference(&batch.values, &batch.observed, batch.calendar.as_ref())?;
         let point = batch.denormalise_point(&output.point)?;
         match &output.linear {
             Some(linear) => {
@@ -595,8 +605,12 @@ pub(super) fn train(
                         rng: StdRng::seed_from_u64(shard_seeds[i]),
                         rate: dropout_rate,
                     };
-                    let output =
-                        network.forward(&batch.values, &batch.observed, Some(&mut dropout))?;
+                    let output = network.forward(
+                        &batch.values,
+                        &batch.observed,
+                        batch.calendar.as_ref(),
+                        Some(&mut dropout),
+                    )?;
                     let (point, quantiles) = batch.denormalise(&output)?;
                     let (point_sum, pinball_sum) =
                         loss_sums(&point, &quantiles, targets, schedule.point_loss, &levels)?;
