@@ -1,8 +1,9 @@
 //! The forecasting network: patch embedding of instance-normalised windows (values and their
-//! missing-value mask), the residual xLSTM stack over the patch tokens, and two heads — a
-//! flatten head for the point forecast (optionally low-rank; added to an optional linear
-//! lookback→horizon path) and a pooled head for the quantiles, built as cumulative positive increments so that they
-//! never cross. Everything here is on the windows' own (RevIN) scale.
+//! missing-value mask; optionally plus an embedding of the calendar), the residual xLSTM stack
+//! over the patch tokens, and two heads — a flatten head for the point forecast (optionally
+//! low-rank; added to an optional linear lookback→horizon path) and a pooled head for the
+//! quantiles, built as cumulative positive increments so that they never cross. Everything
+//! here is on the windows' own (RevIN) scale.
 
 use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
