@@ -77,10 +77,10 @@ pub struct ForecasterConfig {
     /// learns what it misses. The deep correction's weight beside it (0 to 1) is chosen on
     /// the validation windows at every check and saved with the model.
     pub linear_path: bool,
-    /// Calendar covariates: the hour of day, day of week and day of year of each window's
-    /// last lookback row (sine/cosine pairs, in the series' time zone; UTC for a CSV) are
-    /// embedded and added to every patch token, so the deep path knows where its lookback
-    /// and horizon fall in the day, week and year. The windows must then carry their times.
+    /// Calendar covariates: the hour of day and day of week of each window's last lookback row
+    /// (sine/cosine pairs, in the series' time zone; UTC for a CSV) are embedded and added to
+    /// every patch token, so the deep path knows where its lookback and horizon fall in the
+    /// day and week. The windows must then carry their times.
     #[serde(default)]
     pub calendar_covariates: bool,
     #[serde(default = "default_quantile_levels")]
