@@ -385,7 +385,7 @@ pub fn generate_with_latent(
             }
         }
     }
-    let series = SyntheticSeries {
+    let mut series = SyntheticSeries {
         start_micros: spec.start_micros,
         step_micros: spec.kind.step_micros(),
         channel_names: (1..=channels)
@@ -396,14 +396,11 @@ pub fn generate_with_latent(
             channels,
             values,
             missing,
-            calendar: Some(calendar_rows(
-                &(0..rows as i64)
-                    .map(|row| spec.start_micros + row * spec.kind.step_micros())
-                    .collect::<Vec<_>>(),
-                chrono_tz::UTC,
-            )),
+            calendar: None,
         },
     };
+    let ts_micros: Vec<i64> = (0..rows).map(|row| series.timestamp_micros(row)).collect();
+    series.matrix.calendar = Some(calendar_rows(&ts_micros, chrono_tz::UTC));
     Ok((series, latent))
 }
 
