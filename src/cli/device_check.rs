@@ -125,12 +125,15 @@ fn relative_error(cpu: &Tensor, device: &Tensor) -> anyhow::Result<f32> {
     Ok(worst / scale)
 }
 
+/// Runs a case's computation on one side of the comparison.
+type CaseRun = Box<dyn Fn(&Inputs) -> anyhow::Result<Outputs>>;
+
 struct Case {
     name: &'static str,
     shape: String,
     /// Whether the case also runs with bf16 inputs (on CUDA).
     bf16: bool,
-    run: Box<dyn Fn(&Inputs) -> anyhow::Result<Outputs>>,
+    run: CaseRun,
 }
 
 /// A case's inputs on one side of the comparison: reproducible values made on the CPU from a

@@ -394,19 +394,19 @@ mod tests {
             bias.to_vec1::<f32>()?,
             y.to_vec3::<f32>()?,
         );
-        for b in 0..2 {
-            for t in 0..7 {
+        for (b, (xs, ys)) in xv.iter().zip(&yv).enumerate() {
+            for (t, y_row) in ys.iter().enumerate() {
                 for ch in 0..c {
                     let mut want = bv[ch];
-                    for s in 0..k {
+                    for (s, w) in wv[ch][0].iter().enumerate() {
                         if let Some(src) = (t + s + 1).checked_sub(k) {
-                            want += wv[ch][0][s] * xv[b][src][ch];
+                            want += w * xs[src][ch];
                         }
                     }
                     assert!(
-                        (want - yv[b][t][ch]).abs() < 1e-5,
+                        (want - y_row[ch]).abs() < 1e-5,
                         "b{b} t{t} c{ch}: {want} vs {}",
-                        yv[b][t][ch]
+                        y_row[ch]
                     );
                 }
             }

@@ -35,7 +35,7 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     let mut worst: Option<(usize, f64)> = None;
     for (idx, (&av, &ev)) in a.iter().zip(&e).enumerate() {
         let excess = (av as f64 - ev as f64).abs() - (tol + tol * (ev as f64).abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w) {
+        if (excess > 0.0 || excess.is_nan()) && worst.is_none_or(|(_, w)| excess > w) {
             worst = Some((idx, excess));
         }
     }

@@ -4,7 +4,7 @@
 //! `scan` (fused on CPU, stabiliser treated as a constant in the backward pass) must match the
 //! outputs and every gradient of the output loss L_h.
 
-use super::common::reference_dir;
+use super::common::{assert_close, load_vectors};
 use candle_core::{Device, Result, Tensor, Var};
 use std::collections::HashMap;
 use xlstm_forecast::xlstm::kernels::slstm::{
@@ -18,40 +18,12 @@ const GRAD_TOL: f64 = 1e-3;
 type ScanFn = fn(&Tensor, &Tensor, &Tensor, Option<&SlstmState>) -> Result<(Tensor, SlstmState)>;
 
 fn vectors() -> HashMap<String, Tensor> {
-    let path = reference_dir().join("slstm_cell.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+    load_vectors("slstm_cell.safetensors")
 }
 
 fn vector<'a>(v: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
     v.get(name)
         .unwrap_or_else(|| panic!("slstm_cell.safetensors has no tensor {name}"))
-}
-
-/// Asserts `|actual - expected| <= tol + tol·|expected|` elementwise (README tolerances).
-fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
-    assert_eq!(
-        actual.dims(),
-        expected.dims(),
-        "{what}: shape {:?} != expected {:?}",
-        actual.dims(),
-        expected.dims()
-    );
-    let a: Vec<f32> = actual.flatten_all().unwrap().to_vec1().unwrap();
-    let e: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-    let mut worst: Option<(usize, f64)> = None;
-    for (idx, (&av, &ev)) in a.iter().zip(&e).enumerate() {
-        let excess = (av as f64 - ev as f64).abs() - (tol + tol * (ev as f64).abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w) {
-            worst = Some((idx, excess));
-        }
-    }
-    if let Some((idx, _)) = worst {
-        panic!(
-            "{what}: element {idx} is {} but expected {} (tolerance {tol} abs + {tol} rel)",
-            a[idx], e[idx]
-        );
-    }
 }
 
 struct CaseResult {

@@ -119,7 +119,8 @@ struct ForecastFigures {
 }
 
 pub async fn run(args: ForecastBenchArgs) -> anyhow::Result<()> {
-    if args.concurrency == 0 || !(args.seconds > 0.0) || args.rate.is_some_and(|r| !(r > 0.0)) {
+    let positive = |value: f64| value > 0.0 && value.is_finite();
+    if args.concurrency == 0 || !positive(args.seconds) || args.rate.is_some_and(|r| !positive(r)) {
         bail!("--concurrency, --seconds and --rate must be positive");
     }
     let backends = if args.backends.is_empty() {
