@@ -7,10 +7,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Result, Tensor, Var};
 use xlstm_forecast::xlstm::kernels::mlstm::{self, MlstmState, reference};
 
-use super::common::reference_dir;
+use super::common::{FORWARD_TOL, GRAD_TOL, assert_close, load_vectors};
 
-const FORWARD_TOL: (f32, f32) = (1e-4, 1e-4);
-const GRAD_TOL: (f32, f32) = (1e-3, 1e-3);
 const CASES: [&str; 2] = ["s16", "s64"];
 
 type ParallelFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
@@ -41,10 +39,7 @@ struct Vectors(HashMap<String, Tensor>);
 
 impl Vectors {
     fn load() -> Self {
-        let path = reference_dir().join("mlstm_cell.safetensors");
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
-        Self(tensors)
+        Self(load_vectors("mlstm_cell.safetensors"))
     }
 
     fn get(&self, case: &str, name: &str) -> Tensor {
@@ -58,28 +53,6 @@ impl Vectors {
     /// q, k, v, igate, fgate of a case.
     fn inputs(&self, case: &str) -> [Tensor; 5] {
         ["q", "k", "v", "igate_preact", "fgate_preact"].map(|name| self.get(case, name))
-    }
-}
-
-/// Panics naming the worst element unless `|actual − expected| <= atol + rtol·|expected|`
-/// everywhere.
-fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, (atol, rtol): (f32, f32)) {
-    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
-    let actual = actual.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
-        let excess = (a - e).abs() - (atol + rtol * e.abs());
-        let violated = excess > 0.0 || excess.is_nan();
-        if violated && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
-            worst = Some((i, excess));
-        }
-    }
-    if let Some((i, _)) = worst {
-        panic!(
-            "{what}: element {i} is {} but the reference is {} (tolerance {atol} + {rtol}·|ref|)",
-            actual[i], expected[i]
-        );
     }
 }
 

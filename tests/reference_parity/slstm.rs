@@ -4,7 +4,7 @@
 //! `scan` (fused on CPU, stabiliser treated as a constant in the backward pass) must match the
 //! outputs and every gradient of the output loss L_h.
 
-use super::common::{assert_close, load_vectors};
+use super::common::{FORWARD_TOL, GRAD_TOL, assert_close, load_vectors};
 use candle_core::{Device, Result, Tensor, Var};
 use std::collections::HashMap;
 use xlstm_forecast::xlstm::kernels::slstm::{
@@ -12,18 +12,13 @@ use xlstm_forecast::xlstm::kernels::slstm::{
     recurrent_kernel_from_vanilla, recurrent_kernel_to_vanilla,
 };
 
-const FORWARD_TOL: f64 = 1e-4;
-const GRAD_TOL: f64 = 1e-3;
+const FILE: &str = "slstm_cell.safetensors";
 
 type ScanFn = fn(&Tensor, &Tensor, &Tensor, Option<&SlstmState>) -> Result<(Tensor, SlstmState)>;
 
-fn vectors() -> HashMap<String, Tensor> {
-    load_vectors("slstm_cell.safetensors")
-}
-
 fn vector<'a>(v: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
     v.get(name)
-        .unwrap_or_else(|| panic!("slstm_cell.safetensors has no tensor {name}"))
+        .unwrap_or_else(|| panic!("{FILE} has no tensor {name}"))
 }
 
 struct CaseResult {
@@ -82,7 +77,7 @@ fn run_case(
 }
 
 fn check_case(scan: ScanFn, impl_name: &str, case: &str, full_loss: bool) {
-    let v = vectors();
+    let v = load_vectors(FILE);
     let given_init = case == "given_init";
     let result = run_case(scan, &v, given_init, full_loss);
     let expected = |suffix: &str| {
@@ -166,7 +161,7 @@ fn dispatched_scan_given_init_matches_official() {
 
 #[test]
 fn vanilla_layouts_convert_both_ways() {
-    let v = vectors();
+    let v = load_vectors(FILE);
     let r_vanilla = vector(&v, "R_internal_vanilla");
     let bias_vanilla = vector(&v, "bias_internal_vanilla");
     let r = vector(&v, "R");
@@ -201,7 +196,7 @@ fn vanilla_layouts_convert_both_ways() {
 
 #[test]
 fn powerlaw_bias_matches_official_init() {
-    let v = vectors();
+    let v = load_vectors(FILE);
     let expected = vector(&v, "bias_init_powerlaw_block0of1");
     let (heads, _, head_dim) = expected.dims3().unwrap();
     let bias = powerlaw_forget_bias(heads, head_dim, 0, 1, &Device::Cpu).unwrap();
