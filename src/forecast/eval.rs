@@ -165,6 +165,7 @@ pub fn evaluate_with_progress(
         series: &series,
         lookback,
         horizon,
+        season: options.seasonal_period,
         train,
         validation,
     };

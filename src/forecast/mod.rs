@@ -3,6 +3,7 @@
 //! the long-horizon split protocol, metrics, the built-in baselines, the `eval` protocol and
 //! a synthetic data generator. Nothing here knows about HTTP or SQL.
 
+pub mod band;
 pub mod baseline;
 pub mod error;
 pub mod eval;

@@ -143,6 +143,9 @@ pub struct TrainingData<'a> {
     pub series: &'a ChannelMatrix,
     pub lookback: usize,
     pub horizon: usize,
+    /// Steps per season of the series (from its frequency, [`crate::forecast::seasonal_period_for`];
+    /// 1 when unknown): sets the width of the calibrated bands ([`crate::forecast::band`]).
+    pub season: usize,
     pub train: WindowSet,
     pub validation: WindowSet,
 }

@@ -4,7 +4,7 @@ use xlstm_forecast::data::ChannelMatrix;
 use xlstm_forecast::forecast::synthetic::{SyntheticKind, SyntheticSpec, generate};
 use xlstm_forecast::forecast::{
     EvalOptions, Fit, Forecast, LinearBaseline, ModelChoice, Predict, SeasonalNaive, SplitRows,
-    SplitSpec, TrainingData, evaluate,
+    SplitSpec, TrainingData, WindowBatch, evaluate,
 };
 
 use super::common::matrix;
@@ -15,10 +15,21 @@ fn training_data<'a>(
     lookback: usize,
     horizon: usize,
 ) -> TrainingData<'a> {
+    seasonal_training_data(series, split, lookback, horizon, 1)
+}
+
+fn seasonal_training_data<'a>(
+    series: &'a ChannelMatrix,
+    split: &SplitRows,
+    lookback: usize,
+    horizon: usize,
+    season: usize,
+) -> TrainingData<'a> {
     TrainingData {
         series,
         lookback,
         horizon,
+        season,
         train: split.train_windows(lookback, horizon).unwrap(),
         validation: split.validation_windows(lookback, horizon).unwrap(),
     }
@@ -236,6 +247,78 @@ fn baseline_quantiles_never_cross_and_cover_about_eighty_percent() {
             .predict(&inputs)
             .unwrap(),
     );
+}
+
+/// A deterministic noise in [-0.5, 0.5).
+fn noise(step: usize) -> f64 {
+    ((step * 7919 + 13) % 1000) as f64 / 1000.0 - 0.5
+}
+
+#[test]
+fn the_band_is_narrower_for_a_lookback_that_repeats_its_season() {
+    // A daily cycle whose noise grows and shrinks over the weeks.
+    let series = matrix(2400, 1, |row, _| {
+        2.0 * (TAU * row as f64 / 24.0).sin()
+            + (1.0 + (TAU * row as f64 / 500.0).sin()) * noise(row)
+    });
+    let split = SplitSpec::Fractions {
+        train: 0.6,
+        validation: 0.2,
+        test: 0.2,
+    }
+    .resolve(2400)
+    .unwrap();
+    // Two lookbacks with the same cycle: one repeats it exactly, one carries noise.
+    let lookback = 96;
+    let values: Vec<f32> = (0..2 * lookback)
+        .map(|cell| {
+            let (window, step) = (cell / lookback, cell % lookback);
+            let cycle = 2.0 * (TAU * step as f64 / 24.0).sin();
+            (cycle
+                + if window == 1 {
+                    1.5 * noise(step + 100)
+                } else {
+                    0.0
+                }) as f32
+        })
+        .collect();
+    let windows =
+        WindowBatch::new(2, lookback, 1, values.clone(), vec![false; 2 * lookback]).unwrap();
+    let std_dev = |window: usize| {
+        let cells = &values[window * lookback..(window + 1) * lookback];
+        let mean = cells.iter().map(|v| f64::from(*v)).sum::<f64>() / lookback as f64;
+        (cells
+            .iter()
+            .map(|v| (f64::from(*v) - mean).powi(2))
+            .sum::<f64>()
+            / lookback as f64)
+            .sqrt()
+    };
+    // The 0.1–0.9 width at the first step, per unit of the lookback's standard deviation.
+    let relative_widths = |season: usize| {
+        let data = seasonal_training_data(&series, &split, lookback, 24, season);
+        let forecast = LinearBaseline::default()
+            .fit(&data)
+            .unwrap()
+            .model
+            .predict(&windows)
+            .unwrap();
+        assert_quantiles_ascend(&forecast);
+        let levels = forecast.quantile_levels.len();
+        (0..2)
+            .map(|window| {
+                let cell = window * forecast.horizon * forecast.channels;
+                let band = &forecast.quantiles[cell * levels..(cell + 1) * levels];
+                f64::from(band[levels - 1] - band[0]) / std_dev(window)
+            })
+            .collect::<Vec<_>>()
+    };
+    // Without a season the band follows the standard deviation alone.
+    let plain = relative_widths(1);
+    assert!((plain[0] - plain[1]).abs() < 1e-3 * plain[0], "{plain:?}");
+    // With the daily season it also follows what repeating the last day misses.
+    let seasonal = relative_widths(24);
+    assert!(seasonal[0] < 0.5 * seasonal[1], "{seasonal:?}");
 }
 
 #[test]

@@ -112,12 +112,16 @@ fn the_residual_calibration_bands_each_step_by_its_residual_quantiles() {
         None,
     )
     .unwrap();
-    let QuantileCalibration::Residual { offsets } = &model.manifest.calibration else {
+    let QuantileCalibration::Residual { offsets, season } = &model.manifest.calibration else {
         panic!(
             "the preset asks for residual calibration: {:?}",
             model.manifest.calibration
         );
     };
+    assert_eq!(
+        *season, 24,
+        "an hourly series' band widths use a daily season"
+    );
     let levels = model.quantile_levels().len();
     assert_eq!(offsets.len(), HORIZON);
     for step in offsets {
@@ -126,8 +130,8 @@ fn the_residual_calibration_bands_each_step_by_its_residual_quantiles() {
         assert!(step.windows(2).all(|pair| pair[0] <= pair[1]), "{step:?}");
         assert!(step[0] < 0.0 && step[levels - 1] > 0.0, "{step:?}");
     }
-    // Each cell's band is its step's offsets on the window's own scale: the same proportions
-    // around the point forecast in every channel, whatever the quantile head says.
+    // Each cell's band is its step's offsets times its window's band width: the same
+    // proportions around the point forecast in every channel, whatever the quantile head says.
     let forecast = forecast_latest(&model, &data, HORIZON).unwrap();
     for (step, cells) in forecast.quantiles.iter().enumerate() {
         let expected_width = offsets[step][levels - 1] - offsets[step][0];
@@ -145,11 +149,27 @@ fn the_residual_calibration_bands_each_step_by_its_residual_quantiles() {
     }
     let text = model.manifest.to_json();
     assert_eq!(ModelManifest::from_json(&text).unwrap(), model.manifest);
+    // Format 3 models, saved before the band width, have no season, and keep the instance
+    // scale alone.
+    let mut older = serde_json::to_value(&model.manifest).unwrap();
+    older["format"] = serde_json::json!(3);
+    older["calibration"]
+        .as_object_mut()
+        .unwrap()
+        .remove("season")
+        .unwrap();
+    let older = ModelManifest::from_json(&older.to_string()).unwrap();
+    assert_eq!(older.calibration.season(), 1);
+    assert_eq!(
+        older.format, model.manifest.format,
+        "read as the current format"
+    );
 
     // Offsets for fewer steps than the horizon are refused on load.
     let mut short = model.manifest.clone();
     short.calibration = QuantileCalibration::Residual {
         offsets: offsets[..HORIZON - 1].to_vec(),
+        season: *season,
     };
     let err = XlstmModel::from_parts(&model.weights_bytes().unwrap(), short, &Device::Cpu)
         .unwrap_err()
@@ -249,7 +269,7 @@ fn models_of_another_shape_or_format_are_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("model format 99") && err.contains("reads formats 1 to 3"),
+        err.contains("model format 99") && err.contains("reads formats 1 to 4"),
         "{err}"
     );
 

@@ -47,6 +47,7 @@ impl Prepared {
             series: &self.matrix,
             lookback: LOOKBACK,
             horizon: HORIZON,
+            season: 24,
             train: self.split.train_windows(LOOKBACK, HORIZON).unwrap(),
             validation: self.split.validation_windows(LOOKBACK, HORIZON).unwrap(),
         }

@@ -14,9 +14,7 @@ use super::super::model::{
     DEFAULT_QUANTILE_LEVELS, Fit, Fitted, Forecast, Predict, TrainingData, WindowBatch,
 };
 use super::super::revin::InstanceNorm;
-use super::{
-    BLOCK_WINDOWS, NormalisedPoint, check_levels, forecast_normalised, residual_quantile_offsets,
-};
+use super::{BLOCK_WINDOWS, NormalisedPoint, ResidualBand, check_levels, forecast_normalised};
 
 /// Ridge strengths tried, per training sample: the penalty is `λ · samples · ‖w‖²` (the
 /// intercept is not penalised), so a value means the same for short and long series.
@@ -49,8 +47,7 @@ pub struct LinearModel {
     /// Validation MSE (z-scored scale) of each grid value, in grid order; `None` where the
     /// regularised system could not be solved.
     pub validation_mse: Vec<(f64, Option<f64>)>,
-    quantile_levels: Vec<f32>,
-    quantile_offsets: Vec<f32>,
+    band: ResidualBand,
     regression: Regression,
 }
 
@@ -304,8 +301,7 @@ impl Fit for LinearBaseline {
             .iter()
             .map(|(ridge, weights)| (*ridge, weights.as_ref().and_then(|_| scores.next())))
             .collect();
-        let quantile_offsets =
-            residual_quantile_offsets(&regression, &norm, data, &self.quantile_levels)?;
+        let band = ResidualBand::calibrate(&regression, &norm, data, &self.quantile_levels)?;
         Ok(Fitted {
             model: LinearModel {
                 lookback,
@@ -313,8 +309,7 @@ impl Fit for LinearBaseline {
                 norm,
                 ridge,
                 validation_mse,
-                quantile_levels: self.quantile_levels.clone(),
-                quantile_offsets,
+                band,
                 regression,
             },
             epochs: 1,
@@ -352,7 +347,7 @@ impl Predict for LinearModel {
     }
 
     fn quantile_levels(&self) -> &[f32] {
-        &self.quantile_levels
+        &self.band.levels
     }
 
     fn parameter_count(&self) -> usize {
@@ -364,8 +359,7 @@ impl Predict for LinearModel {
             &self.regression,
             &self.norm,
             self.lookback,
-            &self.quantile_levels,
-            &self.quantile_offsets,
+            &self.band,
             windows,
         )
     }

@@ -1,7 +1,8 @@
 //! Built-in baselines, usable like any forecaster: seasonal naive and a closed-form ridge
 //! regression (RLinear). Both forecast on each window's own scale (instance normalisation)
 //! and take their quantiles from the empirical distribution of validation residuals per
-//! horizon step on that scale, so a window's band widens with its own variability.
+//! horizon step in band widths ([`super::band`]), so a window's band widens with its own
+//! variability.
 
 mod linear;
 mod seasonal_naive;
@@ -9,6 +10,7 @@ mod seasonal_naive;
 pub use linear::{DEFAULT_RIDGE_GRID, LinearBaseline, LinearModel};
 pub use seasonal_naive::{SeasonalNaive, SeasonalNaiveModel};
 
+use super::band::band_widths;
 use super::error::ForecastError;
 use super::model::{Forecast, TrainingData, WindowBatch};
 use super::revin::InstanceNorm;
@@ -24,7 +26,8 @@ trait NormalisedPoint {
 }
 
 /// Per horizon step, the empirical quantiles of the residuals (actual minus point forecast,
-/// on each window's own scale) over every observed validation cell: `[horizon, levels]`.
+/// on each window's own scale, divided by the window's band width) over every observed
+/// validation cell: `[horizon, levels]`.
 fn residual_quantile_offsets(
     model: &impl NormalisedPoint,
     norm: &InstanceNorm,
@@ -40,6 +43,7 @@ fn residual_quantile_offsets(
         BLOCK_WINDOWS,
         |inputs, targets| {
             let (normalised, stats) = norm.normalise(&inputs);
+            let widths = band_widths(&inputs, &stats, data.season, norm.eps);
             let point = model.point(&normalised)?;
             for (cell, predicted) in point.iter().enumerate() {
                 if targets.missing[cell] {
@@ -48,7 +52,8 @@ fn residual_quantile_offsets(
                 let window = cell / (horizon * targets.channels);
                 let stat = window * targets.channels + cell % targets.channels;
                 let actual = (targets.values[cell] - stats.centre[stat]) / stats.scale[stat];
-                residuals[(cell / targets.channels) % horizon].push(actual - predicted);
+                residuals[(cell / targets.channels) % horizon]
+                    .push((actual - predicted) / widths[stat]);
             }
             Ok(())
         },
@@ -93,14 +98,37 @@ fn empirical_quantile(sorted: &[f32], level: f32) -> f32 {
     sorted[below] + (sorted[above] - sorted[below]) * fraction
 }
 
-/// Normalises the windows, forecasts on their scale, adds the residual quantile offsets and
-/// maps everything back.
+/// The residual band: per horizon step, `[horizon, levels]` quantile offsets in band widths
+/// ([`band_widths`] with this season).
+#[derive(Debug, Clone)]
+struct ResidualBand {
+    levels: Vec<f32>,
+    offsets: Vec<f32>,
+    season: usize,
+}
+
+impl ResidualBand {
+    fn calibrate(
+        model: &impl NormalisedPoint,
+        norm: &InstanceNorm,
+        data: &TrainingData<'_>,
+        levels: &[f32],
+    ) -> Result<Self, ForecastError> {
+        Ok(Self {
+            levels: levels.to_vec(),
+            offsets: residual_quantile_offsets(model, norm, data, levels)?,
+            season: data.season,
+        })
+    }
+}
+
+/// Normalises the windows, forecasts on their scale, adds the band's offsets times each
+/// window's width and maps everything back.
 fn forecast_normalised(
     model: &impl NormalisedPoint,
     norm: &InstanceNorm,
     lookback: usize,
-    levels: &[f32],
-    offsets: &[f32],
+    band: &ResidualBand,
     windows: &WindowBatch,
 ) -> Result<Forecast, ForecastError> {
     if windows.lookback != lookback {
@@ -114,15 +142,18 @@ fn forecast_normalised(
     }
     let horizon = model.horizon();
     let (normalised, stats) = norm.normalise(windows);
+    let widths = band_widths(windows, &stats, band.season, norm.eps);
     let mean = model.point(&normalised)?;
-    let level_count = levels.len();
+    let level_count = band.levels.len();
     let mut quantiles = Vec::with_capacity(mean.len() * level_count);
     for (cell, point) in mean.iter().enumerate() {
         let step = (cell / windows.channels) % horizon;
+        let width = widths
+            [(cell / (horizon * windows.channels)) * windows.channels + cell % windows.channels];
         quantiles.extend(
-            offsets[step * level_count..(step + 1) * level_count]
+            band.offsets[step * level_count..(step + 1) * level_count]
                 .iter()
-                .map(|offset| point + offset),
+                .map(|offset| point + offset * width),
         );
     }
     let mut forecast = Forecast {
@@ -130,7 +161,7 @@ fn forecast_normalised(
         horizon,
         channels: windows.channels,
         mean,
-        quantile_levels: levels.to_vec(),
+        quantile_levels: band.levels.clone(),
         quantiles,
     };
     norm.denormalise(&mut forecast, &stats);

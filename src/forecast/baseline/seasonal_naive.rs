@@ -6,7 +6,7 @@ use super::super::model::{
     DEFAULT_QUANTILE_LEVELS, Fit, Fitted, Forecast, Predict, TrainingData, WindowBatch,
 };
 use super::super::revin::InstanceNorm;
-use super::{NormalisedPoint, check_levels, forecast_normalised, residual_quantile_offsets};
+use super::{NormalisedPoint, ResidualBand, check_levels, forecast_normalised};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeasonalNaive {
@@ -30,9 +30,7 @@ pub struct SeasonalNaiveModel {
     lookback: usize,
     horizon: usize,
     norm: InstanceNorm,
-    quantile_levels: Vec<f32>,
-    /// `[horizon, levels]` on the windows' own scale.
-    quantile_offsets: Vec<f32>,
+    band: ResidualBand,
 }
 
 struct Repeat {
@@ -93,16 +91,14 @@ impl Fit for SeasonalNaive {
             period: self.period,
             horizon: data.horizon,
         };
-        let quantile_offsets =
-            residual_quantile_offsets(&repeat, &norm, data, &self.quantile_levels)?;
+        let band = ResidualBand::calibrate(&repeat, &norm, data, &self.quantile_levels)?;
         Ok(Fitted {
             model: SeasonalNaiveModel {
                 period: self.period,
                 lookback: data.lookback,
                 horizon: data.horizon,
                 norm,
-                quantile_levels: self.quantile_levels.clone(),
-                quantile_offsets,
+                band,
             },
             epochs: 0,
         })
@@ -119,7 +115,7 @@ impl Predict for SeasonalNaiveModel {
     }
 
     fn quantile_levels(&self) -> &[f32] {
-        &self.quantile_levels
+        &self.band.levels
     }
 
     fn parameter_count(&self) -> usize {
@@ -131,13 +127,6 @@ impl Predict for SeasonalNaiveModel {
             period: self.period,
             horizon: self.horizon,
         };
-        forecast_normalised(
-            &repeat,
-            &self.norm,
-            self.lookback,
-            &self.quantile_levels,
-            &self.quantile_offsets,
-            windows,
-        )
+        forecast_normalised(&repeat, &self.norm, self.lookback, &self.band, windows)
     }
 }

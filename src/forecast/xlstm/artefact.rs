@@ -19,8 +19,9 @@ use super::train::TrainingSummary;
 /// Version of the artefact layout; bumped when the layout changes. Format 2 replaced the
 /// per-level `calibration` shifts of format 1 by a [`QuantileCalibration`]; format 1 files
 /// are still read (their shifts become [`QuantileCalibration::Shift`]). Format 3 added
-/// [`QuantileCalibration::Residual`].
-pub const ARTEFACT_FORMAT: u32 = 3;
+/// [`QuantileCalibration::Residual`]; format 4 its `season` (band widths), which format 3
+/// residual calibrations read as 1, the instance scale they were calibrated on.
+pub const ARTEFACT_FORMAT: u32 = 4;
 /// The oldest format this build reads.
 pub const OLDEST_READABLE_FORMAT: u32 = 1;
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -85,13 +86,32 @@ pub enum QuantileCalibration {
         bucket_len: usize,
         factors: Vec<Vec<f32>>,
     },
-    /// Per horizon step, every level's offset from the point forecast,
-    /// `offsets[step][level]`: the empirical quantiles of the calibration residuals. The
-    /// quantile head's band is not used.
-    Residual { offsets: Vec<Vec<f32>> },
+    /// Per horizon step, every level's offset from the point forecast in band widths,
+    /// `offsets[step][level]`: the empirical quantiles of the calibration residuals, each
+    /// divided by its window's band width ([`crate::forecast::band`], with `season` steps per
+    /// season). The quantile head's band is not used. Models saved before the band width
+    /// have no `season`: 1, the instance scale alone, as they were calibrated.
+    Residual {
+        offsets: Vec<Vec<f32>>,
+        #[serde(default = "no_season")]
+        season: usize,
+    },
+}
+
+fn no_season() -> usize {
+    1
 }
 
 impl QuantileCalibration {
+    /// The season that sets each window's band width; 1 (the instance scale alone) for the
+    /// methods that keep the quantile head's band.
+    pub fn season(&self) -> usize {
+        match self {
+            Self::Residual { season, .. } => *season,
+            Self::Shift { .. } | Self::Scale { .. } => 1,
+        }
+    }
+
     /// Checks that the calibration fits `horizon` steps and `levels` quantile levels.
     pub fn check(&self, horizon: usize, levels: usize) -> Result<(), ForecastError> {
         let invalid = |message: String| Err(ForecastError::invalid("model", message));
@@ -110,13 +130,15 @@ impl QuantileCalibration {
                 || factors.iter().any(|bucket| bucket.len() != levels) =>
             {
                 invalid(format!(
-                    "the manifest's calibration has {} buckets of {bucket_len} steps with {:?}                      factors each; horizon {horizon} with {levels} quantile levels needs {}                      buckets of {levels}",
+                    "the manifest's calibration has {} buckets of {bucket_len} steps with {:?} \
+                     factors each; horizon {horizon} with {levels} quantile levels needs {} \
+                     buckets of {levels}",
                     factors.len(),
                     factors.iter().map(Vec::len).collect::<Vec<_>>(),
                     horizon.div_ceil(*bucket_len)
                 ))
             }
-            Self::Residual { offsets }
+            Self::Residual { offsets, .. }
                 if offsets.len() != horizon || offsets.iter().any(|step| step.len() != levels) =>
             {
                 invalid(format!(
@@ -130,8 +152,9 @@ impl QuantileCalibration {
     }
 
     /// Calibrates one cell's raw quantiles (ascending levels) at horizon step `step` around
-    /// its point forecast `point`, all on the windows' own scale; the result is ascending.
-    pub fn apply(&self, step: usize, point: f32, quantiles: &mut [f32]) {
+    /// its point forecast `point`, all on the windows' own scale; `band_width` is the cell's
+    /// window's (residual calibration only). The result is ascending.
+    pub fn apply(&self, step: usize, point: f32, band_width: f32, quantiles: &mut [f32]) {
         match self {
             Self::Shift { shifts } => {
                 for (value, shift) in quantiles.iter_mut().zip(shifts) {
@@ -146,9 +169,9 @@ impl QuantileCalibration {
                     *value = point + factor * (*value - point);
                 }
             }
-            Self::Residual { offsets } => {
+            Self::Residual { offsets, .. } => {
                 for (value, offset) in quantiles.iter_mut().zip(&offsets[step]) {
-                    *value = point + offset;
+                    *value = point + offset * band_width;
                 }
             }
         }
@@ -162,8 +185,9 @@ impl ModelManifest {
         serde_json::to_string_pretty(self).expect("a manifest always serialises")
     }
 
-    /// Parses a manifest, refusing other formats and kinds before looking at the rest; a
-    /// format 1 manifest is upgraded (its shifts become [`QuantileCalibration::Shift`]).
+    /// Parses a manifest, refusing other formats and kinds before looking at the rest. An
+    /// older manifest is read as this format: format 1 shifts become
+    /// [`QuantileCalibration::Shift`], and what later formats added takes its default.
     pub fn from_json(text: &str) -> Result<Self, ForecastError> {
         let mut value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
             ForecastError::invalid("model", format!("manifest is not JSON: {err}"))
@@ -192,8 +216,8 @@ impl ModelManifest {
                 .map(serde_json::Value::take)
                 .unwrap_or_default();
             value["calibration"] = serde_json::json!({ "method": "shift", "shifts": shifts });
-            value["format"] = serde_json::json!(ARTEFACT_FORMAT);
         }
+        value["format"] = serde_json::json!(ARTEFACT_FORMAT);
         let manifest: Self = serde_json::from_value(value)
             .map_err(|err| ForecastError::invalid("model", format!("manifest: {err}")))?;
         if manifest.kind != "xlstm" {

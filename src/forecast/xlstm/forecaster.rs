@@ -6,6 +6,7 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 
+use super::super::band::band_widths;
 use super::super::baseline::{LinearBaseline, step_quantile_offsets};
 use super::super::error::ForecastError;
 use super::super::model::{Fit, Fitted, Forecast, Predict, TrainingData, WindowBatch};
@@ -262,7 +263,7 @@ impl XlstmModel {
     /// windows, on the windows' own scale. `scale`: per horizon bucket and quantile level,
     /// the factor on the raw quantile's offset from the point forecast that minimises the
     /// level's pinball loss there. `residual`: per horizon step and level, the empirical
-    /// quantile of the point forecast's residuals.
+    /// quantile of the point forecast's residuals, each divided by its window's band width.
     fn calibrate(&self, data: &TrainingData<'_>) -> Result<QuantileCalibration, ForecastError> {
         let levels = self.manifest.preset.model.quantile_levels.clone();
         let horizon = data.horizon;
@@ -298,6 +299,7 @@ impl XlstmModel {
                 let (inputs, targets) =
                     split.extract_indices(data.series, block, data.lookback, horizon)?;
                 let (points, quantiles, stats) = self.forward_normalised(&inputs)?;
+                let widths = band_widths(&inputs, &stats, data.season, self.norm.eps);
                 for (cell, missing) in targets.missing.iter().enumerate() {
                     cell_counter += 1;
                     // Residual offsets are per step, so they use every cell; the scale
@@ -313,7 +315,7 @@ impl XlstmModel {
                     let step = (cell / targets.channels) % horizon;
                     let point = points[cell];
                     if method == CalibrationMethod::Residual {
-                        step_residuals[step].push(actual - point);
+                        step_residuals[step].push((actual - point) / widths[stat]);
                         continue;
                     }
                     for (level, bucket) in samples[step / bucket_len].iter_mut().enumerate() {
@@ -328,6 +330,7 @@ impl XlstmModel {
         if method == CalibrationMethod::Residual {
             return Ok(QuantileCalibration::Residual {
                 offsets: step_quantile_offsets(&mut step_residuals, &levels)?,
+                season: data.season,
             });
         }
         let mut factors = Vec::with_capacity(buckets);
@@ -500,15 +503,17 @@ impl Predict for XlstmModel {
             let end = (first + PREDICT_BLOCK).min(windows.batch);
             let block = windows.select(first..end);
             let (mean, mut quantiles, stats) = self.forward_normalised(&block)?;
+            let calibration = &self.manifest.calibration;
+            let widths = band_widths(&block, &stats, calibration.season(), self.norm.eps);
             for (cell, (point, cell_quantiles)) in mean
                 .iter()
                 .zip(quantiles.chunks_mut(levels.len()))
                 .enumerate()
             {
                 let step = (cell / shape.channels) % shape.horizon;
-                self.manifest
-                    .calibration
-                    .apply(step, *point, cell_quantiles);
+                let width =
+                    widths[(cell / cells_per_window) * shape.channels + cell % shape.channels];
+                calibration.apply(step, *point, width, cell_quantiles);
             }
             let mut part = Forecast {
                 batch: end - first,

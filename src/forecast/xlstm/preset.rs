@@ -58,7 +58,8 @@ pub struct ForecasterConfig {
     pub calibration_buckets: usize,
     /// How the band is calibrated: `scale` keeps the quantile head's per-window band and
     /// scales it per bucket; `residual` replaces it by the empirical quantiles of the point
-    /// forecast's residuals per horizon step (the baselines' band), on the windows' own scale.
+    /// forecast's residuals per horizon step (the baselines' band), in the windows' band
+    /// widths ([`crate::forecast::band`]).
     #[serde(default)]
     pub calibration: CalibrationMethod,
     /// Also calibrate on training windows, not only on the validation windows (as many of

@@ -102,10 +102,11 @@ pub fn train_on_series(
     let zscore = ZScore::fit(&data.matrix, split.train_range())?;
     let mut scaled = data.matrix.clone();
     zscore.apply(&mut scaled);
-    let training = training_data(&scaled, &split, lookback, horizon)?;
+    let season = seasonal_period_for(data.frequency());
+    let training = training_data(&scaled, &split, lookback, horizon, season)?;
     let mut model = forecaster.fit_with_progress(&training, progress)?.model;
     model.manifest.data = Some(describe(data, &zscore, &split));
-    record_metrics(&mut model, &training, &split, data.frequency())?;
+    record_metrics(&mut model, &training, &split)?;
     Ok(model)
 }
 
@@ -138,10 +139,11 @@ pub fn finetune_on_series(
     };
     let mut scaled = data.matrix.clone();
     zscore.apply(&mut scaled);
-    let training = training_data(&scaled, &split, shape.lookback, shape.horizon)?;
+    let season = seasonal_period_for(data.frequency());
+    let training = training_data(&scaled, &split, shape.lookback, shape.horizon, season)?;
     let mut model = parent.finetune(&training, parent_ref, progress)?.model;
     model.manifest.data = Some(describe(data, &zscore, &split));
-    record_metrics(&mut model, &training, &split, data.frequency())?;
+    record_metrics(&mut model, &training, &split)?;
     Ok(model)
 }
 
@@ -164,11 +166,13 @@ fn training_data<'a>(
     split: &SplitRows,
     lookback: usize,
     horizon: usize,
+    season: usize,
 ) -> Result<TrainingData<'a>, ForecastError> {
     Ok(TrainingData {
         series: scaled,
         lookback,
         horizon,
+        season,
         train: split.train_windows(lookback, horizon)?,
         validation: split.validation_windows(lookback, horizon)?,
     })
@@ -193,13 +197,8 @@ fn record_metrics(
     model: &mut XlstmModel,
     training: &TrainingData<'_>,
     split: &SplitRows,
-    frequency: Option<Frequency>,
 ) -> Result<(), ForecastError> {
-    let scale = seasonal_naive_scale(
-        training.series,
-        split.train_range(),
-        seasonal_period_for(frequency),
-    )?;
+    let scale = seasonal_naive_scale(training.series, split.train_range(), training.season)?;
     let mut accumulator = MetricsAccumulator::new(scale);
     training.validation.for_each_block(
         training.series,
