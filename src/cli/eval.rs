@@ -78,8 +78,9 @@ pub struct EvalArgs {
     /// GPU is usable); the baselines run on the CPU.
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
-    /// Season length for seasonal naive and the MASE scale (default: from the frequency:
-    /// hourly 24, 15 min 96, 10 min 144, daily 7, otherwise 1).
+    /// Season length for seasonal naive, the MASE scale and the width of the calibrated
+    /// bands (default: from the frequency: hourly 24, 15 min 96, 10 min 144, daily 7,
+    /// otherwise 1).
     #[arg(long, value_name = "STEPS")]
     pub season_period: Option<usize>,
     /// Print one JSON object instead of text.
