@@ -8,11 +8,11 @@
 //! one season apart. The standard deviation counts a daily swing, which a forecaster
 //! predicts, as much as noise, which it cannot; the seasonal differences measure what
 //! repeating the last season misses, but on their own (in a NumPy prototype of the ridge's
-//! band) they over-covered Weather (coverage_80 0.81–0.84) and lost on ETTh2. Against the standard deviation alone, with the ridge's band, the weighted
-//! quantile loss fell on six of ten public benchmark cases (ETTh1, ETTm1 and Weather at H=96
-//! and 720, by 0.5–2.4 %) and rose on four (ETTh2, ETTm2, by 0.1–1.1 %), the synthetic seeds'
-//! mean moved by 0.1 %, and Weather-720's coverage_80 went from 0.749 to 0.794
-//! (BENCHMARKS.md, "The band's width").
+//! band) they over-covered Weather (coverage_80 0.81–0.84) and lost on ETTh2. Against the
+//! standard deviation alone, with the ridge's band, the weighted quantile loss fell on six of
+//! ten public benchmark cases (ETTh1, ETTm1 and Weather at H=96 and 720, by 0.5–2.4 %) and
+//! rose on four (ETTh2, ETTm2, by 0.1–1.1 %), the synthetic seeds' mean moved by 0.1 %, and
+//! Weather-720's coverage_80 went from 0.749 to 0.794 (BENCHMARKS.md, "The band's width").
 
 use super::model::WindowBatch;
 use super::revin::InstanceStats;

@@ -117,7 +117,7 @@ impl InstanceNorm {
 
 impl InstanceStats {
     /// The statistic of cell `cell` of a `[batch, steps, channels]` array.
-    fn index_of_cell(&self, cell: usize, steps: usize) -> usize {
+    pub(crate) fn index_of_cell(&self, cell: usize, steps: usize) -> usize {
         let window = cell / (steps * self.channels);
         window * self.channels + cell % self.channels
     }

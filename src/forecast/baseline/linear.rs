@@ -269,8 +269,7 @@ impl Fit for LinearBaseline {
                         continue;
                     }
                     observed += 1;
-                    let stat = (cell / (horizon * inputs.channels)) * inputs.channels
-                        + cell % inputs.channels;
+                    let stat = stats.index_of_cell(cell, horizon);
                     for (candidate, error) in squared_error.iter_mut().enumerate() {
                         let predicted = forecasts[candidate * cells + cell]
                             * f64::from(stats.scale[stat])

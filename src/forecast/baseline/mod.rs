@@ -49,8 +49,7 @@ fn residual_quantile_offsets(
                 if targets.missing[cell] {
                     continue;
                 }
-                let window = cell / (horizon * targets.channels);
-                let stat = window * targets.channels + cell % targets.channels;
+                let stat = stats.index_of_cell(cell, horizon);
                 let actual = (targets.values[cell] - stats.centre[stat]) / stats.scale[stat];
                 residuals[(cell / targets.channels) % horizon]
                     .push((actual - predicted) / widths[stat]);
@@ -148,8 +147,7 @@ fn forecast_normalised(
     let mut quantiles = Vec::with_capacity(mean.len() * level_count);
     for (cell, point) in mean.iter().enumerate() {
         let step = (cell / windows.channels) % horizon;
-        let width = widths
-            [(cell / (horizon * windows.channels)) * windows.channels + cell % windows.channels];
+        let width = widths[stats.index_of_cell(cell, horizon)];
         quantiles.extend(
             band.offsets[step * level_count..(step + 1) * level_count]
                 .iter()

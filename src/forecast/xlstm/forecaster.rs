@@ -309,8 +309,7 @@ impl XlstmModel {
                     if *missing || !sampled {
                         continue;
                     }
-                    let stat = (cell / (horizon * targets.channels)) * targets.channels
-                        + cell % targets.channels;
+                    let stat = stats.index_of_cell(cell, horizon);
                     let actual = (targets.values[cell] - stats.centre[stat]) / stats.scale[stat];
                     let step = (cell / targets.channels) % horizon;
                     let point = points[cell];
@@ -511,8 +510,7 @@ impl Predict for XlstmModel {
                 .enumerate()
             {
                 let step = (cell / shape.channels) % shape.horizon;
-                let width =
-                    widths[(cell / cells_per_window) * shape.channels + cell % shape.channels];
+                let width = widths[stats.index_of_cell(cell, shape.horizon)];
                 calibration.apply(step, *point, width, cell_quantiles);
             }
             let mut part = Forecast {
